@@ -1,0 +1,282 @@
+"""The estimator registry: every dispersion measure σ̂ and its Gaussian-consistency constant, by name.
+
+An Lp batch-norm layer computes ``y = weight · (x − μ) / sqrt(σ̂² + eps) + bias`` per channel, μ and σ̂
+reduced over the n elements of a channel (batch and spatial axes). The estimator decides σ̂:
+
+========  ==============================================  =============================================
+name      σ̂ over the n reduced elements, d = x − μ        constant c(n) (E over n iid N(0, 1) draws)
+========  ==============================================  =============================================
+``l2``    sqrt(mean(d²))                                    1 (this *is* the biased std s_n)
+``l1``    c₁(n) · mean(|d|)                                 E[s_n] / (sqrt(2/π) · sqrt((n−1)/n))
+``linf``  c∞(n) · max(|d|)                                  E[s_n] / (sqrt((n−1)/n) · E[max of n |z|])
+``topk``  c_k(n) · mean of the k largest |d|                E[s_n] / (sqrt((n−1)/n) · E[mean top-k |z|])
+``range`` c_r(n/m) · mean over m chunks of (max − min)      E[s_n] / d₂(n/m)
+``mean``  none (mean-only batch norm: y = weight·d + bias)  —
+========  ==============================================  =============================================
+
+with ``E[s_n] = sqrt(2/n)·Γ(n/2)/Γ((n−1)/2)`` (see :mod:`normmatters.constants`). Every c(n) makes
+E[σ̂] = E[s_n] at the actual n, so on Gaussian input each layer normalizes like ``nn.BatchNorm``.
+``l1`` and ``range`` are exact for Gaussian input. ``linf`` and ``topk`` treat the n deviations d_i as
+independent N(0, (n−1)/n) draws; the true d_i are slightly negatively correlated. Monte Carlo puts the
+resulting error of E[σ̂]/E[s_n] below 0.5 % at n = 16, below 0.05 % for n ≥ 64 and shrinking as 1/n, but
+at 6 % at n = 4 (tests/test_estimators.py measures it).
+
+The published constants are asymptotic: the paper's L∞ constant 0.5·(1+sqrt(π·ln 4))/sqrt(2·ln n)
+over-estimates σ by 39–46 % for n = 64…65536 (Hoffer et al. 2018, sec. 4); :func:`paper_linf_constant`
+keeps it for comparison only.
+
+Partial statistics (for synced statistics across processes): a statistic is computed in two stages that
+each reduce partial results with sum / max / min / top-k merge, so shards can be combined exactly:
+
+1. ``mean_partial(x, dims)`` → {"count", "sum"}; combined → μ.
+2. ``estimator.partial(x, mean, dims)`` → fields listed in ``estimator.reductions``; combined with
+   :func:`combine`; ``estimator.finalize(part, n)`` → σ̂ (constant applied).
+
+``estimator.statistic(x, mean, dims, n)`` runs stage 2 locally. ``dims`` are the reduced dimensions of
+``x``; the result has the remaining shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import constants
+
+__all__ = [
+    "Estimator",
+    "ESTIMATORS",
+    "get_estimator",
+    "register_estimator",
+    "available_norms",
+    "combine",
+    "mean_partial",
+    "paper_linf_constant",
+    "paper_range_constant",
+]
+
+Partial = dict[str, Tensor]
+
+
+def _sqrt_ratio(n: int) -> float:
+    return math.sqrt((n - 1) / n)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """Base estimator. Subclasses define ``partial``, ``finalize`` and ``constant``.
+
+    Attributes:
+        name: registry key (``norm=`` argument of the layers).
+        divides: False only for mean-only normalization (no σ̂ at all).
+        needs_mean: whether stage 2 needs the (global) mean; ``range`` does not.
+        reductions: partial field → how shards combine it: ``"sum"``, ``"max"``, ``"min"``, ``"topk"``
+            (concatenate along the last dim and keep the k largest).
+    """
+
+    name: str = ""
+    divides: bool = True
+    needs_mean: bool = True
+    reductions: Mapping[str, str] = field(default_factory=dict)
+
+    def constant(self, n: int, k: int = 10, chunks: int | None = None) -> float:
+        """c(n): the factor that makes E[σ̂] = E[s_n] for n Gaussian elements."""
+        raise NotImplementedError
+
+    def partial(self, x: Tensor, mean: Tensor | None, dims: tuple[int, ...], k: int = 10,
+                chunks: int | None = None) -> Partial:
+        raise NotImplementedError
+
+    def finalize(self, part: Partial, n: int, k: int = 10, chunks: int | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def statistic(self, x: Tensor, mean: Tensor | None, dims: tuple[int, ...], n: int, k: int = 10,
+                  chunks: int | None = None) -> Tensor:
+        """σ̂ of ``x`` over ``dims`` (local, unsharded): finalize(partial(...))."""
+        return self.finalize(self.partial(x, mean, dims, k=k, chunks=chunks), n, k=k, chunks=chunks)
+
+    def validate(self, n: int, k: int = 10, chunks: int | None = None) -> str | None:
+        """A problem with reducing n elements per channel under these options, or None."""
+        return None
+
+
+def _centered(x: Tensor, mean: Tensor, dims: tuple[int, ...]) -> Tensor:
+    shape = list(x.shape)
+    for d in dims:
+        shape[d] = 1
+    return x - mean.reshape(shape)
+
+
+class _L2(Estimator):
+    def constant(self, n, k=10, chunks=None):
+        return 1.0
+
+    def partial(self, x, mean, dims, k=10, chunks=None):
+        return {"sum_sq": _centered(x, mean, dims).square().sum(dims)}
+
+    def finalize(self, part, n, k=10, chunks=None):
+        return (part["sum_sq"] / n).sqrt()
+
+
+class _L1(Estimator):
+    def constant(self, n, k=10, chunks=None):
+        return constants.expected_biased_std(n) / constants.expected_mean_abs_deviation(n)
+
+    def partial(self, x, mean, dims, k=10, chunks=None):
+        return {"sum_abs": _centered(x, mean, dims).abs().sum(dims)}
+
+    def finalize(self, part, n, k=10, chunks=None):
+        return part["sum_abs"] * (self.constant(n) / n)
+
+
+class _Linf(Estimator):
+    def constant(self, n, k=10, chunks=None):
+        return constants.expected_biased_std(n) / (_sqrt_ratio(n) * constants.expected_top_k_mean(n, 1))
+
+    def partial(self, x, mean, dims, k=10, chunks=None):
+        return {"max_abs": _centered(x, mean, dims).abs().amax(dims)}
+
+    def finalize(self, part, n, k=10, chunks=None):
+        return part["max_abs"] * self.constant(n)
+
+
+def _move_reduced_last(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    keep = [d for d in range(x.dim()) if d not in dims]
+    return x.permute(*keep, *dims).flatten(len(keep))
+
+
+class _TopK(Estimator):
+    def constant(self, n, k=10, chunks=None):
+        return constants.expected_biased_std(n) / (_sqrt_ratio(n) * constants.expected_top_k_mean(n, k))
+
+    def validate(self, n, k=10, chunks=None):
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
+            return f"norm='topk' needs 1 <= k <= n (elements reduced per channel), got k={k!r}, n={n}"
+        return None
+
+    def partial(self, x, mean, dims, k=10, chunks=None):
+        d = _move_reduced_last(_centered(x, mean, dims), dims).abs()
+        return {"topk": d.topk(min(k, d.shape[-1]), dim=-1, sorted=False).values}
+
+    def finalize(self, part, n, k=10, chunks=None):
+        return part["topk"].mean(-1) * self.constant(n, k)
+
+
+class _Range(Estimator):
+    """Range, optionally chunked. With ``chunks=m`` the first reduced dim (the batch) is split into m
+    equal chunks; σ̂ = c · mean over chunks of (max − min), c = E[s_n] / d₂(n/m)."""
+
+    def constant(self, n, k=10, chunks=None):
+        m = chunks or 1
+        return constants.expected_biased_std(n) / constants.expected_range(n // m)
+
+    def validate(self, n, k=10, chunks=None):
+        m = chunks or 1
+        if n // m < 2:
+            return f"norm='range' with chunks={m} needs at least 2 elements per chunk, got n={n}"
+        return None
+
+    def partial(self, x, mean, dims, k=10, chunks=None):
+        m = chunks or 1
+        b = dims[0]
+        if x.shape[b] % m:
+            raise ValueError(f"chunks={m} must divide the batch dimension, got {x.shape[b]}")
+        # split the batch dim into (m, batch/m); reduce everything but the chunk index
+        xs = x.unflatten(b, (m, x.shape[b] // m))
+        red = tuple(d + 1 if d > b else d for d in dims if d != b) + (b + 1,)
+        ranges = xs.amax(red) - xs.amin(red)  # chunk index sits at position b of the result
+        return {"range_sum": ranges.sum(b), "chunk_count": torch.full_like(ranges.sum(b), m)}
+
+    def finalize(self, part, n, k=10, chunks=None):
+        return part["range_sum"] / part["chunk_count"] * self.constant(n, chunks=chunks)
+
+
+class _MeanOnly(Estimator):
+    def constant(self, n, k=10, chunks=None):
+        return 1.0
+
+    def partial(self, x, mean, dims, k=10, chunks=None):
+        return {}
+
+    def finalize(self, part, n, k=10, chunks=None):
+        raise TypeError("norm='mean' has no dispersion statistic (mean-only batch norm)")
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(est: Estimator) -> Estimator:
+    """Add an estimator to the registry under ``est.name`` (later issues register more)."""
+    if not est.name:
+        raise ValueError("an estimator needs a name")
+    ESTIMATORS[est.name] = est
+    return est
+
+
+register_estimator(_L2(name="l2", reductions={"sum_sq": "sum"}))
+register_estimator(_L1(name="l1", reductions={"sum_abs": "sum"}))
+register_estimator(_Linf(name="linf", reductions={"max_abs": "max"}))
+register_estimator(_TopK(name="topk", reductions={"topk": "topk"}))
+register_estimator(_Range(name="range", needs_mean=False,
+                          reductions={"range_sum": "sum", "chunk_count": "sum"}))
+register_estimator(_MeanOnly(name="mean", divides=False))
+
+
+def available_norms() -> tuple[str, ...]:
+    return tuple(ESTIMATORS)
+
+
+def get_estimator(norm: str) -> Estimator:
+    """Look up an estimator by name; a clear ``ValueError`` for unknown names."""
+    try:
+        return ESTIMATORS[norm]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown norm {norm!r}: expected one of {', '.join(map(repr, ESTIMATORS))}") from None
+
+
+def mean_partial(x: Tensor, dims: tuple[int, ...]) -> Partial:
+    """Stage 1 partial statistics: element count and sum over ``dims``."""
+    s = x.sum(dims)
+    return {"count": torch.full_like(s, math.prod(x.shape[d] for d in dims)), "sum": s}
+
+
+_MEAN_REDUCTIONS = {"count": "sum", "sum": "sum"}
+
+
+def combine(parts: Sequence[Partial], reductions: Mapping[str, str] | None = None,
+            k: int = 10) -> Partial:
+    """Merge partial statistics from several shards (same field names and shapes).
+
+    ``reductions`` defaults to those of the mean stage ({"count", "sum"}).
+    """
+    reductions = _MEAN_REDUCTIONS if reductions is None else reductions
+    out: Partial = {}
+    for key, how in reductions.items():
+        vals = [p[key] for p in parts]
+        if how == "sum":
+            out[key] = torch.stack(vals).sum(0)
+        elif how == "max":
+            out[key] = torch.stack(vals).amax(0)
+        elif how == "min":
+            out[key] = torch.stack(vals).amin(0)
+        elif how == "topk":
+            cat = torch.cat(vals, dim=-1)
+            out[key] = cat.topk(min(k, cat.shape[-1]), dim=-1, sorted=False).values
+        else:
+            raise ValueError(f"unknown reduction {how!r} for field {key!r}")
+    return out
+
+
+def paper_linf_constant(n: int) -> float:
+    """The paper's asymptotic L∞ constant 0.5·(1+sqrt(π·ln 4))/sqrt(2·ln n) (for comparison only)."""
+    return 0.5 * (1 + math.sqrt(math.pi * math.log(4))) / math.sqrt(2 * math.log(n))
+
+
+def paper_range_constant(n: int) -> float:
+    """The range constant in the authors' code, 0.175·(1+sqrt(π·ln 4))/sqrt(2·ln n) (comparison only)."""
+    return 0.175 * (1 + math.sqrt(math.pi * math.log(4))) / math.sqrt(2 * math.log(n))

@@ -1,0 +1,183 @@
+"""Lp batch-norm modules: ``LpBatchNorm1d/2d/3d`` and the per-norm aliases.
+
+The modules hold state (weight, bias, running statistics) and choose training vs eval, exactly like
+``torch.nn.BatchNorm*d``; the math is :func:`normmatters.functional.lp_batch_norm`. Differences from
+``nn.BatchNorm`` (all documented in the README):
+
+* ``norm`` picks the dispersion measure (:mod:`normmatters.estimators`); ``k``, ``chunks`` and
+  ``ghost_batch_size`` are its options; ``nonfinite`` decides what a NaN/Inf batch does (running buffers are
+  never corrupted).
+* ``norm="mean"`` (mean-only batch norm) never reads ``running_var``; it keeps the buffer (filled with 1)
+  so state_dicts keep their keys.
+* The classes derive from ``torch.nn.modules.batchnorm._NormBase`` (parameters, buffers, reset and
+  state-dict versioning as in PyTorch) but not from ``_BatchNorm``, so tools that rewrite every
+  ``_BatchNorm`` (e.g. ``nn.SyncBatchNorm.convert_sync_batchnorm``) leave them alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+
+from ..estimators import get_estimator
+from ..functional import NONFINITE_MODES, check_input, lp_batch_norm
+
+__all__ = [
+    "LpBatchNorm", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d",
+    "L1BatchNorm1d", "L1BatchNorm2d", "L1BatchNorm3d",
+    "LinfBatchNorm1d", "LinfBatchNorm2d", "LinfBatchNorm3d",
+    "TopKBatchNorm1d", "TopKBatchNorm2d", "TopKBatchNorm3d",
+    "RangeBatchNorm1d", "RangeBatchNorm2d", "RangeBatchNorm3d",
+    "MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d",
+]
+
+
+def _check_positive_int(where: str, name: str, value: Any, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {name} must be a positive int{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+
+
+class LpBatchNorm(_NormBase):
+    """Lp batch normalization over the channel dim of an (N, C, *) input of any rank ≥ 2.
+
+    ``y = weight · (x − μ) / sqrt(σ̂² + eps) + bias`` with σ̂ chosen by ``norm`` ("l2", "l1", "linf",
+    "topk", "range", "mean"); see :mod:`normmatters.functional` for training/eval semantics and
+    :mod:`normmatters.estimators` for σ̂ and its Gaussian-consistency constant.
+
+    Args:
+        num_features: C.
+        norm: registered estimator name.
+        eps, momentum, affine, track_running_stats, device, dtype: as in ``nn.BatchNorm2d``
+            (``momentum=None``: cumulative moving average).
+        k: how many of the largest |x − μ| ``norm="topk"`` averages.
+        chunks: ``norm="range"`` only — average the ranges of this many equal chunks of the batch.
+        ghost_batch_size: normalize each group of this many samples with its own statistics.
+        nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
+    """
+
+    _expected_dim: tuple[int, ...] | None = None
+
+    def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, k: int = 10,
+                 chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
+                 device: Any = None, dtype: Any = None) -> None:
+        where = type(self).__name__
+        get_estimator(norm)  # unknown names fail here, before any state exists
+        _check_positive_int(where, "num_features", num_features, allow_none=False)
+        _check_positive_int(where, "k", k, allow_none=False)
+        _check_positive_int(where, "chunks", chunks, allow_none=True)
+        _check_positive_int(where, "ghost_batch_size", ghost_batch_size, allow_none=True)
+        if chunks is not None and norm != "range":
+            raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={norm!r}")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{where}: momentum must be in [0, 1] or None, got {momentum!r}")
+        self.norm = norm
+        self.k = k
+        self.chunks = chunks
+        self.ghost_batch_size = ghost_batch_size
+        self.nonfinite = nonfinite
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}({self.num_features}, norm={self.norm!r})"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_input(input, where=self._describe(), num_features=self.num_features,
+                    expected_dim=self._expected_dim)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.momentum is None:
+            # cumulative moving average over the batches that will have been tracked after this one
+            momentum = 1.0 / (self.num_batches_tracked + 1).to(torch.float32)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = self.training and self.track_running_stats
+        return lp_batch_norm(
+            input,
+            self.running_mean if (track or not self.training) else None,
+            self.running_var if (track or not self.training) else None,
+            self.weight, self.bias, bn_training, momentum, self.eps,
+            norm=self.norm, k=self.k, chunks=self.chunks, ghost_batch_size=self.ghost_batch_size,
+            num_batches_tracked=self.num_batches_tracked if track else None,
+            nonfinite=self.nonfinite, where=self._describe(),
+        )
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_features}, norm={self.norm!r}"
+        if self.norm == "topk":
+            s += f", k={self.k}"
+        if self.chunks is not None:
+            s += f", chunks={self.chunks}"
+        if self.ghost_batch_size is not None:
+            s += f", ghost_batch_size={self.ghost_batch_size}"
+        s += (f", eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+              f"track_running_stats={self.track_running_stats}")
+        if self.nonfinite != "raise":
+            s += f", nonfinite={self.nonfinite!r}"
+        return s
+
+
+class LpBatchNorm1d(LpBatchNorm):
+    """Lp batch norm over (N, C) or (N, C, L) input; see :class:`LpBatchNorm`."""
+
+    _expected_dim = (2, 3)
+
+
+class LpBatchNorm2d(LpBatchNorm):
+    """Lp batch norm over (N, C, H, W) input; see :class:`LpBatchNorm`."""
+
+    _expected_dim = (4,)
+
+
+class LpBatchNorm3d(LpBatchNorm):
+    """Lp batch norm over (N, C, D, H, W) input; see :class:`LpBatchNorm`."""
+
+    _expected_dim = (5,)
+
+
+def _make_alias(base: type[LpBatchNorm], norm: str, name: str) -> type[LpBatchNorm]:
+    def __init__(self: LpBatchNorm, num_features: int, **kwargs: Any) -> None:
+        if "norm" in kwargs and kwargs["norm"] != norm:
+            raise ValueError(f"{name} always uses norm={norm!r}; got norm={kwargs['norm']!r} "
+                             f"(use {base.__name__}(..., norm=...) instead)")
+        kwargs.pop("norm", None)
+        base.__init__(self, num_features, norm=norm, **kwargs)
+
+    doc = f"``{base.__name__}`` with ``norm={norm!r}``; other arguments as in :class:`LpBatchNorm`."
+    cls = type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    cls.__qualname__ = name
+    return cls
+
+
+_ALIASES = {"L1": "l1", "Linf": "linf", "TopK": "topk", "Range": "range", "MeanOnly": "mean"}
+_BASES = {"1d": LpBatchNorm1d, "2d": LpBatchNorm2d, "3d": LpBatchNorm3d}
+for _prefix, _norm in _ALIASES.items():
+    for _suffix, _base in _BASES.items():
+        _name = f"{_prefix}BatchNorm{_suffix}"
+        globals()[_name] = _make_alias(_base, _norm, _name)
+del _prefix, _norm, _suffix, _base, _name
+
+L1BatchNorm1d: type[LpBatchNorm1d]
+L1BatchNorm2d: type[LpBatchNorm2d]
+L1BatchNorm3d: type[LpBatchNorm3d]
+LinfBatchNorm1d: type[LpBatchNorm1d]
+LinfBatchNorm2d: type[LpBatchNorm2d]
+LinfBatchNorm3d: type[LpBatchNorm3d]
+TopKBatchNorm1d: type[LpBatchNorm1d]
+TopKBatchNorm2d: type[LpBatchNorm2d]
+TopKBatchNorm3d: type[LpBatchNorm3d]
+RangeBatchNorm1d: type[LpBatchNorm1d]
+RangeBatchNorm2d: type[LpBatchNorm2d]
+RangeBatchNorm3d: type[LpBatchNorm3d]
+MeanOnlyBatchNorm1d: type[LpBatchNorm1d]
+MeanOnlyBatchNorm2d: type[LpBatchNorm2d]
+MeanOnlyBatchNorm3d: type[LpBatchNorm3d]
