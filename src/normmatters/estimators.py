@@ -94,6 +94,14 @@ class Estimator:
     def finalize(self, part: Partial, n: int, k: int = 10, chunks: int | None = None) -> Tensor:
         raise NotImplementedError
 
+    def scale(self, n: int, like: Tensor, k: int = 10, chunks: int | None = None) -> float | Tensor:
+        """c(n) for use inside a computation on ``like``: a Python float in eager mode, and under
+        ``torch.compile`` a 0-dim tensor from the opaque op ``normmatters::dispersion_constant``, so a
+        symbolic (dynamic) n neither specializes the graph nor gets the quadrature traced."""
+        if torch.compiler.is_compiling():
+            return _constant_op(self.name, n, k, chunks or 0, like.dtype, like.device)
+        return self.constant(n, k=k, chunks=chunks)
+
     def statistic(self, x: Tensor, mean: Tensor | None, dims: tuple[int, ...], n: int, k: int = 10,
                   chunks: int | None = None) -> Tensor:
         """σ̂ of ``x`` over ``dims`` (local, unsharded): finalize(partial(...))."""
@@ -130,7 +138,7 @@ class _L1(Estimator):
         return {"sum_abs": _centered(x, mean, dims).abs().sum(dims)}
 
     def finalize(self, part, n, k=10, chunks=None):
-        return part["sum_abs"] * (self.constant(n) / n)
+        return part["sum_abs"] * (self.scale(n, part["sum_abs"]) / n)
 
 
 class _Linf(Estimator):
@@ -141,7 +149,7 @@ class _Linf(Estimator):
         return {"max_abs": _centered(x, mean, dims).abs().amax(dims)}
 
     def finalize(self, part, n, k=10, chunks=None):
-        return part["max_abs"] * self.constant(n)
+        return part["max_abs"] * self.scale(n, part["max_abs"])
 
 
 def _move_reduced_last(x: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -163,7 +171,7 @@ class _TopK(Estimator):
         return {"topk": d.topk(min(k, d.shape[-1]), dim=-1, sorted=False).values}
 
     def finalize(self, part, n, k=10, chunks=None):
-        return part["topk"].mean(-1) * self.constant(n, k)
+        return part["topk"].mean(-1) * self.scale(n, part["topk"], k=k)
 
 
 class _Range(Estimator):
@@ -192,7 +200,7 @@ class _Range(Estimator):
         return {"range_sum": ranges.sum(b), "chunk_count": torch.full_like(ranges.sum(b), m)}
 
     def finalize(self, part, n, k=10, chunks=None):
-        return part["range_sum"] / part["chunk_count"] * self.constant(n, chunks=chunks)
+        return part["range_sum"] / part["chunk_count"] * self.scale(n, part["range_sum"], chunks=chunks)
 
 
 class _MeanOnly(Estimator):
@@ -207,6 +215,18 @@ class _MeanOnly(Estimator):
 
 
 ESTIMATORS: dict[str, Estimator] = {}
+
+
+@torch.library.custom_op("normmatters::dispersion_constant", mutates_args=())
+def _constant_op(norm: str, n: int, k: int, chunks: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """c(n) of estimator ``norm`` as a 0-dim tensor (chunks=0 means no chunking); see Estimator.scale."""
+    value = ESTIMATORS[norm].constant(n, k=k, chunks=chunks or None)
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+@_constant_op.register_fake
+def _(norm: str, n: int, k: int, chunks: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty((), dtype=dtype, device=device)
 
 
 def register_estimator(est: Estimator) -> Estimator:
