@@ -1,4 +1,7 @@
-"""Modules: Lp batch norm (1d/2d/3d and per-norm aliases)."""
+"""Modules: Lp batch norm (1d/2d/3d and per-norm aliases) and (bounded) weight norm parametrizations."""
 
+from . import batchnorm, weightnorm
 from .batchnorm import *  # noqa: F401,F403
-from .batchnorm import __all__  # noqa: F401
+from .weightnorm import *  # noqa: F401,F403
+
+__all__ = [*batchnorm.__all__, *weightnorm.__all__]
