@@ -1,0 +1,15 @@
+"""Weight decay ⇄ learning rate tools (Hoffer et al. 2018, sec. 3; van Laarhoven 2017).
+
+For a weight followed by normalization the loss depends only on each output channel's direction, so weight
+decay acts only by shrinking the norm, which raises the effective step size η/‖w‖². These tools find such
+weights, watch their effective step, and reproduce weight decay without it.
+"""
+
+from .mimic import WeightDecayMimic
+from .monitor import EffectiveLRMonitor
+from .scale_invariance import scale_invariant_parameters
+from .schedule import NormSchedule
+from .trajectory import NormTrajectory, channel_norms
+
+__all__ = ["scale_invariant_parameters", "EffectiveLRMonitor", "NormTrajectory", "channel_norms",
+           "WeightDecayMimic", "NormSchedule"]

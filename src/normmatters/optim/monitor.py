@@ -1,0 +1,114 @@
+"""Watch the effective step size of scale-invariant weights during training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .trajectory import channel_norms
+
+__all__ = ["EffectiveLRMonitor"]
+
+_ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+             torch.optim.Adagrad, torch.optim.RMSprop)
+
+
+class EffectiveLRMonitor:
+    """After every ``optimizer.step()`` (through a step post-hook) record, per named parameter:
+
+    * ``norm``: ‖w‖₂;
+    * ``effective_lr``: η/‖w‖² for SGD-like optimizers (a scale-invariant weight's gradient scales as 1/‖w‖,
+      so its angular step is η‖∇_û L‖/‖w‖²), and η/‖w‖ for adaptive ones (Adam, AdamW, …), whose update size
+      does not scale with the gradient; η is the current ``lr`` of the parameter's group, so schedulers are
+      included;
+    * ``angle_deg``: the angle between the weight before and after the step (mean over channels when
+      ``per_channel``; each channel's angles are kept too).
+
+    ``history`` is a list (one dict per step: ``{"step": k, "<name>/norm": …, …}``); :meth:`latest` gives the
+    last row for the experiment metrics; :meth:`plot` writes a PNG. Call :meth:`remove` to detach the hook.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, Tensor]],
+                 per_channel: bool = False) -> None:
+        self.optimizer = optimizer
+        self.named_params = list(named_params)
+        if not self.named_params:
+            raise ValueError("EffectiveLRMonitor: got no parameters")
+        self.per_channel = per_channel
+        self.adaptive = isinstance(optimizer, _ADAPTIVE)
+        self.history: list[dict[str, Any]] = []
+        self._groups = {}
+        for name, p in self.named_params:
+            group = next((g for g in optimizer.param_groups if any(p is q for q in g["params"])), None)
+            if group is None:
+                raise ValueError(f"EffectiveLRMonitor: parameter {name!r} is not in the optimizer")
+            self._groups[name] = group
+        self._before: dict[str, Tensor] = {}
+        self._pre = optimizer.register_step_pre_hook(self._snapshot)
+        self._post = optimizer.register_step_post_hook(self._record)
+
+    def _snapshot(self, *_: Any) -> None:
+        self._before = {name: p.detach().clone() for name, p in self.named_params}
+
+    @torch.no_grad()
+    def _record(self, *_: Any) -> None:
+        row: dict[str, Any] = {"step": len(self.history) + 1}
+        for name, p in self.named_params:
+            w = p.detach()
+            norm = torch.linalg.vector_norm(w).item()
+            lr = self._groups[name]["lr"]
+            lr = float(lr.item() if isinstance(lr, Tensor) else lr)
+            row[f"{name}/norm"] = norm
+            row[f"{name}/effective_lr"] = lr / norm if self.adaptive else lr / norm**2
+            before = self._before.get(name)
+            if before is not None:
+                a, b = before.flatten(1) if w.dim() > 1 else before[None], w.flatten(1) if w.dim() > 1 else w[None]
+                cos = torch.nn.functional.cosine_similarity(a, b, dim=1).clamp(-1, 1)
+                angles = torch.rad2deg(torch.acos(cos))
+                row[f"{name}/angle_deg"] = angles.mean().item()
+                if self.per_channel:
+                    row[f"{name}/channel_angle_deg"] = angles.tolist()
+            if self.per_channel:
+                cn = channel_norms(w)
+                row[f"{name}/channel_norm"] = cn.tolist()
+                row[f"{name}/channel_effective_lr"] = (lr / cn if self.adaptive else lr / cn.square()).tolist()
+        self.history.append(row)
+
+    def latest(self) -> dict[str, Any]:
+        """The last step's scalar metrics (per-channel lists left out)."""
+        if not self.history:
+            return {}
+        return {k: v for k, v in self.history[-1].items() if not isinstance(v, list)}
+
+    def remove(self) -> None:
+        self._pre.remove()
+        self._post.remove()
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Effective learning rate and angular update per layer over steps, as a PNG (matplotlib)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        steps = [r["step"] for r in self.history]
+        for name, _ in self.named_params:
+            axes[0].plot(steps, [r[f"{name}/effective_lr"] for r in self.history], label=name)
+            axes[1].plot(steps, [r.get(f"{name}/angle_deg", math.nan) for r in self.history], label=name)
+        axes[0].set(yscale="log", xlabel="step",
+                    ylabel="η/‖w‖" if self.adaptive else "η/‖w‖²", title="effective learning rate")
+        axes[1].set(yscale="log", xlabel="step", ylabel="degrees", title="angular update per step")
+        axes[0].legend(fontsize=7)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

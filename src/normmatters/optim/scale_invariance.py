@@ -1,0 +1,66 @@
+"""Find the parameters whose per-channel scaling leaves a model's training-mode output unchanged."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["scale_invariant_parameters"]
+
+
+def _to_double(x: Any) -> Any:
+    if isinstance(x, Tensor) and x.is_floating_point():
+        return x.double()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_double(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_double(v) for k, v in x.items()}
+    return x
+
+
+def _flat(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out.reshape(-1)
+    if isinstance(out, (list, tuple)):
+        return torch.cat([_flat(o) for o in out])
+    if isinstance(out, dict):
+        return torch.cat([_flat(v) for v in out.values()])
+    raise TypeError(f"scale_invariant_parameters: cannot compare model outputs of type {type(out).__name__}")
+
+
+@torch.no_grad()
+def scale_invariant_parameters(model: nn.Module, *example_inputs: Any, tol: float = 1e-3,
+                               seed: int = 0) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every trainable parameter (≥ 2 dims) whose output channels can each be
+    rescaled by a positive factor without changing the model's training-mode output on ``example_inputs``.
+
+    Checked numerically on a float64 copy of the model (the model itself, its buffers and its running
+    statistics are untouched): each candidate's channels (dim 0) are multiplied by independent factors in
+    [0.5, 2]; the parameter counts if that moves the output by less than ``tol`` times what a random
+    perturbation of the parameter of its own size does (normalization's eps makes the invariance inexact, by
+    about eps/variance; parameters the output ignores are not reported). Typical hits: conv/linear weights followed by batch norm. The returned parameters are the
+    model's own.
+    """
+    probe = copy.deepcopy(model).double().train()
+    inputs = _to_double(example_inputs)
+    gen = torch.Generator().manual_seed(seed)
+    base = _flat(probe(*inputs))
+    size = base.abs().max().clamp_min(1e-30)
+    own = dict(model.named_parameters())
+    found = []
+    for name, p in probe.named_parameters():
+        if not p.requires_grad or p.dim() < 2:
+            continue
+        saved = p.detach().clone()
+        factors = torch.rand(p.shape[0], generator=gen, dtype=p.dtype) * 1.5 + 0.5
+        p.mul_(factors.reshape((-1,) + (1,) * (p.dim() - 1)))
+        scaled = (_flat(probe(*inputs)) - base).abs().max() / size
+        p.copy_(saved + torch.randn(p.shape, generator=gen, dtype=p.dtype) * saved.abs().mean().clamp_min(1e-3))
+        moved = (_flat(probe(*inputs)) - base).abs().max() / size
+        p.copy_(saved)
+        if moved > 1e-9 and scaled <= tol * moved:
+            found.append((name, own[name]))
+    return found
