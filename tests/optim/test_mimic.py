@@ -4,7 +4,7 @@ from torch import nn
 
 from normmatters.optim import NormTrajectory, WeightDecayMimic
 
-N, T, LR, LAM = 256, 200, 0.01, 0.05
+N, T, LR, LAM = 256, 200, 0.003, 0.1
 X = torch.randn(N, 3, 6, 6, generator=torch.Generator().manual_seed(0))
 Y = (X.flatten(1) @ torch.randn(108, 4, generator=torch.Generator().manual_seed(1))).argmax(1)
 BATCHES = [torch.randint(0, N, (32,), generator=torch.Generator().manual_seed(i)) for i in range(T)]
@@ -55,9 +55,10 @@ def test_mimic_follows_the_weight_decay_run(momentum, nesterov):
     from_ref, _ = _run("ref", momentum, traj, nesterov=nesterov)
     online, _ = _run("online", momentum, nesterov=nesterov)
     drift = _angle(decay, plain)
-    assert drift > 3.0
-    assert _angle(decay, from_ref) < drift / 4
-    assert _angle(decay, online) < drift / 4
+    # measured: no decay drifts 7-8 degrees from the decay run, both mimics stay within 0.2-0.3 degrees
+    assert drift > 5.0
+    assert _angle(decay, from_ref) < min(1.0, drift / 10)
+    assert _angle(decay, online) < min(1.0, drift / 10)
 
 
 def test_online_norm_tracks_the_decay_run():
