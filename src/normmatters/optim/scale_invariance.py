@@ -41,8 +41,8 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any, tol: floa
     statistics are untouched): each candidate's channels (dim 0) are multiplied by independent factors in
     [0.5, 2]; the parameter counts if that moves the output by less than ``tol`` times what a random
     perturbation of the parameter of its own size does (normalization's eps makes the invariance inexact, by
-    about eps/variance; parameters the output ignores are not reported). Typical hits: conv/linear weights followed by batch norm. The returned parameters are the
-    model's own.
+    about eps/variance; parameters the output ignores are not reported). Typical hits: conv/linear weights
+    followed by batch norm. The returned parameters are the model's own.
     """
     probe = copy.deepcopy(model).double().train()
     inputs = _to_double(example_inputs)
