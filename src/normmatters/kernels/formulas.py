@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
+from ..functional import _masked_update
 
 DIMS = (1, 2, 4)
 
@@ -81,3 +82,21 @@ def backward(gy5: Tensor, x5: Tensor, weight: Tensor, mean: Tensor, raw: Tensor,
     gw = sum_gx.sum(DIMS + (0,)).to(weight.dtype) if need_w else None
     gb = sum_g.sum(DIMS + (0,)).to(weight.dtype) if need_b else None
     return gx.to(x5.dtype), gw, gb
+
+
+def update_running(mean: Tensor, raw: Tensor, c: Tensor, running_mean: Tensor | None,
+                   running_var: Tensor | None, num_batches_tracked: Tensor | None, momentum: float | Tensor,
+                   n: int, divides: bool) -> Tensor:
+    """The reference's running-statistics update (masked, never corrupted by NaN/Inf), in place; returns
+    the 0-dim "statistics are finite" flag. mean, raw: (G, C); running_var ← σ̂²·n/(n−1) averaged over G."""
+    ok = torch.isfinite(mean).all()
+    sigma = c * raw
+    if divides:
+        ok = ok & torch.isfinite(sigma).all()
+    if running_mean is not None:
+        _masked_update(running_mean, mean.mean(0), momentum, ok)
+    if running_var is not None:
+        _masked_update(running_var, sigma.square().mean(0) * (n / (n - 1)), momentum, ok)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    return ok

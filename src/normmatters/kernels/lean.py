@@ -23,14 +23,7 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import (
-    NONFINITE_MODES,
-    NonFiniteBatchError,
-    _check_options,
-    _masked_update,
-    check_input,
-    lp_batch_norm,
-)
+from ..functional import NONFINITE_MODES, NonFiniteBatchError, _check_options, check_input, lp_batch_norm
 from . import compiled, formulas
 
 __all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant"]
@@ -57,25 +50,27 @@ _CONST_CACHE: dict[tuple, Tensor] = {}
 
 
 @torch.library.custom_op("normmatters::gaussian_constant", mutates_args=())
-def _constant_op(norm: str, n: int, k: int, chunks: int, like: Tensor) -> Tensor:
+def _constant_op(norm: str, n: int, k: int, chunks: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     value = get_estimator(norm).constant(int(n), k=k, chunks=chunks or None)
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 @_constant_op.register_fake
-def _(norm: str, n: int, k: int, chunks: int, like: Tensor) -> Tensor:
-    return like.new_empty(())
+def _(norm: str, n: int, k: int, chunks: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty((), dtype=dtype, device=device)
 
 
-def gaussian_constant(norm: str, n: int, k: int, chunks: int | None, like: Tensor) -> Tensor:
-    """c(n) of ``norm`` as a 0-dim tensor of ``like``'s dtype and device."""
+def gaussian_constant(norm: str, n: int, k: int, chunks: int | None, dtype: torch.dtype,
+                      device: torch.device) -> Tensor:
+    """c(n) of ``norm`` as a 0-dim tensor (1 for mean-only normalization)."""
     if torch.compiler.is_compiling():
-        return _constant_op(norm, n, k, chunks or 0, like)
-    key = (norm, n, k, chunks, like.device, like.dtype)
+        return _constant_op(norm, n, k, chunks or 0, dtype, device)
+    key = (norm, n, k, chunks, device, dtype)
     c = _CONST_CACHE.get(key)
     if c is None:
-        value = get_estimator(norm).constant(n, k=k, chunks=chunks)
-        c = _CONST_CACHE[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+        est = get_estimator(norm)
+        value = est.constant(n, k=k, chunks=chunks) if est.divides else 1.0
+        c = _CONST_CACHE[key] = torch.tensor(value, dtype=dtype, device=device)
     return c
 
 
@@ -177,32 +172,19 @@ def lean_batch_norm(
     pdtype = weight.dtype if weight is not None else acc
     w = weight if weight is not None else torch.ones(C, dtype=pdtype, device=input.device)
     b = bias if bias is not None else torch.zeros(C, dtype=pdtype, device=input.device)
-    c = gaussian_constant(norm, n, k, chunks, torch.empty((), dtype=acc, device=input.device)) \
-        if est.divides else torch.ones((), dtype=acc, device=input.device)
+    c = gaussian_constant(norm, n, k, chunks, acc, input.device)
     y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, chunks or 1, impl)
-    sigma = c * raw if est.divides else None
-    _update_running(mean, sigma, n, running_mean, running_var, num_batches_tracked, momentum, nonfinite,
-                    where)
-    return y
-
-
-def _update_running(mean: Tensor, sigma: Tensor | None, n: int, running_mean: Tensor | None,
-                    running_var: Tensor | None, num_batches_tracked: Tensor | None,
-                    momentum: float | Tensor, nonfinite: str, where: str) -> None:
-    """The reference's running-statistics update: masked on device, raise/warn in eager mode."""
-    ok = torch.isfinite(mean).all()
-    if sigma is not None:
-        ok = ok & torch.isfinite(sigma).all()
+    if running_mean is None and running_var is None and num_batches_tracked is None \
+            and nonfinite == "ignore":
+        return y
     with torch.no_grad():
-        if running_mean is not None:
-            _masked_update(running_mean, mean.mean(0), momentum, ok)
-        if running_var is not None and sigma is not None:
-            _masked_update(running_var, sigma.square().mean(0) * (n / (n - 1)), momentum, ok)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+        ok = _kernel("update_running", norm, impl, input.device)(
+            mean, raw, c, running_mean, running_var if est.divides else None, num_batches_tracked,
+            momentum, n, est.divides)
     if nonfinite != "ignore" and not torch.compiler.is_compiling() and not bool(ok):
         msg = (f"{where}: the training batch has non-finite values (NaN or Inf) in its statistics; "
                "running_mean, running_var and num_batches_tracked were left unchanged")
         if nonfinite == "raise":
             raise NonFiniteBatchError(msg + " (pass nonfinite='skip' to warn instead)")
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    return y
