@@ -269,7 +269,7 @@ def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str]
     norms = tuple(norms)
     if shapes is None:
         shapes = QUICK_SHAPES if quick else FULL_SHAPES
-    rounds = rounds or (9 if quick else 15)
+    rounds = rounds or (7 if quick else 15)
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
     layouts = ("contiguous",) if quick else ("contiguous", "channels_last")
     bw = copy_bandwidth(dev)
@@ -280,9 +280,9 @@ def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str]
             for layout in layouts:
                 if layout == "channels_last" and len(shape) != 4:
                     continue
-                log.info("bench %s %s %s", shape, dtype, layout)
+                log.debug("bench %s %s %s", shape, dtype, layout)
                 rows += bench_case(shape, dtype, layout, norms, dev, rounds, bw)
-    res = bench_resnet20(norms, dev, rounds=5 if quick else 9) if resnet else {}
+    res = bench_resnet20(norms, dev, rounds=3 if quick else 9) if resnet else {}
     return {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "copy_bandwidth_GBps": bw / 1e9, "rows": [dataclasses.asdict(r) for r in rows],
             "table": format_table(rows), "resnet20_step_ratio": res,

@@ -73,7 +73,7 @@ def _guarded(fn: Callable[..., Any], base: Callable[..., Any], direction: str, n
             return base(*args, **kwargs)
         if first:
             compile_seconds[key] = time.perf_counter() - t0
-            log.info("normmatters.kernels: compiled %s/%s for %s on %s in %.1f s", direction, norm,
+            log.debug("normmatters.kernels: compiled %s/%s for %s on %s in %.1f s", direction, norm,
                      key[2], device.type, compile_seconds[key])
         return out
 
