@@ -111,6 +111,58 @@ class Estimator:
         """A problem with reducing n elements per channel under these options, or None."""
         return None
 
+    # --- backward pieces for the lean kernels (:mod:`normmatters.kernels`) -----------------------------
+    # Layout: x is viewed as (G, m, q, C, S) — G ghost groups, m range chunks (1 unless norm="range" with
+    # chunks), q samples per chunk, C channels, S spatial elements — in the accumulation dtype. Per-channel
+    # tensors keep their dims: (G, 1, 1, C, 1); per-chunk ones are (G, m, 1, C, 1). ``c`` is constant(n) as
+    # a tensor. σ̂ = c · raw. The backward of σ̂ is written as ∂σ̂/∂x_i = e_i − mean_j e_j with e_i the
+    # "elementwise part" below (the mean term is the gradient that flows through μ).
+
+    def lean_stats(self, x: Tensor, k: int = 10) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """(μ, raw, aux): the mean, the unscaled statistic and the small tensors backward needs."""
+        mean = x.mean(_LEAN_DIMS, keepdim=True)
+        raw, aux = self.lean_raw(x, x - mean, k)
+        return mean, raw, aux
+
+    def lean_raw(self, x: Tensor, d: Tensor, k: int = 10) -> tuple[Tensor, tuple[Tensor, ...]]:
+        raise NotImplementedError(f"norm={self.name!r} has no lean kernel")
+
+    def lean_sums(self, x: Tensor, d: Tensor, raw: Tensor, aux: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Per-channel sums the backward needs besides Σ grad and Σ grad·x̂ (fused into the same pass)."""
+        return ()
+
+    def lean_dstat(self, x: Tensor, d: Tensor, c: Tensor, raw: Tensor, sigma: Tensor,
+                   aux: tuple[Tensor, ...], sums: tuple[Tensor, ...], n: int,
+                   k: int = 10) -> tuple[Tensor, Tensor]:
+        """(e, mean_j e_j): the elementwise part of ∂σ̂/∂x and its per-channel mean (see above)."""
+        raise NotImplementedError(f"norm={self.name!r} has no lean kernel")
+
+
+#: reduced dims of the lean-kernel layout (G, m, q, C, S): everything but the group and the channel
+_LEAN_DIMS = (1, 2, 4)
+#: reduced dims of one range chunk in that layout
+_LEAN_CHUNK_DIMS = (2, 4)
+
+
+def _extreme_pieces(d: Tensor, tau: Tensor, sums: tuple[Tensor, ...], k: int) -> tuple[Tensor, Tensor]:
+    """Backward of "mean of the k largest |d|" (k = 1: max |d|), up to the constant: sign(d)/k on the
+    elements above the k-th largest value τ; elements tied at τ share the remaining weight evenly (the
+    average over all tie-breaks, which for k = 1 is exactly autograd's rule for amax)."""
+    cnt_gt, cnt_eq, s_gt, s_eq = sums
+    a = d.abs()
+    w_eq = (k - cnt_gt) / cnt_eq
+    e = torch.sign(d) * ((a > tau).to(d.dtype) + (a == tau).to(d.dtype) * w_eq) / k
+    return e, (s_gt + w_eq * s_eq) / k
+
+
+def _extreme_sums(d: Tensor, tau: Tensor) -> tuple[Tensor, ...]:
+    a = d.abs()
+    gt = (a > tau).to(d.dtype)
+    eq = (a == tau).to(d.dtype)
+    sd = torch.sign(d)
+    return (gt.sum(_LEAN_DIMS, keepdim=True), eq.sum(_LEAN_DIMS, keepdim=True),
+            (gt * sd).sum(_LEAN_DIMS, keepdim=True), (eq * sd).sum(_LEAN_DIMS, keepdim=True))
+
 
 def _centered(x: Tensor, mean: Tensor, dims: tuple[int, ...]) -> Tensor:
     shape = list(x.shape)
@@ -129,6 +181,15 @@ class _L2(Estimator):
     def finalize(self, part, n, k=10, chunks=None):
         return (part["sum_sq"] / n).sqrt()
 
+    def lean_stats(self, x, k=10):
+        # one Welford pass (Inductor lowers var_mean to a single fused reduction)
+        var, mean = torch.var_mean(x, _LEAN_DIMS, correction=0, keepdim=True)
+        return mean, var.sqrt(), ()
+
+    def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
+        # ∂σ̂/∂d_i = d_i / (n σ̂); Σ d_i = 0 so the mean term vanishes (as in nn.BatchNorm's backward)
+        return d / (n * sigma), torch.zeros_like(sigma)
+
 
 class _L1(Estimator):
     def constant(self, n, k=10, chunks=None):
@@ -140,6 +201,16 @@ class _L1(Estimator):
     def finalize(self, part, n, k=10, chunks=None):
         return part["sum_abs"] * (self.scale(n, part["sum_abs"]) / n)
 
+    def lean_raw(self, x, d, k=10):
+        return d.abs().mean(_LEAN_DIMS, keepdim=True), ()
+
+    def lean_sums(self, x, d, raw, aux):
+        return (torch.sign(d).sum(_LEAN_DIMS, keepdim=True),)
+
+    def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
+        # σ̂ = c · mean|d|  →  ∂σ̂/∂d_i = c · sign(d_i) / n
+        return torch.sign(d) * (c / n), sums[0] * (c / n / n)
+
 
 class _Linf(Estimator):
     def constant(self, n, k=10, chunks=None):
@@ -150,6 +221,16 @@ class _Linf(Estimator):
 
     def finalize(self, part, n, k=10, chunks=None):
         return part["max_abs"] * self.scale(n, part["max_abs"])
+
+    def lean_raw(self, x, d, k=10):
+        return d.abs().amax(_LEAN_DIMS, keepdim=True), ()
+
+    def lean_sums(self, x, d, raw, aux):
+        return _extreme_sums(d, raw)  # raw = max|d| is the threshold
+
+    def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
+        e, e_sum = _extreme_pieces(d, raw, sums, 1)
+        return e * c, e_sum * (c / n)
 
 
 def _move_reduced_last(x: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -172,6 +253,26 @@ class _TopK(Estimator):
 
     def finalize(self, part, n, k=10, chunks=None):
         return part["topk"].mean(-1) * self.scale(n, part["topk"], k=k)
+
+    def lean_raw(self, x, d, k=10):
+        # two-stage top-k without a transposed copy: the k largest of every contiguous row (G, m, q, C)
+        # first, then the k largest of those candidates per channel (exact: the global top-k lies in
+        # the union of the rows' top-k)
+        a = d.abs()
+        G, m, q, C, S = a.shape
+        rows = a.topk(min(k, S), dim=-1, sorted=False).values if S > k else a
+        cand = rows.permute(0, 3, 1, 2, 4).reshape(G, C, -1)
+        top = cand.topk(k, dim=-1, sorted=False).values
+        raw = top.mean(-1)[:, None, None, :, None]
+        tau = top.amin(-1)[:, None, None, :, None]
+        return raw, (tau,)
+
+    def lean_sums(self, x, d, raw, aux):
+        return _extreme_sums(d, aux[0])
+
+    def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
+        e, e_sum = _extreme_pieces(d, aux[0], sums, k)
+        return e * c, e_sum * (c / n)
 
 
 class _Range(Estimator):
@@ -201,6 +302,24 @@ class _Range(Estimator):
 
     def finalize(self, part, n, k=10, chunks=None):
         return part["range_sum"] / part["chunk_count"] * self.scale(n, part["range_sum"], chunks=chunks)
+
+    def lean_raw(self, x, d, k=10):
+        hi = x.amax(_LEAN_CHUNK_DIMS, keepdim=True)
+        lo = x.amin(_LEAN_CHUNK_DIMS, keepdim=True)
+        return (hi - lo).mean(1, keepdim=True), (hi, lo)
+
+    def lean_sums(self, x, d, raw, aux):
+        hi, lo = aux
+        return ((x == hi).to(x.dtype).sum(_LEAN_CHUNK_DIMS, keepdim=True),
+                (x == lo).to(x.dtype).sum(_LEAN_CHUNK_DIMS, keepdim=True))
+
+    def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
+        # σ̂ = c/m · Σ_chunks (max − min): the gradient reaches only the extremes of each chunk (shared
+        # evenly among ties, like autograd's amax/amin); it does not depend on μ, so the mean term is 0
+        hi, lo = aux
+        m = hi.shape[1]
+        e = ((x == hi).to(x.dtype) / sums[0] - (x == lo).to(x.dtype) / sums[1]) * (c / m)
+        return e, torch.zeros_like(sigma)
 
 
 class _MeanOnly(Estimator):

@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..estimators import get_estimator
-from ..functional import NONFINITE_MODES, check_input, lp_batch_norm
+from ..functional import NONFINITE_MODES, check_input
+from ..kernels import lean_batch_norm, resolve_impl
 
 __all__ = [
     "LpBatchNorm", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d",
@@ -59,6 +60,8 @@ class LpBatchNorm(_NormBase):
         chunks: ``norm="range"`` only — average the ranges of this many equal chunks of the batch.
         ghost_batch_size: normalize each group of this many samples with its own statistics.
         nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
+        impl: kernel — None (default: $NORMMATTERS_KERNEL or "compiled"), "compiled", "eager" or
+            "reference" (see :mod:`normmatters.kernels`).
     """
 
     _expected_dim: tuple[int, ...] | None = None
@@ -66,7 +69,7 @@ class LpBatchNorm(_NormBase):
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
                  chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
-                 device: Any = None, dtype: Any = None) -> None:
+                 device: Any = None, dtype: Any = None, impl: str | None = None) -> None:
         where = type(self).__name__
         get_estimator(norm)  # unknown names fail here, before any state exists
         _check_positive_int(where, "num_features", num_features, allow_none=False)
@@ -84,6 +87,9 @@ class LpBatchNorm(_NormBase):
         self.chunks = chunks
         self.ghost_batch_size = ghost_batch_size
         self.nonfinite = nonfinite
+        if impl is not None:
+            resolve_impl(impl, where)
+        self.impl = impl
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
 
     def _describe(self) -> str:
@@ -101,14 +107,14 @@ class LpBatchNorm(_NormBase):
             momentum = 1.0 / (self.num_batches_tracked + 1).to(torch.float32)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = self.training and self.track_running_stats
-        return lp_batch_norm(
+        return lean_batch_norm(
             input,
             self.running_mean if (track or not self.training) else None,
             self.running_var if (track or not self.training) else None,
             self.weight, self.bias, bn_training, momentum, self.eps,
             norm=self.norm, k=self.k, chunks=self.chunks, ghost_batch_size=self.ghost_batch_size,
             num_batches_tracked=self.num_batches_tracked if track else None,
-            nonfinite=self.nonfinite, where=self._describe(),
+            nonfinite=self.nonfinite, where=self._describe(), impl=self.impl,
         )
 
     def extra_repr(self) -> str:

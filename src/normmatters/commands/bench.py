@@ -1,0 +1,40 @@
+"""``normmatters bench``: Lp batch norm vs nn.BatchNorm, ratios measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time and memory of the Lp layers vs nn.BatchNorm (ratios, one run)")
+    p.add_argument("--quick", action="store_true", help="one shape, float32, contiguous (under a minute)")
+    p.add_argument("--json", metavar="FILE", help="also write all results to FILE")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--norms", nargs="+", default=None, help="subset of norms (default: all)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement")
+    p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-20 training-step comparison")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..kernels.bench import NORMS, run_benchmark
+
+    res = run_benchmark(quick=args.quick, device=args.device, norms=args.norms or NORMS, rounds=args.rounds,
+                        resnet=not args.no_resnet)
+    print(f"device {res['device']}, torch {res['torch']}, {res['threads']} threads, copy bandwidth "
+          f"{res['copy_bandwidth_GBps']:.1f} GB/s; ratios are medians of per-round ratios "
+          "(bn: nn.BatchNorm eager, bnc: nn.BatchNorm under torch.compile, naive: reference path)")
+    print(res["table"])
+    if res["resnet20_step_ratio"]:
+        r = res["resnet20_step_ratio"]
+        print(f"ResNet-20 (CIFAR, batch 128) SGD step vs nn.BatchNorm2d ({r['bn_ms']:.0f} ms): "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in r.items() if k != "bn_ms"))
+    if res["compile_seconds"]:
+        print("first-call (compile) seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                          res["compile_seconds"].items()))
+    print(f"benchmark took {res['seconds']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return 0

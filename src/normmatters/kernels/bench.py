@@ -1,0 +1,290 @@
+"""The benchmark behind ``normmatters bench``: Lp batch norm vs ``nn.BatchNorm`` measured side by side.
+
+Every number is a ratio taken round by round in interleaved rounds (contender A, contender B, … then the
+next round), so machine contention hits all sides alike; the reported value is the median over rounds.
+Per case (shape, dtype, memory format) and norm:
+
+* ``fwd`` / ``fwd+bwd``: time of the layer's training forward (and backward) divided by that of
+  ``nn.BatchNorm`` eager (``/bn``), of ``nn.BatchNorm`` under ``torch.compile`` (``/bnc``) and of the
+  naive composition (the reference path of the same norm, ``/naive``);
+* ``saved``: bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``) / nn.BatchNorm's;
+* ``peak``: peak memory of a forward+backward above the live inputs / nn.BatchNorm's (CUDA: the caching
+  allocator's peak; CPU: allocator events recorded by the profiler);
+* ``roof``: fraction of the memory roofline reached: one read and one write of the tensor in forward and
+  in backward (4 × its bytes) at the copy bandwidth measured in the same run, divided by fwd+bwd time.
+
+Plus a ResNet-20 (CIFAR, batch 128) SGD training step with each norm against nn.BatchNorm2d.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+NORMS = ("l2", "l1", "linf", "topk", "range", "mean")
+FULL_SHAPES = ((64, 64, 32, 32), (128, 128, 16, 16), (256, 256, 8, 8), (32, 512, 7, 7), (256, 1024))
+QUICK_SHAPES = ((64, 64, 32, 32),)
+
+
+@dataclasses.dataclass
+class Row:
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    norm: str
+    fwd_bn: float
+    fwd_bnc: float
+    fwd_naive: float
+    step_bn: float
+    step_bnc: float
+    step_naive: float
+    saved: float
+    peak: float
+    roof: float
+    step_ms: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(v: Iterable[float]) -> float:
+    return statistics.median(list(v))
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 16 << 20, rounds: int = 15) -> float:
+    """Bytes per second of a tensor copy (read + write counted) on ``device``, median of ``rounds``."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(rounds + 3):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / _median(times[3:])
+
+
+def saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd saves while ``fn`` runs (each saved tensor counted once per save)."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak of newly allocated memory while ``fn`` runs."""
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # allocations made inside an op are attributed to it (net, at its start); frees outside any op are
+    # separate "[memory]" events: per-op granularity, so this is an estimate of the true peak
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                    if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device: torch.device,
+                 warmup: int = 2) -> dict[str, list[float]]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    return _median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+def _layers(C: int, dim: int, norm: str | None, impl: str | None, device, dtype=torch.float32) -> nn.Module:
+    from ..nn.batchnorm import LpBatchNorm1d, LpBatchNorm2d
+
+    if norm is None:
+        m = (nn.BatchNorm1d if dim == 2 else nn.BatchNorm2d)(C)
+    else:
+        m = (LpBatchNorm1d if dim == 2 else LpBatchNorm2d)(C, norm=norm, impl=impl)
+    return m.to(device).train()
+
+
+def bench_case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, norms: Iterable[str],
+               device: torch.device, rounds: int, bandwidth: float) -> list[Row]:
+    """All norms at one (shape, dtype, layout): ratios measured in the same interleaved rounds."""
+    C = shape[1]
+    x0 = torch.randn(shape, device=device).to(dtype)
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x0)
+    mods: dict[str, nn.Module] = {"bn": _layers(C, len(shape), None, None, device)}
+    mods["bnc"] = torch.compile(_layers(C, len(shape), None, None, device))
+    for norm in norms:
+        mods[norm] = _layers(C, len(shape), norm, None, device)
+        mods["naive:" + norm] = _layers(C, len(shape), norm, "reference", device)
+
+    # every layer keeps float32 parameters; low-precision inputs go in directly (as under autocast)
+    def run(m: nn.Module, backward: bool) -> Callable[[], None]:
+        def f() -> None:
+            x = x0.detach().requires_grad_()
+            y = m(x)
+            if backward:
+                y.backward(g)
+        return f
+
+    fwd = _interleaved({k: run(m, False) for k, m in mods.items()}, rounds, device)
+    step = _interleaved({k: run(m, True) for k, m in mods.items()}, rounds, device)
+    nbytes = x0.numel() * x0.element_size()
+    roof_s = 4 * nbytes / bandwidth
+    base_saved = saved_bytes(run(mods["bn"], False))
+    base_peak = max(1, peak_bytes(run(mods["bn"], True), device))
+    rows = []
+    for norm in norms:
+        rows.append(Row(
+            shape=tuple(shape), dtype=str(dtype).replace("torch.", ""), layout=layout, norm=norm,
+            fwd_bn=_ratio(fwd, norm, "bn"), fwd_bnc=_ratio(fwd, norm, "bnc"),
+            fwd_naive=_ratio(fwd, norm, "naive:" + norm),
+            step_bn=_ratio(step, norm, "bn"), step_bnc=_ratio(step, norm, "bnc"),
+            step_naive=_ratio(step, norm, "naive:" + norm),
+            saved=saved_bytes(run(mods[norm], False)) / base_saved,
+            peak=peak_bytes(run(mods[norm], True), device) / base_peak,
+            roof=roof_s / _median(step[norm]), step_ms=_median(step[norm]) * 1e3))
+    rows.append(Row(tuple(shape), str(dtype).replace("torch.", ""), layout, "bn(eager)", 1.0,
+                    _ratio(fwd, "bn", "bnc"), math.nan, 1.0, _ratio(step, "bn", "bnc"), math.nan, 1.0, 1.0,
+                    roof_s / _median(step["bn"]), _median(step["bn"]) * 1e3))
+    return rows
+
+
+# --- ResNet-20 (He et al. 2016, CIFAR variant: 3 stages of 3 basic blocks, 16/32/64 channels) ---------
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.short is None else self.short(x)))
+
+
+def resnet20(norm: Callable[[int], nn.Module], num_classes: int = 10) -> nn.Module:
+    """ResNet-20 for 32×32 inputs with ``norm(num_features)`` as its normalization layer."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), norm(16), nn.ReLU()]
+    cin = 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(3):
+            layers.append(_Block(cin, cout, stride if i == 0 else 1, norm))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def bench_resnet20(norms: Iterable[str], device: torch.device, rounds: int,
+                   batch: int = 128) -> dict[str, float]:
+    """Median ratio of one SGD training step of ResNet-20 with each norm to the step with nn.BatchNorm2d."""
+    from ..nn.batchnorm import LpBatchNorm2d
+
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    t = torch.randint(0, 10, (batch,), device=device)
+    steps: dict[str, Callable[[], None]] = {}
+    for name in ("bn", *norms):
+        torch.manual_seed(0)
+        model = resnet20(nn.BatchNorm2d if name == "bn" else
+                         (lambda c, name=name: LpBatchNorm2d(c, norm=name))).to(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), t).backward()
+            opt.step()
+        steps[name] = step
+    times = _interleaved(steps, rounds, device)
+    out = {name: _ratio(times, name, "bn") for name in norms}
+    out["bn_ms"] = _median(times["bn"]) * 1e3
+    return out
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("| shape | dtype | layout | norm | fwd /bn | fwd /bnc | fwd /naive | fwd+bwd /bn | "
+            "fwd+bwd /bnc | fwd+bwd /naive | saved /bn | peak /bn | roofline | fwd+bwd ms |")
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        lines.append(f"| {'x'.join(map(str, r.shape))} | {r.dtype} | {r.layout} | {r.norm} | "
+                     f"{r.fwd_bn:.2f} | {r.fwd_bnc:.2f} | {r.fwd_naive:.2f} | {r.step_bn:.2f} | "
+                     f"{r.step_bnc:.2f} | {r.step_naive:.2f} | {r.saved:.2f} | {r.peak:.2f} | "
+                     f"{r.roof:.0%} | {r.step_ms:.2f} |")
+    return "\n".join(lines)
+
+
+def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str] = NORMS,
+                  shapes: Iterable[tuple[int, ...]] | None = None, rounds: int | None = None,
+                  resnet: bool = True) -> dict[str, Any]:
+    """Run the benchmark; returns a dict with rows, ResNet-20 ratios, bandwidth and compile seconds."""
+    from . import compiled
+
+    dev = torch.device(device)
+    norms = tuple(norms)
+    if shapes is None:
+        shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    rounds = rounds or (7 if quick else 15)
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    layouts = ("contiguous",) if quick else ("contiguous", "channels_last")
+    bw = copy_bandwidth(dev)
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    for shape in shapes:
+        for dtype in dtypes:
+            for layout in layouts:
+                if layout == "channels_last" and len(shape) != 4:
+                    continue
+                log.debug("bench %s %s %s", shape, dtype, layout)
+                rows += bench_case(shape, dtype, layout, norms, dev, rounds, bw)
+    res = bench_resnet20(norms, dev, rounds=3 if quick else 9) if resnet else {}
+    return {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "copy_bandwidth_GBps": bw / 1e9, "rows": [dataclasses.asdict(r) for r in rows],
+            "table": format_table(rows), "resnet20_step_ratio": res,
+            "compile_seconds": {"/".join(k): v for k, v in compiled.compile_seconds.items()},
+            "seconds": time.perf_counter() - t0}

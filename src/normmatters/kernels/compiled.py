@@ -1,0 +1,80 @@
+"""Compiled variants of :mod:`formulas`: one ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on
+CUDA) per norm and direction, compiled on first use, with a single warning and an eager fallback when
+compilation is unavailable.
+
+Each norm gets its own copy of the function's code object, so Dynamo keeps a separate cache (and
+recompile budget) per norm instead of one shared cache that six norms x dtypes would exhaust. Shapes
+are compiled with automatic dynamic shapes: the first call specialises, a second batch size / spatial
+size recompiles once into a dynamic kernel that serves every later size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import formulas
+
+log = logging.getLogger(__name__)
+
+_compiled: dict[tuple[str, str], Callable[..., Any]] = {}
+_failed: set[str] = set()
+#: seconds spent in first calls (compilation) per (direction, norm, dtype, device)
+compile_seconds: dict[tuple[str, str, str, str], float] = {}
+
+
+def _copy(fn: Callable[..., Any], suffix: str) -> Callable[..., Any]:
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{suffix}")
+    new = types.FunctionType(code, fn.__globals__, f"{fn.__name__}_{suffix}", fn.__defaults__,
+                             fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    return new
+
+
+def compile_available(device: torch.device) -> bool:
+    """Whether we still try Inductor on this device type (False after a failure)."""
+    return device.type not in _failed
+
+
+def get(direction: str, norm: str, device: torch.device) -> Callable[..., Any]:
+    """The compiled ``formulas.<direction>`` for ``norm`` (falls back to eager after a failure)."""
+    base = getattr(formulas, direction)
+    if device.type in _failed:
+        return base
+    key = (direction, norm)
+    fn = _compiled.get(key)
+    if fn is None:
+        fn = _compiled[key] = torch.compile(_copy(base, norm.replace("-", "_")))
+    return _guarded(fn, base, direction, norm, device)
+
+
+def _guarded(fn: Callable[..., Any], base: Callable[..., Any], direction: str, norm: str,
+             device: torch.device) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        key = (direction, norm, str(args[0].dtype), device.type)
+        first = key not in compile_seconds
+        t0 = time.perf_counter()
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly from now on
+            if device.type not in _failed:
+                _failed.add(device.type)
+                first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+                warnings.warn(f"normmatters.kernels: torch.compile is unavailable on {device.type} "
+                              f"({type(exc).__name__}: {first_line}); falling back to the eager lean "
+                              "kernels (set NORMMATTERS_KERNEL=eager to silence this)", RuntimeWarning,
+                              stacklevel=2)
+            return base(*args, **kwargs)
+        if first:
+            compile_seconds[key] = time.perf_counter() - t0
+            log.debug("normmatters.kernels: compiled %s/%s for %s on %s in %.1f s", direction, norm,
+                     key[2], device.type, compile_seconds[key])
+        return out
+
+    return call

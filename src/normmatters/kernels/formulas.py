@@ -1,0 +1,102 @@
+"""The training-mode math of the lean kernels as plain, traceable tensor code (compiled by ``compiled.py``).
+
+Layout: the input is viewed (never copied for contiguous or channels-last inputs) as ``(G, m, q, C, S)``:
+G ghost groups, m range chunks (1 unless ``norm="range", chunks=m``), q samples per chunk, C channels, S
+spatial elements (for channels-last inputs the spatial elements are folded into q and S = 1). Per-channel
+statistics keep their dims, ``(G, 1, 1, C, 1)``. With n = m·q·S elements per (group, channel)::
+
+    forward   μ = mean(x),  σ̂ = c·raw(x − μ),  r = 1/sqrt(σ̂² + eps),  y = w·r·(x − μ) + b
+    backward  x̂ = r·(x − μ),  g = ∂L/∂y,  Σg and Σg·x̂ per channel (one fused pass), then
+              ∂L/∂x = w·r·(g − Σg/n) − σ̂·r²·w·Σg·x̂ · (e − mean(e))    (e: ∂σ̂/∂x, estimators.lean_dstat)
+              ∂L/∂w = Σ_G Σg·x̂,  ∂L/∂b = Σ_G Σg
+
+The first line of ∂L/∂x is the gradient through (x − μ) at fixed σ̂ and the second the one through σ̂
+(chain rule: ∂L/∂σ̂ = −σ̂ r² Σ ∂L/∂x̂ · x̂). Backward reads only the input x, the per-channel μ and raw
+statistic and (range) the per-chunk extremes: the centered input, |d| and sign(d) are recomputed in
+registers. Mean-only normalization: y = w·(x − μ) + b, ∂L/∂x = w·(g − Σg/n).
+
+The per-statistic pieces (raw, e, the extra sums) come from :mod:`normmatters.estimators`; this file only
+composes them. Statistics accumulate in float32 for half/bfloat16 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..estimators import get_estimator
+from ..functional import _masked_update
+
+DIMS = (1, 2, 4)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _per_channel(v: Tensor, acc: torch.dtype) -> Tensor:
+    return v.to(acc)[None, None, None, :, None]
+
+
+def forward(x5: Tensor, weight: Tensor, bias: Tensor, c: Tensor, eps: float, norm: str,
+            k: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    """(y, μ, raw, aux) for x5 of shape (G, m, q, C, S); raw is None-like (μ) for mean-only."""
+    est = get_estimator(norm)
+    acc = acc_dtype(x5.dtype)
+    x = x5.to(acc)
+    w = _per_channel(weight, acc)
+    b = _per_channel(bias, acc)
+    if not est.divides:
+        mean = x.mean(DIMS, keepdim=True)
+        return ((x - mean) * w + b).to(x5.dtype), mean, mean, ()
+    mean, raw, aux = est.lean_stats(x, k)
+    sigma = c.to(acc) * raw
+    scale = torch.rsqrt(sigma * sigma + eps) * w
+    y = (x - mean) * scale + b
+    return y.to(x5.dtype), mean, raw, aux
+
+
+def backward(gy5: Tensor, x5: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, aux: tuple[Tensor, ...],
+             c: Tensor, eps: float, norm: str, k: int, need_w: bool,
+             need_b: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(∂L/∂x in x5's dtype and shape, ∂L/∂w, ∂L/∂b) — see the module docstring."""
+    est = get_estimator(norm)
+    acc = acc_dtype(x5.dtype)
+    x = x5.to(acc)
+    g = gy5.to(acc)
+    n = x.shape[1] * x.shape[2] * x.shape[4]
+    w = _per_channel(weight, acc)
+    d = x - mean
+    sum_g = g.sum(DIMS, keepdim=True)
+    if not est.divides:
+        gx = w * (g - sum_g / n)
+        sum_gx = (g * d).sum(DIMS, keepdim=True) if need_w else None
+    else:
+        sigma = c.to(acc) * raw
+        r = torch.rsqrt(sigma * sigma + eps)
+        sum_gx = (g * d).sum(DIMS, keepdim=True) * r  # Σ g·x̂
+        sums = est.lean_sums(x, d, raw, aux)
+        e, e_mean = est.lean_dstat(x, d, c.to(acc), raw, sigma, aux, sums, n, k)
+        coef = -sigma * r * r * w * sum_gx
+        gx = (w * r) * (g - sum_g / n) + coef * (e - e_mean)
+    gw = sum_gx.sum(DIMS + (0,)).to(weight.dtype) if need_w else None
+    gb = sum_g.sum(DIMS + (0,)).to(weight.dtype) if need_b else None
+    return gx.to(x5.dtype), gw, gb
+
+
+def update_running(mean: Tensor, raw: Tensor, c: Tensor, running_mean: Tensor | None,
+                   running_var: Tensor | None, num_batches_tracked: Tensor | None, momentum: float | Tensor,
+                   n: int, divides: bool) -> Tensor:
+    """The reference's running-statistics update (masked, never corrupted by NaN/Inf), in place; returns
+    the 0-dim "statistics are finite" flag. mean, raw: (G, C); running_var ← σ̂²·n/(n−1) averaged over G."""
+    ok = torch.isfinite(mean).all()
+    sigma = c * raw
+    if divides:
+        ok = ok & torch.isfinite(sigma).all()
+    if running_mean is not None:
+        _masked_update(running_mean, mean.mean(0), momentum, ok)
+    if running_var is not None:
+        _masked_update(running_var, sigma.square().mean(0) * (n / (n - 1)), momentum, ok)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    return ok
