@@ -17,8 +17,18 @@ import torch
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_VERSION", "REQUIRED_KEYS"]
 
 CHECKPOINT_VERSION = 1
-REQUIRED_KEYS = ("version", "config", "epoch", "step_in_epoch", "global_step", "model", "optimizer",
-                 "scheduler", "rng", "world_size")
+REQUIRED_KEYS = (
+    "version",
+    "config",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "world_size",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -68,6 +78,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
     if state["version"] != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: format version {state['version']}, expected "
-                              f"{CHECKPOINT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path}: format version {state['version']}, expected {CHECKPOINT_VERSION}"
+        )
     return state

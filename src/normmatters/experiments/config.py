@@ -25,8 +25,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """One training run. Epoch-valued schedule fields (``step_size``, ``milestones``, ``warmup_epochs``) are in
-    epochs and applied per step; ``batch_size`` is the *global* batch (split evenly across ranks).
+    """One training run.
+
+    Epoch-valued schedule fields (``step_size``, ``milestones``, ``warmup_epochs``) are in epochs
+    and applied per step; ``batch_size`` is the *global* batch (split evenly across ranks).
 
     Weight decay has three groups (Hoffer et al. 2018, §5: decay on a weight followed by a normalization only
     changes its effective step size): ``wd_normalized`` for conv/linear weights that feed a normalization
@@ -76,8 +78,12 @@ class TrainConfig:
         def bad(key: str, expected: str) -> ConfigError:
             return ConfigError(f"config: {key} must be {expected}, got {getattr(self, key)!r}")
 
-        for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES),
-                             ("sync_norm", SYNC_NORM)):
+        for key, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("dtype", DTYPES),
+            ("sync_norm", SYNC_NORM),
+        ):
             if getattr(self, key) not in choices:
                 raise bad(key, f"one of {choices}")
         for key in ("epochs", "batch_size", "width", "checkpoint_every", "log_every"):
@@ -118,7 +124,7 @@ class TrainConfig:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict (keys as in :class:`TrainConfig`)."""
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict of TrainConfig keys."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")

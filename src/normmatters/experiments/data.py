@@ -36,8 +36,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ArrayDataset", "DataSplit", "DataError", "load_dataset", "load_digits", "load_idx",
-           "load_cifar", "load_image_folder", "IDX_FILES", "IMAGE_SUFFIXES"]
+__all__ = [
+    "ArrayDataset",
+    "DataSplit",
+    "DataError",
+    "load_dataset",
+    "load_digits",
+    "load_idx",
+    "load_cifar",
+    "load_image_folder",
+    "IDX_FILES",
+    "IMAGE_SUFFIXES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +77,13 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4:
-            raise DataError(f"ArrayDataset: expected images of shape (N, C, H, W), got {tuple(self.images.shape)}")
+            raise DataError(
+                f"ArrayDataset: expected images of shape (N, C, H, W), got {tuple(self.images.shape)}"
+            )
         if self.labels.shape != (self.images.shape[0],):
-            raise DataError(f"ArrayDataset: expected {self.images.shape[0]} labels, got shape "
-                            f"{tuple(self.labels.shape)}")
+            raise DataError(
+                f"ArrayDataset: expected {self.images.shape[0]} labels, got shape {tuple(self.labels.shape)}"
+            )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -113,8 +126,11 @@ def _fixed_split(images: Tensor, labels: Tensor, classes: list[str], name: str) 
     perm = torch.randperm(len(labels), generator=g)
     n_test = max(1, int(round(len(labels) * _TEST_FRACTION)))
     test, train = perm[:n_test], perm[n_test:]
-    return DataSplit(name, ArrayDataset(images[train], labels[train], classes),
-                     ArrayDataset(images[test], labels[test], classes))
+    return DataSplit(
+        name,
+        ArrayDataset(images[train], labels[train], classes),
+        ArrayDataset(images[test], labels[test], classes),
+    )
 
 
 def load_digits() -> DataSplit:
@@ -122,8 +138,9 @@ def load_digits() -> DataSplit:
     try:
         from sklearn.datasets import load_digits as _sk_digits
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise DataError("the embedded 'digits' dataset needs scikit-learn: pip install 'normmatters[experiments]'") \
-            from e
+        raise DataError(
+            "the embedded 'digits' dataset needs scikit-learn: pip install 'normmatters[experiments]'"
+        ) from e
     d = _sk_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(d.target.astype(np.int64))
@@ -131,6 +148,7 @@ def load_digits() -> DataSplit:
 
 
 # ---------------------------------------------------------------------------------------------------- IDX
+
 
 def _find_idx(folder: Path, base: str) -> Path:
     for cand in (folder / base, folder / (base + ".gz")):
@@ -152,8 +170,10 @@ def read_idx(path: Path, expected_dims: int) -> np.ndarray:
     expected_magic = 0x0800 + expected_dims
     magic = (dtype_code << 8) | ndim
     if zero != 0 or magic != expected_magic:
-        raise DataError(f"{path}: wrong magic number 0x{int.from_bytes(raw[:4], 'big'):08x}, expected "
-                        f"0x{expected_magic:08x} (uint8, {expected_dims} dims)")
+        raise DataError(
+            f"{path}: wrong magic number 0x{int.from_bytes(raw[:4], 'big'):08x}, expected "
+            f"0x{expected_magic:08x} (uint8, {expected_dims} dims)"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX file: {len(raw)} bytes, header needs {header}")
@@ -190,6 +210,7 @@ def load_idx(folder: str | Path) -> DataSplit:
 
 
 # -------------------------------------------------------------------------------------------------- CIFAR
+
 
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
@@ -235,24 +256,33 @@ def load_cifar(folder: str | Path) -> DataSplit:
         test = _cifar_batch(folder / "test", "fine_labels")
         n_classes, name = 100, "cifar100"
     else:
-        raise DataError(f"CIFAR dataset {folder}: found neither data_batch_1/test_batch (CIFAR-10) nor "
-                        "train/test (CIFAR-100)")
+        raise DataError(
+            f"CIFAR dataset {folder}: found neither data_batch_1/test_batch (CIFAR-10) nor "
+            "train/test (CIFAR-100)"
+        )
     classes = [str(i) for i in range(n_classes)]
 
     def _ds(a: tuple[np.ndarray, np.ndarray]) -> ArrayDataset:
-        return ArrayDataset(torch.from_numpy(a[0].astype(np.float32) / 255.0), torch.from_numpy(a[1]), classes)
+        return ArrayDataset(
+            torch.from_numpy(a[0].astype(np.float32) / 255.0), torch.from_numpy(a[1]), classes
+        )
 
     return DataSplit(name, _ds(train), _ds(test))
 
 
 # --------------------------------------------------------------------------------------------- image folder
 
-def _read_class_folders(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+
+def _read_class_folders(
+    root: Path, classes: list[str] | None = None
+) -> tuple[list[Path], list[int], list[str]]:
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not found:
         raise DataError(f"image folder {root}: no class sub-folders")
     if classes is not None and found != classes:
-        raise DataError(f"image folder {root}: class folders {found} differ from the training split's {classes}")
+        raise DataError(
+            f"image folder {root}: class folders {found} differ from the training split's {classes}"
+        )
     files, labels = [], []
     for i, c in enumerate(found):
         imgs = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -278,7 +308,7 @@ def _read_images(files: list[Path], mode: str | None = None) -> tuple[Tensor, st
         mode = "L" if all(p.mode in ("L", "1", "I;16", "I") for p in pics) else "RGB"
     arrays = []
     size = None
-    for f, p in zip(files, pics):
+    for f, p in zip(files, pics, strict=True):
         a = np.asarray(p.convert(mode), dtype=np.float32) / 255.0
         if size is None:
             size = a.shape
@@ -301,10 +331,15 @@ def load_image_folder(root: str | Path) -> DataSplit:
         x, mode = _read_images(files)
         tx, _ = _read_images(tfiles, mode)
         if tx.shape[1:] != x.shape[1:]:
-            raise DataError(f"image folder {root}: test images are {tuple(tx.shape[1:])}, train images "
-                            f"{tuple(x.shape[1:])}")
-        return DataSplit(f"folder:{root.name}", ArrayDataset(x, torch.tensor(labels), classes),
-                         ArrayDataset(tx, torch.tensor(tlabels), classes))
+            raise DataError(
+                f"image folder {root}: test images are {tuple(tx.shape[1:])}, train images "
+                f"{tuple(x.shape[1:])}"
+            )
+        return DataSplit(
+            f"folder:{root.name}",
+            ArrayDataset(x, torch.tensor(labels), classes),
+            ArrayDataset(tx, torch.tensor(tlabels), classes),
+        )
     files, labels, classes = _read_class_folders(root)
     x, _ = _read_images(files)
     return _fixed_split(x, torch.tensor(labels), classes, f"folder:{root.name}")
@@ -312,8 +347,9 @@ def load_image_folder(root: str | Path) -> DataSplit:
 
 # ------------------------------------------------------------------------------------------------ dispatch
 
+
 def load_dataset(spec: str | Path) -> DataSplit:
-    """``"digits"``, ``"idx:PATH"``, ``"cifar:PATH"``, ``"folder:PATH"``, or a PATH whose format is detected."""
+    """``"digits"``, ``"idx:PATH"``, ``"cifar:PATH"``, ``"folder:PATH"``, or a PATH (format detected)."""
     s = str(spec)
     if s == "digits":
         return load_digits()
@@ -328,7 +364,8 @@ def load_dataset(spec: str | Path) -> DataSplit:
     names = {p.name for p in path.iterdir()}
     if any(n.startswith(("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")) for n in names):
         return load_idx(path)
-    if names & {"data_batch_1", "test_batch", "cifar-10-batches-py", "cifar-100-python"} or \
-            ({"train", "test"} <= names and (path / "train").is_file()):
+    if names & {"data_batch_1", "test_batch", "cifar-10-batches-py", "cifar-100-python"} or (
+        {"train", "test"} <= names and (path / "train").is_file()
+    ):
         return load_cifar(path)
     return load_image_folder(path)

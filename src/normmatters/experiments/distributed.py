@@ -22,8 +22,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["DistInfo", "SINGLE", "init_from_env", "current", "wrap_model", "unwrap", "prepare_norm_layers",
-           "broadcast_buffers", "all_reduce_mean", "all_gather_objects", "any_rank", "barrier"]
+__all__ = [
+    "DistInfo",
+    "SINGLE",
+    "init_from_env",
+    "current",
+    "wrap_model",
+    "unwrap",
+    "prepare_norm_layers",
+    "broadcast_buffers",
+    "all_reduce_mean",
+    "all_gather_objects",
+    "any_rank",
+    "barrier",
+]
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,7 @@ def all_reduce_mean(values: Tensor, info: DistInfo) -> Tensor:
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
-    """True if ``flag`` is true on any rank (all ranks must call it together; NCCL needs a CUDA ``device``)."""
+    """True if ``flag`` is true on any rank (a collective; NCCL needs a CUDA ``device``)."""
     if not info.active:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)

@@ -46,7 +46,7 @@ class MetricsWriter:
             w.writerow(record)
 
     def truncate_after(self, global_step: int) -> None:
-        """Keep step records with ``global_step ≤ global_step`` and epoch records with ``global_step ≤`` it."""
+        """Drop every record whose ``global_step`` is past ``global_step``."""
         records = [r for r in read_jsonl(self.jsonl) if r.get("global_step", 0) <= global_step]
         for p in [self.jsonl, *self.folder.glob("*s.csv")]:
             if p.name in ("steps.csv", "epochs.csv", "metrics.jsonl"):

@@ -1,8 +1,9 @@
 """Model builders that take ``norm_layer`` (a name or a callable, through :func:`normmatters.norm_layer`).
 
 * :class:`CifarResNet` — He et al. 2016 ("Deep residual learning", §4.2): depth 6n+2, three stages of n basic
-  blocks with 16/32/64 × ``width`` channels, strides 1/2/2, global average pooling. ResNet-20/32/56 are n = 3/5/9;
-  ``resnet8`` (n = 1) is the small residual CNN of ``normmatters compare``. Shortcuts that change shape are a
+  blocks with 16/32/64 × ``width`` channels, strides 1/2/2, global average pooling.
+  ResNet-20/32/56 are n = 3/5/9; ``resnet8`` (n = 1) is the small residual CNN of ``normmatters compare``.
+  Shortcuts that change shape are a
   1×1 convolution + norm (option B) rather than the paper's zero padding (option A), so every block has a
   normalized shortcut when it needs one.
 * :class:`VGG` — Simonyan & Zisserman 2015 configurations A (VGG-11) and D (VGG-16) with a norm after every
@@ -56,11 +57,20 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """CIFAR-style ResNet of depth 6n+2 (He et al. 2016, §4.2) with a pluggable normalization."""
 
-    def __init__(self, depth: int = 20, norm_layer: NormSpec = "bn", num_classes: int = 10, in_channels: int = 3,
-                 width: int = 1, **norm_options: Any) -> None:
+    def __init__(
+        self,
+        depth: int = 20,
+        norm_layer: NormSpec = "bn",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 1,
+        **norm_options: Any,
+    ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CifarResNet: depth must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 56, …), got {depth}")
+            raise ValueError(
+                f"CifarResNet: depth must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 56, …), got {depth}"
+            )
         n = (depth - 2) // 6
         norm = resolve_norm(norm_layer, 2, **norm_options)
         w = [16 * width, 32 * width, 64 * width]
@@ -93,9 +103,16 @@ VGG_CONFIGS: dict[str, list[int | str]] = {
 class VGG(nn.Module):
     """VGG-11/16 with a norm after every 3×3 convolution; pools stop at 1×1; GAP → linear classifier."""
 
-    def __init__(self, config: str = "vgg11", norm_layer: NormSpec = "bn", num_classes: int = 10,
-                 in_channels: int = 3, image_size: int | Sequence[int] = 32, width: float = 1.0,
-                 **norm_options: Any) -> None:
+    def __init__(
+        self,
+        config: str = "vgg11",
+        norm_layer: NormSpec = "bn",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int | Sequence[int] = 32,
+        width: float = 1.0,
+        **norm_options: Any,
+    ) -> None:
         super().__init__()
         if config not in VGG_CONFIGS:
             raise ValueError(f"VGG: config must be one of {sorted(VGG_CONFIGS)}, got {config!r}")
@@ -123,8 +140,14 @@ class VGG(nn.Module):
 class MLP(nn.Module):
     """flatten → [Linear (no bias) → norm (1d) → ReLU] × len(hidden) → Linear."""
 
-    def __init__(self, in_features: int, hidden: Sequence[int] = (256, 256), norm_layer: NormSpec = "bn",
-                 num_classes: int = 10, **norm_options: Any) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int] = (256, 256),
+        norm_layer: NormSpec = "bn",
+        num_classes: int = 10,
+        **norm_options: Any,
+    ) -> None:
         super().__init__()
         norm = resolve_norm(norm_layer, 1, **norm_options)
         layers: list[nn.Module] = [nn.Flatten()]
@@ -142,8 +165,16 @@ class MLP(nn.Module):
 MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mlp")
 
 
-def build_model(name: str, norm: NormSpec = "bn", *, in_channels: int = 3, image_size: int | Sequence[int] = 32,
-                num_classes: int = 10, width: int = 1, **norm_options: Any) -> nn.Module:
+def build_model(
+    name: str,
+    norm: NormSpec = "bn",
+    *,
+    in_channels: int = 3,
+    image_size: int | Sequence[int] = 32,
+    num_classes: int = 10,
+    width: int = 1,
+    **norm_options: Any,
+) -> nn.Module:
     """Build ``name`` (one of :data:`MODEL_NAMES`) for the given input and class count.
 
     ``norm`` and ``norm_options`` go to :func:`normmatters.norm_layer` (dim 2 for the CNNs, 1 for the MLP).
@@ -155,5 +186,7 @@ def build_model(name: str, norm: NormSpec = "bn", *, in_channels: int = 3, image
         return VGG(key, norm, num_classes, in_channels, image_size, width, **norm_options)
     if key == "mlp":
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        return MLP(in_channels * h * w, tuple(256 * width for _ in range(2)), norm, num_classes, **norm_options)
+        return MLP(
+            in_channels * h * w, tuple(256 * width for _ in range(2)), norm, num_classes, **norm_options
+        )
     raise ValueError(f"build_model: unknown model {name!r}; expected one of {MODEL_NAMES} or resnet<6n+2>")

@@ -36,8 +36,11 @@ def is_norm_module(m: nn.Module) -> bool:
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Split ``model``'s trainable parameters into ``normalized`` / ``norm`` / ``other`` (each once)."""
-    leaves = [m for m in model.modules() if not list(m.children())
-              and (is_norm_module(m) or any(True for _ in m.parameters(recurse=False)))]
+    leaves = [
+        m
+        for m in model.modules()
+        if not list(m.children()) and (is_norm_module(m) or any(True for _ in m.parameters(recurse=False)))
+    ]
     groups: dict[str, list[nn.Parameter]] = {"normalized": [], "norm": [], "other": []}
     seen: set[int] = set()
 
@@ -66,11 +69,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         "norm": cfg.wd_norm,
         "other": cfg.weight_decay if cfg.wd_other is None else cfg.wd_other,
     }
-    groups = [{"params": ps, "weight_decay": decay[name], "name": name}
-              for name, ps in param_groups(model).items() if ps]
+    groups = [
+        {"params": ps, "weight_decay": decay[name], "name": name}
+        for name, ps in param_groups(model).items()
+        if ps
+    ]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
@@ -97,7 +104,8 @@ def lr_multiplier(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], flo
     return f
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step ``LambdaLR`` following :func:`lr_multiplier` (its state is ``last_epoch`` = steps taken)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))

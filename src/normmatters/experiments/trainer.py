@@ -1,9 +1,10 @@
 """``Trainer``: one supervised classification run that can stop at any step and resume bit-identically.
 
 What makes resume exact: the data order of epoch e is a pure function of (seed, epoch, rank, world size)
-(``DistributedSampler`` with ``set_epoch``); augmentation draws from a per-rank ``torch.Generator`` whose state
-is checkpointed; the checkpoint also holds model, optimizer, scheduler, the partial-epoch accumulators and the
-global torch / CUDA / numpy / python RNG states of every rank. Resuming replays the remaining batches of the
+(``DistributedSampler`` with ``set_epoch``); augmentation draws from a per-rank ``torch.Generator``
+whose state is checkpointed; the checkpoint also holds model, optimizer, scheduler, the partial-epoch
+accumulators and the global torch / CUDA / numpy / python RNG states of every rank.
+Resuming replays the remaining batches of the
 interrupted epoch with exactly the same tensors, so weights after "1 epoch + resume + 1 epoch" equal those
 after 2 epochs straight (on the same device, threads and library versions).
 
@@ -112,9 +113,16 @@ class Trainer:
         on_step: ``f(trainer)`` called after every optimizer step (tests use it to stop mid-epoch).
     """
 
-    def __init__(self, config: TrainConfig, out_dir: str | Path | None = None, *, data: DataSplit | None = None,
-                 dist_info: D.DistInfo | None = None, progress: bool = False,
-                 on_step: Callable[[Trainer], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        *,
+        data: DataSplit | None = None,
+        dist_info: D.DistInfo | None = None,
+        progress: bool = False,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> None:
         self.cfg = config
         self.out = Path(out_dir) if out_dir is not None else None
         self.info = dist_info or D.current()
@@ -127,20 +135,30 @@ class Trainer:
             raise RuntimeError(f"config: device={config.device!r} but CUDA is not available")
         self.data = data if data is not None else load_dataset(config.dataset)
         if config.batch_size % self.info.world_size:
-            raise ValueError(f"config: batch_size={config.batch_size} (global) must be divisible by the world "
-                             f"size {self.info.world_size}")
+            raise ValueError(
+                f"config: batch_size={config.batch_size} (global) must be divisible by the world "
+                f"size {self.info.world_size}"
+            )
         self.local_batch = config.batch_size // self.info.world_size
         self.steps_per_epoch = len(self.data.train) // config.batch_size
         if self.steps_per_epoch < 1:
-            raise ValueError(f"config: batch_size={config.batch_size} is larger than the training set "
-                             f"({len(self.data.train)} samples of {self.data.name})")
+            raise ValueError(
+                f"config: batch_size={config.batch_size} is larger than the training set "
+                f"({len(self.data.train)} samples of {self.data.name})"
+            )
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
-        model = build_model(config.model, config.norm, in_channels=self.data.in_channels,
-                            image_size=self.data.image_size, num_classes=self.data.num_classes,
-                            width=config.width, **config.norm_options)
+        model = build_model(
+            config.model,
+            config.norm,
+            in_channels=self.data.in_channels,
+            image_size=self.data.image_size,
+            num_classes=self.data.num_classes,
+            width=config.width,
+            **config.norm_options,
+        )
         model = D.prepare_norm_layers(model, config.sync_norm, self.info)
         self.param_dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
         model = model.to(self.device, self.param_dtype)
@@ -151,8 +169,14 @@ class Trainer:
         self.augment = Augment(mean.to(self.device), std.to(self.device), config.crop_padding, config.hflip)
         # per-rank augmentation stream: ranks see different crops/flips, and it is resumable
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.info.rank)
-        self.sampler = DistributedSampler(self.data.train, num_replicas=self.info.world_size, rank=self.info.rank,
-                                          shuffle=True, seed=config.seed, drop_last=False)
+        self.sampler = DistributedSampler(
+            self.data.train,
+            num_replicas=self.info.world_size,
+            rank=self.info.rank,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=False,
+        )
 
         self.epoch = 0
         self.step_in_epoch = 0
@@ -192,14 +216,20 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         if state["world_size"] != self.info.world_size:
-            raise CheckpointError(f"{source} was written by {state['world_size']} rank(s); this run has "
-                                  f"{self.info.world_size} (resume with the same --nproc_per_node)")
+            raise CheckpointError(
+                f"{source} was written by {state['world_size']} rank(s); this run has "
+                f"{self.info.world_size} (resume with the same --nproc_per_node)"
+            )
         saved = TrainConfig.from_dict(state["config"], source=source).to_dict()
-        diff = sorted(k for k, v in self.cfg.to_dict().items() if saved[k] != v and k not in RESUMABLE_CHANGES)
+        diff = sorted(
+            k for k, v in self.cfg.to_dict().items() if saved[k] != v and k not in RESUMABLE_CHANGES
+        )
         if diff:
             details = ", ".join(f"{k}: {saved[k]!r} → {self.cfg.to_dict()[k]!r}" for k in diff)
-            raise CheckpointError(f"{source} was written with a different config ({details}); only "
-                                  f"{sorted(RESUMABLE_CHANGES)} may change on resume")
+            raise CheckpointError(
+                f"{source} was written with a different config ({details}); only "
+                f"{sorted(RESUMABLE_CHANGES)} may change on resume"
+            )
         try:
             D.unwrap(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -219,12 +249,16 @@ class Trainer:
         state = self.state_dict()
         if self.info.is_main:
             save_checkpoint(state, self.checkpoint_path)
-            log.info("saved checkpoint %s (epoch %d, step %d)", self.checkpoint_path, self.epoch,
-                     self.step_in_epoch)
+            log.info(
+                "saved checkpoint %s (epoch %d, step %d)",
+                self.checkpoint_path,
+                self.epoch,
+                self.step_in_epoch,
+            )
         D.barrier(self.info)
 
     def resume(self, path: str | Path | None = None) -> None:
-        """Load ``path`` (default ``out_dir/checkpoint.pt``); metrics past its step are dropped from the files."""
+        """Load ``path`` (default ``out_dir/checkpoint.pt``); later metrics are dropped from the files."""
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise CheckpointError("resume needs a checkpoint path or an out_dir")
@@ -238,13 +272,17 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
         b = self.local_batch
-        return [order[i * b:(i + 1) * b] for i in range(self.steps_per_epoch)]
+        return [order[i * b : (i + 1) * b] for i in range(self.steps_per_epoch)]
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         batches = self._epoch_batches(epoch)[start:]
         if self.cfg.workers > 0:
-            yield from DataLoader(_Gather(self.data.train, batches), batch_size=None, shuffle=False,
-                                  num_workers=self.cfg.workers)
+            yield from DataLoader(
+                _Gather(self.data.train, batches),
+                batch_size=None,
+                shuffle=False,
+                num_workers=self.cfg.workers,
+            )
         else:
             for idx in batches:
                 yield self.data.train.images[idx], self.data.train.labels[idx]
@@ -275,8 +313,15 @@ class Trainer:
         self.step_in_epoch += 1
         self.global_step += 1
         if self._writer is not None and self.global_step % self.cfg.log_every == 0:
-            self._writer.write({"kind": "step", "global_step": self.global_step, "epoch": self.epoch,
-                                "loss": lv, "lr": self.optimizer.param_groups[0]["lr"]})
+            self._writer.write(
+                {
+                    "kind": "step",
+                    "global_step": self.global_step,
+                    "epoch": self.epoch,
+                    "loss": lv,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                }
+            )
 
     @torch.no_grad()
     def evaluate(self, data: ArrayDataset | None = None, batch_size: int = 512) -> dict[str, float]:
@@ -287,8 +332,10 @@ class Trainer:
         model.eval()
         loss, correct = 0.0, 0
         for i in range(0, len(data), batch_size):
-            x = self.augment(data.images[i:i + batch_size].to(self.device), None, train=False).to(self.param_dtype)
-            y = data.labels[i:i + batch_size].to(self.device)
+            x = self.augment(data.images[i : i + batch_size].to(self.device), None, train=False).to(
+                self.param_dtype
+            )
+            y = data.labels[i : i + batch_size].to(self.device)
             with self._autocast():
                 out = model(x).float()
             loss += float(F.cross_entropy(out, y, reduction="sum"))
@@ -299,15 +346,27 @@ class Trainer:
     def _end_epoch(self) -> dict[str, Any]:
         acc = torch.tensor([self._acc["loss"], self._acc["correct"], self._acc["count"]], dtype=torch.float64)
         acc = D.all_reduce_mean(acc, self.info)
-        record = {"kind": "epoch", "global_step": self.global_step, "epoch": self.epoch + 1,
-                  "train_loss": float(acc[0] / acc[2]), "train_acc": float(acc[1] / acc[2]),
-                  **self.evaluate(), "lr": self.optimizer.param_groups[0]["lr"]}
+        record = {
+            "kind": "epoch",
+            "global_step": self.global_step,
+            "epoch": self.epoch + 1,
+            "train_loss": float(acc[0] / acc[2]),
+            "train_acc": float(acc[1] / acc[2]),
+            **self.evaluate(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
         self.history.append(record)
         if self._writer is not None:
             self._writer.write(record)
-        log.info("epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f", record["epoch"],
-                 self.cfg.epochs, record["train_loss"], record["train_acc"], record["test_loss"],
-                 record["test_acc"])
+        log.info(
+            "epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f",
+            record["epoch"],
+            self.cfg.epochs,
+            record["train_loss"],
+            record["train_acc"],
+            record["test_loss"],
+            record["test_acc"],
+        )
         self.epoch += 1
         self.step_in_epoch = 0
         self._acc = {"loss": 0.0, "correct": 0, "count": 0}
@@ -333,18 +392,20 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def fit(self, resume: bool = False, handle_signals: bool = False,
-            stop_after_epoch: int | None = None) -> TrainResult:
+    def fit(
+        self, resume: bool = False, handle_signals: bool = False, stop_after_epoch: int | None = None
+    ) -> TrainResult:
         """Train to ``config.epochs`` (or until ``stop_after_epoch`` / a stop request), checkpointing.
 
-        ``resume=True`` continues from ``out_dir/checkpoint.pt``; without it an existing checkpoint there is an
-        error (it is never overwritten by a fresh run).
+        ``resume=True`` continues from ``out_dir/checkpoint.pt``; without it an existing checkpoint there
+        is an error (it is never overwritten by a fresh run).
         """
         if resume:
             self.resume()
         elif self.checkpoint_path is not None and self.checkpoint_path.exists():
-            raise CheckpointError(f"{self.checkpoint_path} already exists; resume it (--resume) or choose "
-                                  "another output folder")
+            raise CheckpointError(
+                f"{self.checkpoint_path} already exists; resume it (--resume) or choose another output folder"
+            )
         if self.out is not None and self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")
@@ -352,8 +413,12 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.cfg.epochs * self.steps_per_epoch, initial=self.global_step, unit="step",
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=self.cfg.epochs * self.steps_per_epoch,
+                initial=self.global_step,
+                unit="step",
+                dynamic_ncols=True,
+            )
         status = "finished"
         with self._signals(handle_signals):
             while self.epoch < self.cfg.epochs:
@@ -364,7 +429,9 @@ class Trainer:
                     self._train_step(x, y)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(epoch=self.epoch + 1, loss=f"{self._acc['loss'] / self._acc['count']:.3f}")
+                        bar.set_postfix(
+                            epoch=self.epoch + 1, loss=f"{self._acc['loss'] / self._acc['count']:.3f}"
+                        )
                     if self.on_step is not None:
                         self.on_step(self)
                     if D.any_rank(self._stop is not None, self.info, self.device):
@@ -379,7 +446,11 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
-        if status == "stopped" and self.checkpoint_path is not None and self.epoch % self.cfg.checkpoint_every:
+        if (
+            status == "stopped"
+            and self.checkpoint_path is not None
+            and self.epoch % self.cfg.checkpoint_every
+        ):
             self.save()
         return TrainResult(status, list(self.history), list(self.step_times), self.out)
 
