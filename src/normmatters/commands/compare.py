@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--norms", nargs="+", default=None, help="norms to compare (default: bn l2 l1 linf topk range)"
     )
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick: 1)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 6; --quick: 2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8; --quick: 2)")
     p.add_argument(
         "--dataset",
         default="digits",
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):  # per-epoch log lines would drown the per-run summary
         logging.getLogger("normmatters.experiments").setLevel(logging.WARNING)
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    epochs = args.epochs if args.epochs is not None else (2 if args.quick else 6)
+    epochs = args.epochs if args.epochs is not None else (2 if args.quick else 8)
     if seeds < 1 or epochs < 1:
         print("compare: --seeds and --epochs must be ≥ 1", file=sys.stderr)
         return 2

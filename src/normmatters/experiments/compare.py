@@ -32,7 +32,7 @@ class CompareConfig:
 
     norms: tuple[str, ...] = DEFAULT_NORMS
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 6
+    epochs: int = 8
     dataset: str = "digits"
     model: str = "resnet8"
     device: str = "cpu"
