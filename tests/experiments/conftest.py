@@ -25,5 +25,8 @@ def digits() -> DataSplit:
 def tiny(digits: DataSplit) -> DataSplit:
     """192 training and 64 test digits: 3 steps per epoch at batch 64."""
     tr, te = digits.train, digits.test
-    return DataSplit("tiny-digits", ArrayDataset(tr.images[:192], tr.labels[:192], tr.classes),
-                     ArrayDataset(te.images[:64], te.labels[:64], te.classes))
+    return DataSplit(
+        "tiny-digits",
+        ArrayDataset(tr.images[:192], tr.labels[:192], tr.classes),
+        ArrayDataset(te.images[:64], te.labels[:64], te.classes),
+    )

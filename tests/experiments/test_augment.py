@@ -14,7 +14,7 @@ def test_random_crop_matches_per_sample_slices():
     ox = torch.randint(0, 5, (5,), generator=g2)
     xp = F.pad(x, (2, 2, 2, 2))
     for i in range(5):
-        assert torch.equal(out[i], xp[i, :, oy[i]:oy[i] + 6, ox[i]:ox[i] + 7])
+        assert torch.equal(out[i], xp[i, :, oy[i] : oy[i] + 6, ox[i] : ox[i] + 7])
     assert torch.equal(random_crop(x, 0, g1), x)
 
 

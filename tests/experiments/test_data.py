@@ -30,7 +30,9 @@ def test_digits_split_is_fixed_and_disjoint():
     assert 0.0 <= float(a.train.images.min()) and float(a.train.images.max()) <= 1.0
     # no test image is a training image
     tr = {tuple(x.flatten().tolist()) for x in a.train.images}
-    assert sum(tuple(x.flatten().tolist()) in tr for x in a.test.images) < 5  # digits has a few exact duplicates
+    assert (
+        sum(tuple(x.flatten().tolist()) in tr for x in a.test.images) < 5
+    )  # digits has a few exact duplicates
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -78,7 +80,9 @@ def test_idx_wrong_magic(tmp_path):
     raw = bytearray(p.read_bytes())
     raw[3] = 1  # claims 1 dim
     p.write_bytes(bytes(raw))
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: wrong magic number 0x00000801, expected 0x00000803"):
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte: wrong magic number 0x00000801, expected 0x00000803"
+    ):
         load_idx(tmp_path)
 
 
@@ -87,7 +91,9 @@ def test_idx_truncated(tmp_path):
     p = tmp_path / (IDX_FILES[("train", "images")] + ".gz")
     raw = gzip.decompress(p.read_bytes())
     p.write_bytes(gzip.compress(raw[:-7]))
-    with pytest.raises(DataError, match=r"truncated IDX file: shape \(6, 5, 4\) needs 120 data bytes, found 113"):
+    with pytest.raises(
+        DataError, match=r"truncated IDX file: shape \(6, 5, 4\) needs 120 data bytes, found 113"
+    ):
         load_idx(tmp_path)
 
 
@@ -110,8 +116,10 @@ def _write_cifar(folder: Path, hundred=False, n=4) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
     def batch(path: Path, key: str) -> None:
-        d = {b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
-             key.encode(): rng.integers(0, 100 if hundred else 10, n).tolist()}
+        d = {
+            b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+            key.encode(): rng.integers(0, 100 if hundred else 10, n).tolist(),
+        }
         path.write_bytes(pickle.dumps(d))
 
     if hundred:
@@ -142,10 +150,14 @@ def test_cifar_errors(tmp_path):
     (tmp_path / "test_batch").write_bytes(b"\x80\x04garbage")
     with pytest.raises(DataError, match="test_batch: not a readable CIFAR pickle"):
         load_cifar(tmp_path)
-    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": [1, 2]}))
+    (tmp_path / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": [1, 2]})
+    )
     with pytest.raises(DataError, match="test_batch: 3 images but 2 labels"):
         load_cifar(tmp_path)
-    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]}))
+    (tmp_path / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]})
+    )
     with pytest.raises(DataError, match=r"expected data of shape \(N, 3072\), found \(2, 100\)"):
         load_cifar(tmp_path)
 
@@ -158,7 +170,9 @@ def _write_images(folder: Path, counts: dict[str, int], mode="RGB", size=(6, 5))
         (folder / cls).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-            Image.fromarray(rng.integers(0, 256, shape).astype(np.uint8), mode).save(folder / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, shape).astype(np.uint8), mode).save(
+                folder / cls / f"{i}.png"
+            )
 
 
 def test_image_folder_flat_split(tmp_path):

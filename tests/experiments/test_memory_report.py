@@ -21,13 +21,25 @@ def test_saved_bytes_scale_with_batch_and_leave_state_alone():
 
 
 def _run(norm, seed, acc, loss, t, mem):
-    return RunResult(norm, seed, [{"epoch": 1, "train_loss": 2 * loss, "test_acc": acc / 2},
-                                  {"epoch": 2, "train_loss": loss, "test_acc": acc}], t, mem)
+    return RunResult(
+        norm,
+        seed,
+        [
+            {"epoch": 1, "train_loss": 2 * loss, "test_acc": acc / 2},
+            {"epoch": 2, "train_loss": loss, "test_acc": acc},
+        ],
+        t,
+        mem,
+    )
 
 
 def test_summary_ratios_and_files(tmp_path):
-    runs = [_run("bn", 0, 0.9, 0.1, 0.010, 100), _run("l1", 0, 0.8, 0.2, 0.030, 250),
-            _run("bn", 1, 0.7, 0.3, 0.012, 100), _run("l1", 1, 0.8, 0.4, 0.020, 250)]
+    runs = [
+        _run("bn", 0, 0.9, 0.1, 0.010, 100),
+        _run("l1", 0, 0.8, 0.2, 0.030, 250),
+        _run("bn", 1, 0.7, 0.3, 0.012, 100),
+        _run("l1", 1, 0.8, 0.4, 0.020, 250),
+    ]
     s = {x.norm: x for x in summarize(runs)}
     assert s["bn"].acc_mean == pytest.approx(0.8) and s["bn"].acc_std == pytest.approx(0.1414, abs=1e-4)
     assert s["l1"].loss_mean == pytest.approx(0.3)

@@ -27,15 +27,19 @@ def test_param_groups_without_norm():
     assert not g["normalized"] and not g["norm"] and len(g["other"]) == len(list(m.parameters()))
 
 
-@pytest.mark.parametrize("opt,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
-                                     ("adamw", torch.optim.AdamW)])
+@pytest.mark.parametrize(
+    "opt,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+)
 def test_build_optimizer_decay_values(opt, cls):
     m = build_model("resnet8", "bn", in_channels=1, image_size=8)
     cfg = TrainConfig(optimizer=opt, weight_decay=1e-4, wd_normalized=3e-4, wd_norm=0.0, nesterov=True)
     o = build_optimizer(m, cfg)
     assert isinstance(o, cls)
-    assert {g["name"]: g["weight_decay"] for g in o.param_groups} == {"normalized": 3e-4, "norm": 0.0,
-                                                                      "other": 1e-4}
+    assert {g["name"]: g["weight_decay"] for g in o.param_groups} == {
+        "normalized": 3e-4,
+        "norm": 0.0,
+        "other": 1e-4,
+    }
     if opt == "sgd":
         assert o.param_groups[0]["nesterov"] and o.param_groups[0]["momentum"] == 0.9
 

@@ -15,8 +15,18 @@ from normmatters.experiments.trainer import Trainer
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(model="resnet8", norm="l1", epochs=2, batch_size=64, lr=0.05, nesterov=True, crop_padding=1,
-                hflip=True, warmup_epochs=0.5, log_every=1)
+    base = dict(
+        model="resnet8",
+        norm="l1",
+        epochs=2,
+        batch_size=64,
+        lr=0.05,
+        nesterov=True,
+        crop_padding=1,
+        hflip=True,
+        warmup_epochs=0.5,
+        log_every=1,
+    )
     return TrainConfig(**{**base, **kw})
 
 

@@ -358,7 +358,7 @@ class Trainer:
         self.history.append(record)
         if self._writer is not None:
             self._writer.write(record)
-        log.info(
+        (log.info if self.info.is_main else log.debug)(
             "epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f",
             record["epoch"],
             self.cfg.epochs,
