@@ -14,6 +14,8 @@ import sys
 #: sub-command name → module under normmatters.commands
 COMMANDS: dict[str, str] = {
     "constants": "constants",
+    "compare": "compare",
+    "train": "train",
     "bench": "bench",
 }
 

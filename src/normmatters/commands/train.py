@@ -1,0 +1,147 @@
+"""``normmatters train``: one run from a config file and/or flags; resumable; torchrun-aware."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+#: flag → config key for the options that map one-to-one (None defaults mean "not given")
+_FLAGS: dict[str, tuple[type, str]] = {
+    "model": (str, "resnet20|resnet32|resnet56|resnet8|vgg11|vgg16|mlp"),
+    "dataset": (str, "digits, idx:DIR, cifar:DIR, folder:DIR or a DIR"),
+    "norm": (str, "bn|l2|l1|linf|topk|range|mean|none"),
+    "width": (int, "channel multiplier"),
+    "epochs": (int, "epochs"),
+    "batch_size": (int, "global batch size (split across ranks)"),
+    "optimizer": (str, "sgd|adam|adamw"),
+    "lr": (float, "base learning rate"),
+    "momentum": (float, "SGD momentum"),
+    "weight_decay": (float, "default weight decay"),
+    "wd_normalized": (float, "decay of scale-invariant weights (conv/linear before a norm)"),
+    "wd_norm": (float, "decay of norm weights/biases"),
+    "wd_other": (float, "decay of other parameters"),
+    "schedule": (str, "constant|step|multistep|cosine"),
+    "step_size": (int, "epochs per step of schedule=step"),
+    "gamma": (float, "decay factor of step/multistep"),
+    "warmup_epochs": (float, "linear warm-up length in epochs"),
+    "crop_padding": (int, "random-crop padding (0: off)"),
+    "seed": (int, "seed"),
+    "dtype": (str, "fp32|bf16|autocast"),
+    "device": (str, "cpu|cuda|cuda:N"),
+    "workers": (int, "data-loader worker processes"),
+    "threads": (int, "torch CPU threads"),
+    "sync_norm": (str, "none|torch: normalization statistics across ranks"),
+    "checkpoint_every": (int, "epochs between checkpoints"),
+    "log_every": (int, "steps between step-metric records"),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one model (config file and/or flags); resumable; torchrun-aware",
+        description="Train one run. Settings come from --config (YAML or TOML), then flags. The "
+        "full config is written to OUT/config.yaml with metrics and checkpoint.pt. "
+        "Under torchrun each process trains a shard (DDP).",
+    )
+    p.add_argument("--config", type=Path, help="YAML or TOML file of TrainConfig keys")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (config from OUT)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    for key, (typ, help_) in _FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None, help=help_)
+    p.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs of schedule=multistep")
+    p.add_argument(
+        "--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum"
+    )
+    p.add_argument(
+        "--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip"
+    )
+    p.add_argument(
+        "--norm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="norm layer option, e.g. k=5, ghost_batch_size=32 (repeatable)",
+    )
+    p.set_defaults(func=run)
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = [*_FLAGS, "milestones", "nesterov", "hflip"]
+    out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.norm_option:
+        opts = {}
+        for item in args.norm_option:
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise ValueError(f"--norm-option expects KEY=VALUE, got {item!r}")
+            opts[k] = _parse_value(v)
+        out["norm_options"] = opts
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiments import distributed as D
+    from ..experiments.checkpoint import CheckpointError
+    from ..experiments.config import ConfigError, TrainConfig, load_config
+    from ..experiments.data import DataError
+    from ..experiments.trainer import Trainer
+
+    if args.quiet:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        overrides = _overrides(args)
+        if args.resume:
+            saved = args.out / "config.yaml"
+            if not saved.is_file():
+                raise CheckpointError(
+                    f"cannot resume: {saved} does not exist (nothing was started in {args.out})"
+                )
+            base = load_config(saved)
+            source = str(saved)
+        else:
+            base = load_config(args.config) if args.config else {}
+            source = str(args.config) if args.config else "flags"
+        cfg = TrainConfig.from_dict({**base, **overrides}, source=source)
+        info = D.init_from_env(cfg.device)
+        progress = not args.quiet and sys.stderr.isatty()
+        trainer = Trainer(cfg, args.out, dist_info=info, progress=progress)
+        if info.is_main:
+            print(
+                f"normmatters train: {cfg.model} / {cfg.norm} on {trainer.data.name}, {cfg.epochs} epochs, "
+                f"{info.world_size} rank(s); writing to {args.out}/",
+                flush=True,
+            )
+        result = trainer.fit(resume=args.resume, handle_signals=True)
+    except (ConfigError, DataError, CheckpointError, ValueError, RuntimeError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if info.is_main:
+        f = result.final
+        if f:
+            print(
+                f"epoch {f['epoch']}: train loss {f['train_loss']:.4f}, test loss {f['test_loss']:.4f}, "
+                f"test acc {100 * f['test_acc']:.2f} %"
+            )
+        if result.status != "finished":
+            print(
+                f"stopped by {result.status}; checkpoint saved: resume with "
+                f"normmatters train --out {args.out} --resume",
+                flush=True,
+            )
+    return {"finished": 0, "stopped": 0, "SIGINT": 130, "SIGTERM": 143}.get(result.status, 1)

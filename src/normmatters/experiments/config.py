@@ -1,0 +1,154 @@
+"""``TrainConfig``: every knob of one training run, readable from and written back to YAML or TOML.
+
+A run writes its full config (defaults filled in) as ``config.yaml`` next to its results, so the folder alone
+says how it was produced and ``--resume`` can rebuild the run from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "ConfigError", "load_config", "save_config", "OPTIMIZERS", "SCHEDULES", "DTYPES"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "multistep", "cosine")
+DTYPES = ("fp32", "bf16", "autocast")
+SYNC_NORM = ("none", "torch")
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the key (and the file)."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    Epoch-valued schedule fields (``step_size``, ``milestones``, ``warmup_epochs``) are in epochs
+    and applied per step; ``batch_size`` is the *global* batch (split evenly across ranks).
+
+    Weight decay has three groups (Hoffer et al. 2018, §5: decay on a weight followed by a normalization only
+    changes its effective step size): ``wd_normalized`` for conv/linear weights that feed a normalization
+    (scale-invariant), ``wd_norm`` for the normalization's own weight/bias, ``wd_other`` for everything else
+    (biases, classifier). ``None`` means "use ``weight_decay``" (``wd_norm`` defaults to 0).
+    """
+
+    model: str = "resnet20"
+    dataset: str = "digits"
+    norm: str = "bn"
+    norm_options: dict[str, Any] = field(default_factory=dict)
+    width: int = 1
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    wd_normalized: float | None = None
+    wd_norm: float = 0.0
+    wd_other: float | None = None
+    schedule: str = "cosine"
+    step_size: int = 30
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    warmup_start: float = 0.1
+    crop_padding: int = 0
+    hflip: bool = False
+    seed: int = 0
+    dtype: str = "fp32"
+    device: str = "cpu"
+    workers: int = 0
+    threads: int | None = None
+    sync_norm: str = "none"
+    checkpoint_every: int = 1
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self.milestones = [int(m) for m in self.milestones]
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(key: str, expected: str) -> ConfigError:
+            return ConfigError(f"config: {key} must be {expected}, got {getattr(self, key)!r}")
+
+        for key, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("dtype", DTYPES),
+            ("sync_norm", SYNC_NORM),
+        ):
+            if getattr(self, key) not in choices:
+                raise bad(key, f"one of {choices}")
+        for key in ("epochs", "batch_size", "width", "checkpoint_every", "log_every"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(key, "a positive int")
+        if self.workers < 0:
+            raise bad("workers", "≥ 0")
+        if not self.lr > 0:
+            raise bad("lr", "> 0")
+        if len(self.betas) != 2:
+            raise bad("betas", "two floats")
+        for key in ("weight_decay", "wd_normalized", "wd_norm", "wd_other", "warmup_epochs", "crop_padding"):
+            v = getattr(self, key)
+            if v is not None and v < 0:
+                raise bad(key, "≥ 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: {e}") from e
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict of TrainConfig keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise ConfigError(f"{path}: cannot parse ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, found {type(data).__name__}")
+    return data
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML (every key, defaults included)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

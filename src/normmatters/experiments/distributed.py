@@ -1,0 +1,139 @@
+"""Data-parallel helpers: process-group setup from torchrun's environment, DDP wrapping, small collectives.
+
+``torchrun --nproc_per_node=N -m normmatters train …`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
+``MASTER_ADDR``/``MASTER_PORT``; :func:`init_from_env` joins the group (gloo on CPU, NCCL on CUDA). Without
+those variables everything runs as a single process (:data:`SINGLE`).
+
+Normalization statistics across ranks: :func:`prepare_norm_layers` is the seam. Today ``sync_norm="none"``
+keeps per-rank batch statistics (each rank normalizes its own B/N samples, like ghost batch norm) and
+``"torch"`` converts stock ``nn.BatchNorm`` layers to ``nn.SyncBatchNorm`` (Lp layers are left alone, see
+``normmatters.nn.batchnorm``). Synced Lp statistics plug in here as a further mode. Running buffers are
+broadcast from rank 0 before evaluation and checkpointing (:func:`broadcast_buffers`) so every rank evaluates
+and saves the same model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "DistInfo",
+    "SINGLE",
+    "init_from_env",
+    "current",
+    "wrap_model",
+    "unwrap",
+    "prepare_norm_layers",
+    "broadcast_buffers",
+    "all_reduce_mean",
+    "all_gather_objects",
+    "any_rank",
+    "barrier",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` of ``world_size``; ``is_main`` writes files."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = DistInfo()
+
+
+def current() -> DistInfo:
+    """The running process group's info, or :data:`SINGLE`."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return SINGLE
+
+
+def init_from_env(device: str = "cpu") -> DistInfo:
+    """Join the process group described by torchrun's environment variables (no-op when absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return current()
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    info = current()
+    if device.startswith("cuda"):
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def prepare_norm_layers(model: nn.Module, sync_norm: str, info: DistInfo) -> nn.Module:
+    """The seam for cross-rank normalization statistics (see the module docstring)."""
+    if not info.active or sync_norm == "none":
+        return model
+    if sync_norm == "torch":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raise ValueError(f"sync_norm must be 'none' or 'torch', got {sync_norm!r}")
+
+
+def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` when running on several ranks, else ``model`` unchanged."""
+    if not info.active:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (running statistics) to every rank."""
+    if info.active:
+        for b in unwrap(model).buffers():
+            dist.broadcast(b, 0)
+
+
+def all_reduce_mean(values: Tensor, info: DistInfo) -> Tensor:
+    """Mean of ``values`` over ranks (returned as a new tensor on ``values``' device)."""
+    if not info.active:
+        return values
+    out = values.detach().clone()
+    dist.all_reduce(out)
+    return out / info.world_size
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
+    """True if ``flag`` is true on any rank (a collective; NCCL needs a CUDA ``device``)."""
+    if not info.active:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, …]`` on every rank."""
+    if not info.active:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.active:
+        dist.barrier()

@@ -1,0 +1,460 @@
+"""``Trainer``: one supervised classification run that can stop at any step and resume bit-identically.
+
+What makes resume exact: the data order of epoch e is a pure function of (seed, epoch, rank, world size)
+(``DistributedSampler`` with ``set_epoch``); augmentation draws from a per-rank ``torch.Generator``
+whose state is checkpointed; the checkpoint also holds model, optimizer, scheduler, the partial-epoch
+accumulators and the global torch / CUDA / numpy / python RNG states of every rank.
+Resuming replays the remaining batches of the
+interrupted epoch with exactly the same tensors, so weights after "1 epoch + resume + 1 epoch" equal those
+after 2 epochs straight (on the same device, threads and library versions).
+
+Files (``out_dir``, rank 0 only): ``config.yaml``, ``metrics.jsonl``, ``steps.csv``, ``epochs.csv``,
+``checkpoint.pt``. The library logs through ``logging``; progress bars only when asked (the CLI decides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import distributed as D
+from .augment import Augment
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import TrainConfig, save_config
+from .data import ArrayDataset, DataSplit, load_dataset
+from .metrics import MetricsWriter
+from .models import build_model
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["Trainer", "TrainResult", "CHECKPOINT_NAME", "RESUMABLE_CHANGES"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+#: config keys that may differ between a checkpoint and the run resuming it
+RESUMABLE_CHANGES = frozenset({"epochs", "workers", "threads", "log_every", "checkpoint_every"})
+
+
+@dataclass
+class TrainResult:
+    """``status``: "finished", or the reason it stopped early ("SIGINT", "SIGTERM", "stopped")."""
+
+    status: str
+    epochs: list[dict[str, Any]]
+    step_times: list[float] = field(default_factory=list)
+    out_dir: Path | None = None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.epochs[-1] if self.epochs else {}
+
+    @property
+    def median_step_time(self) -> float:
+        return statistics.median(self.step_times) if self.step_times else float("nan")
+
+
+class _Gather(torch.utils.data.Dataset):
+    """Dataset of whole batches (for DataLoader workers): item i is the batch of index tensor i."""
+
+    def __init__(self, data: ArrayDataset, batches: list[Tensor]) -> None:
+        self.data, self.batches = data, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        idx = self.batches[i]
+        return self.data.images[idx], self.data.labels[idx]
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "augment": gen.get_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    gen.set_state(state["augment"])
+
+
+class Trainer:
+    """Build data, model, optimizer and schedule from a :class:`TrainConfig` and train.
+
+    Args:
+        config: the run.
+        out_dir: where rank 0 writes config, metrics and checkpoints; ``None`` writes nothing.
+        data: an already loaded :class:`DataSplit` (else ``config.dataset`` is loaded).
+        dist_info: the process group (default: the current one, or single-process).
+        progress: show a tqdm bar (rank 0 only).
+        on_step: ``f(trainer)`` called after every optimizer step (tests use it to stop mid-epoch).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        *,
+        data: DataSplit | None = None,
+        dist_info: D.DistInfo | None = None,
+        progress: bool = False,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> None:
+        self.cfg = config
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.info = dist_info or D.current()
+        self.progress = progress and self.info.is_main
+        self.on_step = on_step
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"config: device={config.device!r} but CUDA is not available")
+        self.data = data if data is not None else load_dataset(config.dataset)
+        if config.batch_size % self.info.world_size:
+            raise ValueError(
+                f"config: batch_size={config.batch_size} (global) must be divisible by the world "
+                f"size {self.info.world_size}"
+            )
+        self.local_batch = config.batch_size // self.info.world_size
+        self.steps_per_epoch = len(self.data.train) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"config: batch_size={config.batch_size} is larger than the training set "
+                f"({len(self.data.train)} samples of {self.data.name})"
+            )
+
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        model = build_model(
+            config.model,
+            config.norm,
+            in_channels=self.data.in_channels,
+            image_size=self.data.image_size,
+            num_classes=self.data.num_classes,
+            width=config.width,
+            **config.norm_options,
+        )
+        model = D.prepare_norm_layers(model, config.sync_norm, self.info)
+        self.param_dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+        model = model.to(self.device, self.param_dtype)
+        self.model = D.wrap_model(model, self.info, self.device)
+        self.optimizer = build_optimizer(D.unwrap(self.model), config)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
+        mean, std = self.data.channel_stats()
+        self.augment = Augment(mean.to(self.device), std.to(self.device), config.crop_padding, config.hflip)
+        # per-rank augmentation stream: ranks see different crops/flips, and it is resumable
+        self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.info.rank)
+        self.sampler = DistributedSampler(
+            self.data.train,
+            num_replicas=self.info.world_size,
+            rank=self.info.rank,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=False,
+        )
+
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.step_times: list[float] = []
+        self._acc = {"loss": 0.0, "correct": 0, "count": 0}
+        self._stop: str | None = None
+        self._writer = MetricsWriter(self.out) if self.out is not None and self.info.is_main else None
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out / CHECKPOINT_NAME if self.out is not None else None
+
+    def request_stop(self, reason: str = "stopped") -> None:
+        """Finish the current step, save a checkpoint and return from :meth:`fit` with status ``reason``."""
+        self._stop = reason
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (collective under DDP: every rank must call it)."""
+        D.broadcast_buffers(self.model, self.info)
+        return {
+            "version": 1,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "model": D.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": D.all_gather_objects(_rng_state(self.generator), self.info),
+            "world_size": self.info.world_size,
+            "epoch_accumulators": dict(self._acc),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        if state["world_size"] != self.info.world_size:
+            raise CheckpointError(
+                f"{source} was written by {state['world_size']} rank(s); this run has "
+                f"{self.info.world_size} (resume with the same --nproc_per_node)"
+            )
+        saved = TrainConfig.from_dict(state["config"], source=source).to_dict()
+        diff = sorted(
+            k for k, v in self.cfg.to_dict().items() if saved[k] != v and k not in RESUMABLE_CHANGES
+        )
+        if diff:
+            details = ", ".join(f"{k}: {saved[k]!r} → {self.cfg.to_dict()[k]!r}" for k in diff)
+            raise CheckpointError(
+                f"{source} was written with a different config ({details}); only "
+                f"{sorted(RESUMABLE_CHANGES)} may change on resume"
+            )
+        try:
+            D.unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{source} does not match the model/optimizer of this config: {e}") from e
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self._acc = dict(state.get("epoch_accumulators", self._acc))
+        self.history = list(state.get("history", []))
+        _set_rng_state(state["rng"][self.info.rank], self.generator)
+
+    def save(self) -> None:
+        """Write ``checkpoint.pt`` atomically (rank 0) after gathering every rank's RNG state."""
+        if self.checkpoint_path is None:
+            return
+        state = self.state_dict()
+        if self.info.is_main:
+            save_checkpoint(state, self.checkpoint_path)
+            log.info(
+                "saved checkpoint %s (epoch %d, step %d)",
+                self.checkpoint_path,
+                self.epoch,
+                self.step_in_epoch,
+            )
+        D.barrier(self.info)
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Load ``path`` (default ``out_dir/checkpoint.pt``); later metrics are dropped from the files."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise CheckpointError("resume needs a checkpoint path or an out_dir")
+        self.load_state_dict(load_checkpoint(path, map_location=self.device), source=f"checkpoint {path}")
+        if self._writer is not None:
+            self._writer.truncate_after(self.global_step)
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
+
+    # ------------------------------------------------------------------------------------------- loop
+    def _epoch_batches(self, epoch: int) -> list[Tensor]:
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        b = self.local_batch
+        return [order[i * b : (i + 1) * b] for i in range(self.steps_per_epoch)]
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = self._epoch_batches(epoch)[start:]
+        if self.cfg.workers > 0:
+            yield from DataLoader(
+                _Gather(self.data.train, batches),
+                batch_size=None,
+                shuffle=False,
+                num_workers=self.cfg.workers,
+            )
+        else:
+            for idx in batches:
+                yield self.data.train.images[idx], self.data.train.labels[idx]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.dtype == "autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self, x: Tensor, y: Tensor) -> None:
+        x = self.augment(x.to(self.device), self.generator, train=True).to(self.param_dtype)
+        y = y.to(self.device)
+        t0 = time.perf_counter()
+        with self._autocast():
+            out = self.model(x)
+        loss = F.cross_entropy(out.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step_times.append(time.perf_counter() - t0)
+        lv = float(loss.item())
+        self._acc["loss"] += lv * len(y)
+        self._acc["correct"] += int((out.argmax(1) == y).sum())
+        self._acc["count"] += len(y)
+        self.step_in_epoch += 1
+        self.global_step += 1
+        if self._writer is not None and self.global_step % self.cfg.log_every == 0:
+            self._writer.write(
+                {
+                    "kind": "step",
+                    "global_step": self.global_step,
+                    "epoch": self.epoch,
+                    "loss": lv,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                }
+            )
+
+    @torch.no_grad()
+    def evaluate(self, data: ArrayDataset | None = None, batch_size: int = 512) -> dict[str, float]:
+        """Test loss and accuracy with running statistics (rank 0's, broadcast first)."""
+        data = data if data is not None else self.data.test
+        D.broadcast_buffers(self.model, self.info)
+        model = D.unwrap(self.model)
+        model.eval()
+        loss, correct = 0.0, 0
+        for i in range(0, len(data), batch_size):
+            x = self.augment(data.images[i : i + batch_size].to(self.device), None, train=False).to(
+                self.param_dtype
+            )
+            y = data.labels[i : i + batch_size].to(self.device)
+            with self._autocast():
+                out = model(x).float()
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        model.train()
+        return {"test_loss": loss / len(data), "test_acc": correct / len(data)}
+
+    def _end_epoch(self) -> dict[str, Any]:
+        acc = torch.tensor([self._acc["loss"], self._acc["correct"], self._acc["count"]], dtype=torch.float64)
+        acc = D.all_reduce_mean(acc, self.info)
+        record = {
+            "kind": "epoch",
+            "global_step": self.global_step,
+            "epoch": self.epoch + 1,
+            "train_loss": float(acc[0] / acc[2]),
+            "train_acc": float(acc[1] / acc[2]),
+            **self.evaluate(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        self.history.append(record)
+        if self._writer is not None:
+            self._writer.write(record)
+        (log.info if self.info.is_main else log.debug)(
+            "epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f",
+            record["epoch"],
+            self.cfg.epochs,
+            record["train_loss"],
+            record["train_acc"],
+            record["test_loss"],
+            record["test_acc"],
+        )
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._acc = {"loss": 0.0, "correct": 0, "count": 0}
+        return record
+
+    @contextlib.contextmanager
+    def _signals(self, enabled: bool) -> Iterator[None]:
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if self._stop is not None:  # second signal: give up immediately (the last checkpoint is intact)
+                raise KeyboardInterrupt(name)
+            log.warning("%s received: finishing this step, saving a checkpoint and exiting", name)
+            self.request_stop(name)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def fit(
+        self, resume: bool = False, handle_signals: bool = False, stop_after_epoch: int | None = None
+    ) -> TrainResult:
+        """Train to ``config.epochs`` (or until ``stop_after_epoch`` / a stop request), checkpointing.
+
+        ``resume=True`` continues from ``out_dir/checkpoint.pt``; without it an existing checkpoint there
+        is an error (it is never overwritten by a fresh run).
+        """
+        if resume:
+            self.resume()
+        elif self.checkpoint_path is not None and self.checkpoint_path.exists():
+            raise CheckpointError(
+                f"{self.checkpoint_path} already exists; resume it (--resume) or choose another output folder"
+            )
+        if self.out is not None and self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out / "config.yaml")
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self.cfg.epochs * self.steps_per_epoch,
+                initial=self.global_step,
+                unit="step",
+                dynamic_ncols=True,
+            )
+        status = "finished"
+        with self._signals(handle_signals):
+            while self.epoch < self.cfg.epochs:
+                if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
+                    status = "stopped"
+                    break
+                for x, y in self._batches(self.epoch, self.step_in_epoch):
+                    self._train_step(x, y)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(
+                            epoch=self.epoch + 1, loss=f"{self._acc['loss'] / self._acc['count']:.3f}"
+                        )
+                    if self.on_step is not None:
+                        self.on_step(self)
+                    if D.any_rank(self._stop is not None, self.info, self.device):
+                        break
+                stopping = D.any_rank(self._stop is not None, self.info, self.device)
+                if not stopping:
+                    self._end_epoch()
+                if stopping or self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.epochs:
+                    self.save()
+                if stopping:
+                    status = self._stop or "stopped"
+                    break
+        if bar is not None:
+            bar.close()
+        if (
+            status == "stopped"
+            and self.checkpoint_path is not None
+            and self.epoch % self.cfg.checkpoint_every
+        ):
+            self.save()
+        return TrainResult(status, list(self.history), list(self.step_times), self.out)
+
+    @property
+    def module(self) -> nn.Module:
+        """The trained model (unwrapped from DDP)."""
+        return D.unwrap(self.model)

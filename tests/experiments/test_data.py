@@ -1,0 +1,209 @@
+"""Loaders for every on-disk format, built on the fly, including corrupt files."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from normmatters.experiments.data import (
+    IDX_FILES,
+    DataError,
+    load_cifar,
+    load_dataset,
+    load_digits,
+    load_idx,
+    load_image_folder,
+)
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    a, b = load_digits(), load_digits()
+    assert len(a.train) + len(a.test) == 1797
+    assert a.in_channels == 1 and a.image_size == (8, 8) and a.num_classes == 10
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    assert 0.0 <= float(a.train.images.min()) and float(a.train.images.max()) <= 1.0
+    # no test image is a training image
+    tr = {tuple(x.flatten().tolist()) for x in a.train.images}
+    assert (
+        sum(tuple(x.flatten().tolist()) in tr for x in a.test.images) < 5
+    )  # digits has a few exact duplicates
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    return head + arr.astype(np.uint8).tobytes()
+
+
+def _write_idx(folder: Path, n_train=6, n_test=4, gz=False, h=5, w=4) -> dict:
+    rng = np.random.default_rng(0)
+    arrays = {
+        ("train", "images"): rng.integers(0, 256, (n_train, h, w)),
+        ("train", "labels"): rng.integers(0, 3, n_train),
+        ("test", "images"): rng.integers(0, 256, (n_test, h, w)),
+        ("test", "labels"): rng.integers(0, 3, n_test),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, arr in arrays.items():
+        data = _idx_bytes(arr)
+        name = IDX_FILES[key] + (".gz" if gz else "")
+        (folder / name).write_bytes(gzip.compress(data) if gz else data)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_roundtrip(tmp_path, gz):
+    arrays = _write_idx(tmp_path, gz=gz)
+    d = load_idx(tmp_path)
+    assert d.train.images.shape == (6, 1, 5, 4) and d.test.images.shape == (4, 1, 5, 4)
+    np.testing.assert_allclose(d.train.images[:, 0].numpy() * 255, arrays[("train", "images")], atol=1e-4)
+    assert d.test.labels.tolist() == arrays[("test", "labels")].tolist()
+    assert load_dataset(tmp_path).name == d.name  # detected by file names
+    assert load_dataset(f"idx:{tmp_path}").train.images.shape == d.train.images.shape
+
+
+def test_idx_missing_file(tmp_path):
+    _write_idx(tmp_path)
+    (tmp_path / IDX_FILES[("test", "labels")]).unlink()
+    with pytest.raises(DataError, match="missing file t10k-labels-idx1-ubyte"):
+        load_idx(tmp_path)
+
+
+def test_idx_wrong_magic(tmp_path):
+    _write_idx(tmp_path)
+    p = tmp_path / IDX_FILES[("train", "images")]
+    raw = bytearray(p.read_bytes())
+    raw[3] = 1  # claims 1 dim
+    p.write_bytes(bytes(raw))
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte: wrong magic number 0x00000801, expected 0x00000803"
+    ):
+        load_idx(tmp_path)
+
+
+def test_idx_truncated(tmp_path):
+    _write_idx(tmp_path, gz=True)
+    p = tmp_path / (IDX_FILES[("train", "images")] + ".gz")
+    raw = gzip.decompress(p.read_bytes())
+    p.write_bytes(gzip.compress(raw[:-7]))
+    with pytest.raises(
+        DataError, match=r"truncated IDX file: shape \(6, 5, 4\) needs 120 data bytes, found 113"
+    ):
+        load_idx(tmp_path)
+
+
+def test_idx_count_mismatch(tmp_path):
+    _write_idx(tmp_path)
+    (tmp_path / IDX_FILES[("train", "labels")]).write_bytes(_idx_bytes(np.zeros(5)))
+    with pytest.raises(DataError, match="holds 6 images but .*train-labels-idx1-ubyte holds 5 labels"):
+        load_idx(tmp_path)
+
+
+def test_idx_bad_gzip(tmp_path):
+    _write_idx(tmp_path, gz=True)
+    (tmp_path / (IDX_FILES[("test", "images")] + ".gz")).write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: cannot read IDX file"):
+        load_idx(tmp_path)
+
+
+def _write_cifar(folder: Path, hundred=False, n=4) -> None:
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(path: Path, key: str) -> None:
+        d = {
+            b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+            key.encode(): rng.integers(0, 100 if hundred else 10, n).tolist(),
+        }
+        path.write_bytes(pickle.dumps(d))
+
+    if hundred:
+        batch(folder / "train", "fine_labels")
+        batch(folder / "test", "fine_labels")
+    else:
+        for i in range(1, 6):
+            batch(folder / f"data_batch_{i}", "labels")
+        batch(folder / "test_batch", "labels")
+
+
+def test_cifar10_and_100(tmp_path):
+    _write_cifar(tmp_path / "c10" / "cifar-10-batches-py")
+    d = load_cifar(tmp_path / "c10")
+    assert d.train.images.shape == (20, 3, 32, 32) and d.test.images.shape == (4, 3, 32, 32)
+    assert d.num_classes == 10 and d.name == "cifar10"
+    _write_cifar(tmp_path / "c100", hundred=True)
+    d = load_dataset(tmp_path / "c100")
+    assert d.name == "cifar100" and d.num_classes == 100 and d.train.images.shape == (4, 3, 32, 32)
+
+
+def test_cifar_errors(tmp_path):
+    _write_cifar(tmp_path)
+    (tmp_path / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="missing file .*data_batch_3"):
+        load_cifar(tmp_path)
+    _write_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DataError, match="test_batch: not a readable CIFAR pickle"):
+        load_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": [1, 2]})
+    )
+    with pytest.raises(DataError, match="test_batch: 3 images but 2 labels"):
+        load_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]})
+    )
+    with pytest.raises(DataError, match=r"expected data of shape \(N, 3072\), found \(2, 100\)"):
+        load_cifar(tmp_path)
+
+
+def _write_images(folder: Path, counts: dict[str, int], mode="RGB", size=(6, 5)) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for cls, n in counts.items():
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            Image.fromarray(rng.integers(0, 256, shape).astype(np.uint8), mode).save(
+                folder / cls / f"{i}.png"
+            )
+
+
+def test_image_folder_flat_split(tmp_path):
+    _write_images(tmp_path, {"cat": 5, "dog": 5})
+    d = load_image_folder(tmp_path)
+    assert len(d.train) == 8 and len(d.test) == 2
+    assert d.train.images.shape[1:] == (3, 5, 6) and d.train.classes == ["cat", "dog"]
+
+
+def test_image_folder_train_test_grayscale(tmp_path):
+    _write_images(tmp_path / "train", {"a": 3, "b": 2}, mode="L")
+    _write_images(tmp_path / "test", {"a": 1, "b": 1}, mode="L")
+    d = load_dataset(tmp_path)
+    assert d.in_channels == 1 and len(d.train) == 5 and d.test.labels.tolist() == [0, 1]
+
+
+def test_image_folder_errors(tmp_path):
+    _write_images(tmp_path / "x", {"a": 2})
+    (tmp_path / "x" / "b").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*x/b holds no PNG/JPEG images"):
+        load_image_folder(tmp_path / "x")
+    _write_images(tmp_path / "y", {"a": 2, "b": 1})
+    (tmp_path / "y" / "b" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"y/b/bad.png: cannot read image"):
+        load_image_folder(tmp_path / "y")
+    _write_images(tmp_path / "z", {"a": 1})
+    _write_images(tmp_path / "z", {"b": 1}, size=(7, 7))
+    with pytest.raises(DataError, match=r"z/b/0.png: image size"):
+        load_image_folder(tmp_path / "z")
+
+
+def test_load_dataset_unknown(tmp_path):
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_dataset(tmp_path / "nope")

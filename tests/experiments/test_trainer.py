@@ -1,0 +1,132 @@
+"""Resume is bit-identical; stops save and exit; checkpoints are never clobbered; dtypes run."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from normmatters.experiments.checkpoint import CheckpointError
+from normmatters.experiments.config import TrainConfig
+from normmatters.experiments.metrics import read_jsonl
+from normmatters.experiments.trainer import Trainer
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(
+        model="resnet8",
+        norm="l1",
+        epochs=2,
+        batch_size=64,
+        lr=0.05,
+        nesterov=True,
+        crop_padding=1,
+        hflip=True,
+        warmup_epochs=0.5,
+        log_every=1,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def _assert_same_weights(a: Trainer, b: Trainer) -> None:
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    for i in oa:
+        assert torch.equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"])
+
+
+def test_resume_after_epoch_is_bit_identical(tiny, tmp_path):
+    straight = Trainer(_cfg(), tmp_path / "a", data=tiny)
+    ra = straight.fit()
+    first = Trainer(_cfg(), tmp_path / "b", data=tiny)
+    assert first.fit(stop_after_epoch=1).status == "stopped"
+    second = Trainer(_cfg(), tmp_path / "b", data=tiny)
+    rb = second.fit(resume=True)
+    assert rb.status == "finished" and second.global_step == straight.global_step == 6
+    _assert_same_weights(straight, second)
+    assert ra.epochs == rb.epochs  # history restored from the checkpoint, metrics identical
+    # the metrics files hold each step exactly once
+    steps = [r["global_step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_stop_mid_epoch_and_resume_is_bit_identical(tiny, tmp_path):
+    straight = Trainer(_cfg(norm="bn"), None, data=tiny)
+    straight.fit()
+
+    def stop_at_4(t: Trainer) -> None:
+        if t.global_step == 4:
+            t.request_stop()
+
+    first = Trainer(_cfg(norm="bn"), tmp_path, data=tiny, on_step=stop_at_4)
+    r = first.fit()
+    assert r.status == "stopped" and first.epoch == 1 and first.step_in_epoch == 1
+    torch.manual_seed(1234)  # resume must restore the global RNG itself
+    second = Trainer(_cfg(norm="bn"), tmp_path, data=tiny)
+    second.fit(resume=True)
+    _assert_same_weights(straight, second)
+    assert second.history == straight.history
+
+
+def test_sigint_saves_checkpoint_and_returns(tiny, tmp_path):
+    def interrupt(t: Trainer) -> None:
+        if t.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    t = Trainer(_cfg(), tmp_path, data=tiny, on_step=interrupt)
+    before = signal.getsignal(signal.SIGINT)
+    r = t.fit(handle_signals=True)
+    assert r.status == "SIGINT" and (tmp_path / "checkpoint.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is before
+    resumed = Trainer(_cfg(), tmp_path, data=tiny)
+    resumed.resume()
+    assert resumed.global_step == 2
+
+
+def test_checkpoint_is_never_clobbered(tiny, tmp_path):
+    Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit()
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="already exists; resume it"):
+        Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit()
+    with pytest.raises(CheckpointError, match=r"different config \(lr: 0.05 → 0.1\)"):
+        Trainer(_cfg(epochs=2, lr=0.1), tmp_path, data=tiny).fit(resume=True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    (tmp_path / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="checkpoint.pt is corrupt or unreadable"):
+        Trainer(_cfg(epochs=2), tmp_path, data=tiny).fit(resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        Trainer(_cfg(), tmp_path / "empty", data=tiny).fit(resume=True)
+
+
+def test_outputs_written(tiny, tmp_path):
+    Trainer(_cfg(epochs=1, log_every=2), tmp_path, data=tiny).fit()
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "steps.csv", "epochs.csv", "checkpoint.pt"} <= names
+    assert (tmp_path / "epochs.csv").read_text().splitlines()[0].startswith("global_step,epoch,train_loss")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "autocast"])
+def test_low_precision_runs(tiny, dtype):
+    t = Trainer(_cfg(epochs=1, dtype=dtype, model="mlp"), None, data=tiny)
+    r = t.fit()
+    assert r.status == "finished" and torch.isfinite(torch.tensor(r.final["train_loss"]))
+    if dtype == "bf16":
+        assert next(t.module.parameters()).dtype == torch.bfloat16
+
+
+def test_workers_give_the_same_run(tiny):
+    a = Trainer(_cfg(epochs=1, model="mlp", workers=0), None, data=tiny)
+    a.fit()
+    b = Trainer(_cfg(epochs=1, model="mlp", workers=1), None, data=tiny)
+    b.fit()
+    _assert_same_weights(a, b)
+
+
+def test_training_learns(digits):
+    t = Trainer(_cfg(epochs=2, norm="linf", crop_padding=0, hflip=False, lr=0.1), None, data=digits)
+    assert t.fit().final["test_acc"] > 0.9
