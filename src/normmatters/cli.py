@@ -14,6 +14,7 @@ import sys
 #: sub-command name → module under normmatters.commands
 COMMANDS: dict[str, str] = {
     "constants": "constants",
+    "precision": "precision",
 }
 
 

@@ -119,3 +119,24 @@ def test_stochastic_rounding_unbiased_and_seeded(name):
     # representable values never move
     v = round_to(x[0], fmt)
     assert torch.equal(round_to(v.repeat(1000, 1), fmt, "stochastic", generator=g), v.repeat(1000, 1))
+
+
+@pytest.mark.parametrize("name", TORCH_FORMATS)
+def test_float64_fast_path_equals_generic_rounding(name):
+    # nearest rounding of float64 goes float64 → float32 (round to odd) → torch cast; the generic
+    # frexp path is the definition. Random values over 2^±30, every fp16 midpoint and its neighbours.
+    from normmatters.precision.formats import FloatFormat
+
+    f = FORMATS[name]
+    generic = FloatFormat(f.name, f.mbits, f.emin, f.max_value, f.saturate, None)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(100_000, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-30, 30, (100_000,),
+                                                                                        generator=g)
+    h = _all16(torch.float16).double()
+    h = h[torch.isfinite(h)].sort().values
+    mid = (h[1:] + h[:-1]) / 2
+    v = torch.cat([v, mid, mid * (1 + 2.0 ** -45), mid * (1 - 2.0 ** -45),
+                   torch.tensor([1e300, -1e300, 1e-300, math.inf, math.nan, -0.0], dtype=torch.float64)])
+    a, b = round_to(v, f), round_to(v, generic)
+    same = (a == b) & (torch.signbit(a) == torch.signbit(b)) | (a.isnan() & b.isnan())
+    assert same.all(), v[~same][:4].tolist()

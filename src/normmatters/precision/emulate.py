@@ -52,7 +52,7 @@ from ..estimators import get_estimator
 from .formats import FloatFormat, Format, IntFormat, get_format, round_to
 
 __all__ = ["Precision", "Events", "Rounder", "PRESETS", "get_precision", "emulated_sum",
-           "emulate_normalization", "EmulationResult", "SUM_ORDERS"]
+           "emulate_normalization", "emulate_norms", "EmulationResult", "SUM_ORDERS"]
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def _denominator(sigma: Tensor, eps: float, R: Rounder) -> Tensor:
 
 def emulate_normalization(x: Tensor, norm: str, precision: str | Precision, *, eps: float = 1e-5,
                           k: int = 10, chunks: int | None = None, weight: Tensor | None = None,
-                          bias: Tensor | None = None, count_events: bool = True) -> EmulationResult:
+                          bias: Tensor | None = None, count_events: bool = True,
+                          _centered: tuple[Tensor, Tensor, Tensor, Events] | None = None) -> EmulationResult:
     """Emulate ``y = weight · (x − μ) / √(σ̂² + eps) + bias`` per row of ``x`` (rows, n) with every
     intermediate rounded as the module docstring lists. ``weight``/``bias``: (rows,) or None.
 
@@ -271,9 +272,14 @@ def emulate_normalization(x: Tensor, norm: str, precision: str | Precision, *, e
     def rsum(t: Tensor, step: str) -> Tensor:
         return emulated_sum(t, acc, p.order, p.block, rounder=R, step=step)
 
-    xq = R.c(x.to(torch.float64), "input")
-    mean = R.s(rsum(xq, "sum_x") / n, "mean")
-    d = R.c(xq - mean[:, None], "center")
+    if _centered is None:
+        xq = R.c(x.to(torch.float64), "input")
+        mean = R.s(rsum(xq, "sum_x") / n, "mean")
+        d = R.c(xq - mean[:, None], "center")
+    else:  # shared prefix from emulate_norms: (x̃, μ, d, events so far)
+        xq, mean, d, ev0 = _centered
+        for step, c in ev0.counts.items():
+            R.events.add(step, **c)
     sigma = inv = None
     if est.divides:
         if norm == "l2":
@@ -312,6 +318,21 @@ def emulate_normalization(x: Tensor, norm: str, precision: str | Precision, *, e
         b = R.c(bias.detach().to(torch.float64), "bias")
         y = R.c(y + b[:, None], "shift")
     return EmulationResult(y, mean, sigma, inv, R.events)
+
+
+def emulate_norms(x: Tensor, norms: list[str] | tuple[str, ...], precision: str | Precision, *,
+                  eps: float = 1e-5, k: int = 10, count_events: bool = True) -> dict[str, EmulationResult]:
+    """:func:`emulate_normalization` for several norms on the same rows, computing the common steps
+    (input, sum_x, mean, center) once — the arithmetic is identical to separate calls (stochastic rounding
+    aside, whose draws are then shared)."""
+    p = get_precision(precision, "emulate_norms")
+    R = Rounder(p, count=count_events)
+    n = x.shape[-1]
+    xq = R.c(x.to(torch.float64), "input")
+    mean = R.s(emulated_sum(xq, p.accumulate, p.order, p.block, rounder=R, step="sum_x") / n, "mean")
+    d = R.c(xq - mean[:, None], "center")
+    return {norm: emulate_normalization(x, norm, p, eps=eps, k=k, count_events=count_events,
+                                        _centered=(xq, mean, d, R.events)) for norm in norms}
 
 
 def describe(precision: Precision) -> Mapping[str, str]:

@@ -166,6 +166,27 @@ def _exp2(e: Tensor) -> Tensor:
     return torch.exp2(e.to(torch.float64))
 
 
+def _to_float32_odd(v: Tensor) -> Tensor:
+    """float64 → float32 rounded to odd: truncate toward zero, set the last bit if inexact. A value rounded
+    to odd with ≥ 2 more bits than the target rounds to nearest-even exactly like the original (Boldo &
+    Melquiond 2008), so float64 → odd float32 → torch cast is a single correct rounding."""
+    y = v.to(torch.float32)
+    yd = y.to(torch.float64)
+    bits = y.view(torch.int32)
+    # inexact with an even last bit: step one ulp to the odd neighbour on the truncated side (an odd RNE
+    # result already is that neighbour); on sign-magnitude bits "toward zero" is −1 whatever the sign
+    fix = (yd != v) & ((bits & 1) == 0) & torch.isfinite(v)
+    step = torch.where(yd.abs() > v.abs(), -1, 1).to(torch.int32)
+    return torch.where(fix, bits + step, bits).view(torch.float32)
+
+
+def _round_native(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round-to-nearest-even through torch's own cast (fast path, same results as the generic one)."""
+    if x.dtype == torch.float64 and dtype != torch.float32:
+        x = _to_float32_odd(x)
+    return x.to(dtype).to(torch.float32)
+
+
 def round_to(x: Tensor, fmt: str | Format, mode: str = "nearest",
              generator: torch.Generator | None = None) -> Tensor:
     """Round every element of the float tensor ``x`` to ``fmt`` (see the module docstring).
@@ -180,6 +201,8 @@ def round_to(x: Tensor, fmt: str | Format, mode: str = "nearest",
     if not x.is_floating_point():
         raise TypeError(f"round_to: expected a floating-point tensor, got dtype {x.dtype}")
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    if mode == "nearest" and isinstance(fmt, FloatFormat) and fmt.torch_dtype is not None:
+        return _round_native(x, fmt.torch_dtype).to(out_dtype)
     v = x.to(torch.float64)
     if isinstance(fmt, IntFormat):
         q = torch.full_like(v, fmt.scale)
