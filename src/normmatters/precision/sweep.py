@@ -228,7 +228,7 @@ def plot_heatmaps(records: Sequence[SweepRecord], outdir: str | Path, metric: st
         fig.colorbar(im, ax=axes[0].tolist(), label=f"log10 {metric} (worst of distributions)")
         fig.suptitle(f"{f}: relative error vs float64 (red: {threshold:.0%})")
         p = outdir / f"precision_{f}.png"
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
     return paths

@@ -3,10 +3,9 @@
 An MLP 64 → 128 → 128 → 10 with ``LpBatchNorm1d(norm, precision=...)`` after each hidden linear layer
 (ReLU after the norm) is trained on scikit-learn's embedded ``load_digits`` (1797 8×8 images, a fixed
 stratified 80/20 split) with SGD (momentum 0.9, lr 0.1, batch 128), for each norm and precision. Only
-the normalization
-forward is emulated (straight-through backward, see :mod:`normmatters.precision.layer`); linear layers,
-loss and optimizer stay float32 — the experiment isolates the claim of Hoffer et al. 2018 (sec. 4) that L2
-batch norm needs high precision while L1/L∞/range do not.
+the normalization forward is emulated (straight-through backward, :mod:`normmatters.precision.layer`);
+linear layers, loss and optimizer stay float32 — the experiment isolates the claim of Hoffer et al. 2018
+(sec. 4) that L2 batch norm needs high precision while L1/L∞/range do not.
 
 ``input_scale`` multiplies the raw pixels (0…16). At scale 1 the pre-activations stay far below fp16's
 limits; at 32 their deviations reach the hundreds, where fp16 (x − μ)² overflows. A run *diverged* when the
