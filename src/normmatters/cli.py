@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "compare": "compare",
     "train": "train",
     "bench": "bench",
+    "precision": "precision",
 }
 
 

@@ -62,6 +62,10 @@ class LpBatchNorm(_NormBase):
         nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
         impl: kernel — None (default: $NORMMATTERS_KERNEL or "compiled"), "compiled", "eager" or
             "reference" (see :mod:`normmatters.kernels`).
+        precision: None (native) or "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8" (or a
+            ``normmatters.precision.Precision``): the training forward is emulated with every intermediate
+            rounded to that format, the backward is straight-through (float32 gradient of the native
+            layer); see :mod:`normmatters.precision.layer`.
     """
 
     _expected_dim: tuple[int, ...] | None = None
@@ -69,7 +73,8 @@ class LpBatchNorm(_NormBase):
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
                  chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
-                 device: Any = None, dtype: Any = None, impl: str | None = None) -> None:
+                 device: Any = None, dtype: Any = None, impl: str | None = None,
+                 precision: Any = None) -> None:
         where = type(self).__name__
         get_estimator(norm)  # unknown names fail here, before any state exists
         _check_positive_int(where, "num_features", num_features, allow_none=False)
@@ -90,6 +95,10 @@ class LpBatchNorm(_NormBase):
         if impl is not None:
             resolve_impl(impl, where)
         self.impl = impl
+        if precision is not None:  # imported here: precision is optional machinery on top of the layers
+            from ..precision.emulate import get_precision
+            get_precision(precision, where)
+        self.precision = precision
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
 
     def _describe(self) -> str:
@@ -107,6 +116,14 @@ class LpBatchNorm(_NormBase):
             momentum = 1.0 / (self.num_batches_tracked + 1).to(torch.float32)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = self.training and self.track_running_stats
+        if self.precision is not None and bn_training:
+            from ..precision.layer import emulated_lp_batch_norm
+            return emulated_lp_batch_norm(
+                input, self.running_mean if track else None, self.running_var if track else None,
+                self.weight, self.bias, True, momentum, self.eps, norm=self.norm, k=self.k,
+                chunks=self.chunks, ghost_batch_size=self.ghost_batch_size, precision=self.precision,
+                num_batches_tracked=self.num_batches_tracked if track else None,
+                nonfinite=self.nonfinite, where=self._describe())
         return lean_batch_norm(
             input,
             self.running_mean if (track or not self.training) else None,
@@ -129,6 +146,8 @@ class LpBatchNorm(_NormBase):
               f"track_running_stats={self.track_running_stats}")
         if self.nonfinite != "raise":
             s += f", nonfinite={self.nonfinite!r}"
+        if self.precision is not None:
+            s += f", precision={self.precision!r}"
         return s
 
 

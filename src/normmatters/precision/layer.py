@@ -1,0 +1,168 @@
+"""``emulated_lp_batch_norm``: the layer path behind ``LpBatchNorm*(precision=...)``.
+
+Training forward: the input (N, C, *) is viewed as rows = (ghost group, channel) of n = g · spatial elements
+and normalized by :func:`normmatters.precision.emulate.emulate_normalization` with every intermediate
+rounded. The running statistics are updated from the *emulated* μ and σ̂ (as float32 buffers, with the
+reference path's conventions: running_var ← σ̂² · n/(n − 1), non-finite batches never reach the buffers).
+
+Backward — straight-through: the forward value is the emulated output, the gradient is that of the native
+float32 layer :func:`normmatters.functional.lp_batch_norm` on the same input (batch statistics
+included), i.e. every rounding is treated as the identity (Bengio et al. 2013; Courbariaux et al. 2015).
+So ``precision=`` emulates low-precision *forward* normalization; gradients stay in float32. Where the
+emulated forward overflows (inf/NaN output) the loss shows it; the gradient itself stays finite.
+
+Eval: the native path (running statistics folded into a per-channel affine map, computed once at high
+precision, is what low-precision inference does).
+
+``precision="int8"`` follows the quantized range batch norm of Banner et al. 2018 (sec. 5 and their
+``RangeBN``): the input is quantized to 8 bits on a uniform grid over its [min, max] (per tensor); μ and σ̂
+are computed from the quantized values with 32-bit accumulators (exact for 8-bit integers up to n ≈ 2^16
+for sums of squares, far beyond for sums); the per-channel scale 1/√(σ̂² + eps) is quantized to 8 bits
+over [min, max] across channels; the output is quantized to 8 bits over its own [min, max]; gradients
+flow straight through in float32 ("gradients in higher precision"). Other norms with "int8" use the same
+scheme with their σ̂.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..functional import NONFINITE_MODES, NonFiniteBatchError, _check_options, check_input, lp_batch_norm
+from .emulate import PRESETS, EmulationResult, Events, Precision, emulate_normalization, get_precision
+
+__all__ = ["emulated_lp_batch_norm", "quantize_uniform", "last_events"]
+
+#: events of the most recent emulated forward per ``where`` name (inspection/debugging aid)
+last_events: dict[str, Events] = {}
+
+
+def quantize_uniform(x: Tensor, bits: int, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+    """Round ``x`` to the 2^bits-level uniform grid lo + k·s, s = (hi − lo)/(2^bits − 1), k = 0…2^bits − 1
+    (round half to even, clamped): the dynamic-range quantizer of Banner et al. 2018. hi == lo → x."""
+    lo = torch.as_tensor(lo, dtype=x.dtype)
+    hi = torch.as_tensor(hi, dtype=x.dtype)
+    s = (hi - lo) / (2 ** bits - 1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = lo + torch.clamp(torch.round((x - lo) / safe), 0, 2 ** bits - 1) * safe
+    return torch.where(s > 0, q, x)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the emulated value. Backward: the incoming gradient goes to the native output."""
+
+    @staticmethod
+    def forward(ctx, native: Tensor, emulated: Tensor) -> Tensor:
+        return emulated.to(native.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def _rows(x: Tensor, groups: int, C: int) -> Tensor:
+    """(N, C, *) → (groups · C, n): rows = (ghost group, channel)."""
+    return x.reshape(groups, x.shape[0] // groups, C, -1).permute(0, 2, 1, 3).reshape(groups * C, -1)
+
+
+def _unrows(y: Tensor, shape: torch.Size, groups: int) -> Tensor:
+    C = shape[1]
+    g = shape[0] // groups
+    return y.reshape(groups, C, g, -1).permute(0, 2, 1, 3).reshape(shape)
+
+
+def _int8(x: Tensor, norm: str, eps: float, k: int, chunks: int | None, weight: Tensor | None,
+          bias: Tensor | None) -> EmulationResult:
+    xd = x.to(torch.float64)
+    xq = quantize_uniform(xd, 8, xd.min(), xd.max())
+    events = Events()
+    events.add("input", underflow=int(((xd != 0) & (xq == 0)).sum()), nan=int(xq.isnan().sum()))
+    st = emulate_normalization(xq.to(torch.float32), norm, PRESETS["fp32"], eps=eps, k=k, chunks=chunks)
+    for step, c in st.events.counts.items():
+        events.add(step, **c)
+    d = xq - st.mean[:, None]
+    if st.inv is None:
+        y = d
+        inv = None
+    else:
+        inv = quantize_uniform(st.inv, 8, st.inv.min(), st.inv.max())
+        y = d * inv[:, None]
+    if weight is not None:
+        y = y * weight.detach().to(torch.float64)[:, None]
+    if bias is not None:
+        y = y + bias.detach().to(torch.float64)[:, None]
+    yq = quantize_uniform(y, 8, y.min(), y.max())
+    events.add("output", underflow=int(((y != 0) & (yq == 0)).sum()), nan=int(yq.isnan().sum()))
+    return EmulationResult(yq.to(torch.float32).to(torch.float64), st.mean, st.sigma, inv, events)
+
+
+def emulated_lp_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    norm: str = "l1",
+    k: int = 10,
+    chunks: int | None = None,
+    ghost_batch_size: int | None = None,
+    *,
+    precision: str | Precision = "fp16",
+    num_batches_tracked: Tensor | None = None,
+    nonfinite: str = "raise",
+    where: str = "emulated_lp_batch_norm",
+) -> Tensor:
+    """:func:`normmatters.functional.lp_batch_norm` with the training forward emulated in ``precision``
+    (a name of ``PRESETS`` or a :class:`Precision`) and a straight-through backward; see the module
+    docstring. Arguments and return value as in ``lp_batch_norm``."""
+    p = get_precision(precision, where)
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    if not training:
+        return lp_batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, norm=norm,
+                             k=k, chunks=chunks, ghost_batch_size=ghost_batch_size, nonfinite=nonfinite,
+                             where=where)
+    check_input(input, where=where)
+    groups, g, n = _check_options(input, where, norm, k, chunks, ghost_batch_size)
+    C = input.shape[1]
+    native = lp_batch_norm(input, None, None, weight, bias, True, momentum, eps, norm=norm, k=k,
+                           chunks=chunks, ghost_batch_size=ghost_batch_size, nonfinite="ignore", where=where)
+    with torch.no_grad():
+        rows = _rows(input.detach(), groups, C)
+        w = weight.repeat(groups) if weight is not None else None
+        b = bias.repeat(groups) if bias is not None else None
+        if p.quantized_int8:
+            res = _int8(rows, norm, eps, k, chunks, w, b)
+        else:
+            res = emulate_normalization(rows, norm, p, eps=eps, k=k, chunks=chunks, weight=w, bias=b)
+        last_events[where] = res.events
+        y = _unrows(res.y, input.shape, groups)
+    out = _StraightThrough.apply(native, y)
+
+    mean = res.mean.reshape(groups, C)
+    ok = torch.isfinite(mean).all()
+    if res.sigma is not None:
+        sig = res.sigma.reshape(groups, C)
+        ok = ok & torch.isfinite(sig).all()
+    with torch.no_grad():
+        if running_mean is not None:
+            upd = running_mean + (mean.mean(0).to(running_mean.dtype) - running_mean) * momentum
+            running_mean.copy_(torch.where(ok, upd, running_mean))
+        if running_var is not None and res.sigma is not None:
+            new = (sig.square().mean(0) * (n / (n - 1))).to(running_var.dtype)
+            upd = running_var + (new - running_var) * momentum
+            running_var.copy_(torch.where(ok, upd, running_var))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    if nonfinite != "ignore" and not bool(ok):
+        msg = (f"{where}: emulated {p.name or 'low-precision'} statistics are non-finite "
+               f"({res.events}); running statistics left unchanged")
+        if nonfinite == "raise":
+            raise NonFiniteBatchError(msg + " (pass nonfinite='skip' to warn instead)")
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return out
