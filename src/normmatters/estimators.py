@@ -102,6 +102,19 @@ class Estimator:
             return _constant_op(self.name, n, k, chunks or 0, like.dtype, like.device)
         return self.constant(n, k=k, chunks=chunks)
 
+    def constant_tensor(self, n: int, dtype: torch.dtype, device: torch.device, k: int = 10,
+                        chunks: int | None = None) -> Tensor:
+        """c(n) as a 0-dim tensor: cached per (n, k, chunks, dtype, device) in eager mode, the custom op
+        ``normmatters::dispersion_constant`` under ``torch.compile`` (a symbolic n stays symbolic)."""
+        if torch.compiler.is_compiling():
+            return _constant_op(self.name, n, k, chunks or 0, dtype, device)
+        key = (self.name, n, k, chunks, dtype, device)
+        c = _CONSTANT_TENSORS.get(key)
+        if c is None:
+            c = _CONSTANT_TENSORS[key] = torch.tensor(self.constant(n, k=k, chunks=chunks), dtype=dtype,
+                                                      device=device)
+        return c
+
     def statistic(self, x: Tensor, mean: Tensor | None, dims: tuple[int, ...], n: int, k: int = 10,
                   chunks: int | None = None) -> Tensor:
         """σ̂ of ``x`` over ``dims`` (local, unsharded): finalize(partial(...))."""
@@ -334,6 +347,7 @@ class _MeanOnly(Estimator):
 
 
 ESTIMATORS: dict[str, Estimator] = {}
+_CONSTANT_TENSORS: dict[tuple, Tensor] = {}
 
 
 @torch.library.custom_op("normmatters::dispersion_constant", mutates_args=())

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from .estimators import get_estimator
 
-__all__ = ["lp_batch_norm", "NonFiniteBatchError", "NONFINITE_MODES", "check_input"]
+__all__ = ["lp_batch_norm", "NonFiniteBatchError", "NONFINITE_MODES", "check_input", "training_groups",
+           "update_running_stats", "report_nonfinite"]
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
 
@@ -65,9 +66,10 @@ def check_input(input: Tensor, *, where: str, num_features: int | None = None,
                          f"(input shape {tuple(input.shape)})")
 
 
-def _check_options(input: Tensor, where: str, norm: str, k: int, chunks: int | None,
-                   ghost_batch_size: int | None) -> tuple[int, int, int]:
-    """Validate the training-mode reduction; returns (groups, per-group batch, n per channel)."""
+def training_groups(input: Tensor, where: str, norm: str, k: int, chunks: int | None,
+                    ghost_batch_size: int | None) -> tuple[int, int, int]:
+    """Validate the training-mode reduction (shared by every path); returns (groups, per-group batch,
+    n elements per channel and group)."""
     batch = input.shape[0]
     spatial = math.prod(input.shape[2:])
     g = batch
@@ -101,6 +103,40 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _masked_update(buf: Tensor, new: Tensor, momentum: float | Tensor, ok: Tensor) -> None:
     upd = buf + (new.to(buf.dtype) - buf) * momentum
     buf.copy_(torch.where(ok, upd, buf))
+
+
+def update_running_stats(mean: Tensor, sigma: Tensor | None, running_mean: Tensor | None,
+                         running_var: Tensor | None, num_batches_tracked: Tensor | None,
+                         momentum: float | Tensor, n: int) -> Tensor:
+    """Update the running buffers in place from per-(group, channel) batch statistics ``mean`` and ``sigma``
+    (G, C) — ``sigma`` None for mean-only — unless they are non-finite, in which case every buffer stays as
+    it was (masked on device, no host synchronisation). Returns the 0-dim "statistics are finite" flag.
+
+    running_mean ← running_mean + momentum·(mean_G(μ) − running_mean);
+    running_var  ← running_var + momentum·(mean_G(σ̂²)·n/(n−1) − running_var); num_batches_tracked += ok.
+    """
+    ok = torch.isfinite(mean).all()
+    if sigma is not None:
+        ok = ok & torch.isfinite(sigma).all()
+    if running_mean is not None:
+        _masked_update(running_mean, mean.mean(0), momentum, ok)
+    if running_var is not None and sigma is not None:
+        _masked_update(running_var, sigma.square().mean(0) * (n / (n - 1)), momentum, ok)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    return ok
+
+
+def report_nonfinite(ok: Tensor, nonfinite: str, where: str) -> None:
+    """Raise (``"raise"``) or warn (``"skip"``) if ``ok`` is False; eager mode only (a data-dependent raise
+    would break a ``torch.compile`` graph), and never for ``"ignore"`` (no host synchronisation)."""
+    if nonfinite == "ignore" or torch.compiler.is_compiling() or bool(ok):
+        return
+    msg = (f"{where}: the training batch has non-finite values (NaN or Inf) in its statistics; "
+           "running_mean, running_var and num_batches_tracked were left unchanged")
+    if nonfinite == "raise":
+        raise NonFiniteBatchError(msg + " (pass nonfinite='skip' to warn instead)")
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def _batch_statistics(x: Tensor, norm: str, k: int, chunks: int | None) -> tuple[Tensor, Tensor | None]:
@@ -160,7 +196,7 @@ def lp_batch_norm(
             y = y * weight.to(input.dtype).reshape(shape)
         return y + bias.to(input.dtype).reshape(shape) if bias is not None else y
 
-    groups, g, n = _check_options(input, where, norm, k, chunks, ghost_batch_size)
+    groups, g, n = training_groups(input, where, norm, k, chunks, ghost_batch_size)
     acc = _acc_dtype(input.dtype)
     x = input.reshape(groups, g, C, -1).to(acc)
     mean, sigma = _batch_statistics(x, norm, k, chunks)
@@ -174,20 +210,7 @@ def lp_batch_norm(
         y = y + bias.to(acc)[None, None, :, None]
     y = y.reshape(input.shape).to(input.dtype)
 
-    ok = torch.isfinite(mean).all()
-    if sigma is not None:
-        ok = ok & torch.isfinite(sigma).all()
     with torch.no_grad():
-        if running_mean is not None:
-            _masked_update(running_mean, mean.mean(0), momentum, ok)
-        if running_var is not None and sigma is not None:
-            _masked_update(running_var, sigma.square().mean(0) * (n / (n - 1)), momentum, ok)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
-    if nonfinite != "ignore" and not torch.compiler.is_compiling() and not bool(ok):
-        msg = (f"{where}: the training batch has non-finite values (NaN or Inf) in its statistics; "
-               "running_mean, running_var and num_batches_tracked were left unchanged")
-        if nonfinite == "raise":
-            raise NonFiniteBatchError(msg + " (pass nonfinite='skip' to warn instead)")
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        ok = update_running_stats(mean, sigma, running_mean, running_var, num_batches_tracked, momentum, n)
+    report_nonfinite(ok, nonfinite, where)
     return y

@@ -110,3 +110,17 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert len([w for w in rec if "unavailable" in str(w.message)]) == 1
     ref = nm.lp_batch_norm(x, None, None, training=True)
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("impl", ["eager", "compiled"])
+def test_output_can_be_modified_in_place(impl):
+    # models apply ReLU(inplace=True) right after the norm; the lean output must allow it, with the same grads
+    x = torch.randn(4, 3, 5, 5)
+    grads = {}
+    for which in (impl, "reference"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(nm.LpBatchNorm2d(3, norm="l1", impl=which), torch.nn.ReLU(inplace=True))
+        xi = x.clone().requires_grad_()
+        net(xi).square().sum().backward()
+        grads[which] = xi.grad
+    torch.testing.assert_close(grads[impl], grads["reference"], rtol=2e-4, atol=1e-5)

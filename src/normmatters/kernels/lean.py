@@ -17,13 +17,12 @@ min) — at most the five (C,)-vectors + input that ``nn.BatchNorm2d`` saves. In
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import NONFINITE_MODES, NonFiniteBatchError, _check_options, check_input, lp_batch_norm
+from ..functional import NONFINITE_MODES, check_input, lp_batch_norm, report_nonfinite, training_groups
 from . import compiled, formulas
 
 __all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant"]
@@ -41,37 +40,10 @@ def resolve_impl(impl: str | None, where: str = "lean_batch_norm") -> str:
     return chosen
 
 
-# --- the Gaussian-consistency constant as a tensor ------------------------------------------------------
-# Eagerly a cached tensor per (norm, n, k, chunks, device, dtype). Under torch.compile n may be a SymInt
-# (dynamic batch size); a custom op keeps the Python-float computation out of the graph so that neither a
-# graph break nor a recompile per batch size happens.
-
-_CONST_CACHE: dict[tuple, Tensor] = {}
-
-
-@torch.library.custom_op("normmatters::gaussian_constant", mutates_args=())
-def _constant_op(norm: str, n: int, k: int, chunks: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    value = get_estimator(norm).constant(int(n), k=k, chunks=chunks or None)
-    return torch.tensor(value, dtype=dtype, device=device)
-
-
-@_constant_op.register_fake
-def _(norm: str, n: int, k: int, chunks: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.empty((), dtype=dtype, device=device)
-
-
 def gaussian_constant(norm: str, n: int, k: int, chunks: int | None, dtype: torch.dtype,
                       device: torch.device) -> Tensor:
-    """c(n) of ``norm`` as a 0-dim tensor (1 for mean-only normalization)."""
-    if torch.compiler.is_compiling():
-        return _constant_op(norm, n, k, chunks or 0, dtype, device)
-    key = (norm, n, k, chunks, device, dtype)
-    c = _CONST_CACHE.get(key)
-    if c is None:
-        est = get_estimator(norm)
-        value = est.constant(n, k=k, chunks=chunks) if est.divides else 1.0
-        c = _CONST_CACHE[key] = torch.tensor(value, dtype=dtype, device=device)
-    return c
+    """c(n) of ``norm`` as a 0-dim tensor (1 for mean-only); see :meth:`Estimator.constant_tensor`."""
+    return get_estimator(norm).constant_tensor(n, dtype, device, k=k, chunks=chunks)
 
 
 # --- layout --------------------------------------------------------------------------------------------
@@ -112,7 +84,8 @@ class LeanBatchNormFunction(torch.autograd.Function):
         cl = _is_channels_last(x)
         x5 = _view5(x, groups, m, cl)
         y5, mean, raw, aux = _kernel("forward", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
-        y = _unview5(y5, x, cl)
+        # detached alias, not a view of an internal tensor: callers may modify y in place (ReLU(inplace))
+        y = _unview5(y5, x, cl).detach()
         divides = get_estimator(norm).divides
         ctx.save_for_backward(x, weight, mean, *((raw,) + tuple(aux) if divides else ()))
         ctx.c = c  # a cached constant, not an activation
@@ -166,7 +139,7 @@ def lean_batch_norm(
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     check_input(input, where=where)
-    groups, g, n = _check_options(input, where, norm, k, chunks, ghost_batch_size)
+    groups, g, n = training_groups(input, where, norm, k, chunks, ghost_batch_size)
     C = input.shape[1]
     acc = formulas.acc_dtype(input.dtype)
     pdtype = weight.dtype if weight is not None else acc
@@ -181,10 +154,5 @@ def lean_batch_norm(
         ok = _kernel("update_running", norm, impl, input.device)(
             mean, raw, c, running_mean, running_var if est.divides else None, num_batches_tracked,
             momentum, n, est.divides)
-    if nonfinite != "ignore" and not torch.compiler.is_compiling() and not bool(ok):
-        msg = (f"{where}: the training batch has non-finite values (NaN or Inf) in its statistics; "
-               "running_mean, running_var and num_batches_tracked were left unchanged")
-        if nonfinite == "raise":
-            raise NonFiniteBatchError(msg + " (pass nonfinite='skip' to warn instead)")
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    report_nonfinite(ok, nonfinite, where)
     return y

@@ -30,7 +30,14 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..functional import NONFINITE_MODES, NonFiniteBatchError, _check_options, check_input, lp_batch_norm
+from ..functional import (
+    NONFINITE_MODES,
+    NonFiniteBatchError,
+    check_input,
+    lp_batch_norm,
+    training_groups,
+    update_running_stats,
+)
 from .emulate import PRESETS, EmulationResult, Events, Precision, emulate_normalization, get_precision
 
 __all__ = ["emulated_lp_batch_norm", "quantize_uniform", "last_events"]
@@ -128,7 +135,7 @@ def emulated_lp_batch_norm(
                              k=k, chunks=chunks, ghost_batch_size=ghost_batch_size, nonfinite=nonfinite,
                              where=where)
     check_input(input, where=where)
-    groups, g, n = _check_options(input, where, norm, k, chunks, ghost_batch_size)
+    groups, g, n = training_groups(input, where, norm, k, chunks, ghost_batch_size)
     C = input.shape[1]
     native = lp_batch_norm(input, None, None, weight, bias, True, momentum, eps, norm=norm, k=k,
                            chunks=chunks, ghost_batch_size=ghost_batch_size, nonfinite="ignore", where=where)
@@ -144,21 +151,10 @@ def emulated_lp_batch_norm(
         y = _unrows(res.y, input.shape, groups)
     out = _StraightThrough.apply(native, y)
 
-    mean = res.mean.reshape(groups, C)
-    ok = torch.isfinite(mean).all()
-    if res.sigma is not None:
-        sig = res.sigma.reshape(groups, C)
-        ok = ok & torch.isfinite(sig).all()
+    sigma = res.sigma.reshape(groups, C) if res.sigma is not None else None
     with torch.no_grad():
-        if running_mean is not None:
-            upd = running_mean + (mean.mean(0).to(running_mean.dtype) - running_mean) * momentum
-            running_mean.copy_(torch.where(ok, upd, running_mean))
-        if running_var is not None and res.sigma is not None:
-            new = (sig.square().mean(0) * (n / (n - 1))).to(running_var.dtype)
-            upd = running_var + (new - running_var) * momentum
-            running_var.copy_(torch.where(ok, upd, running_var))
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+        ok = update_running_stats(res.mean.reshape(groups, C), sigma, running_mean, running_var,
+                                  num_batches_tracked, momentum, n)
     if nonfinite != "ignore" and not bool(ok):
         msg = (f"{where}: emulated {p.name or 'low-precision'} statistics are non-finite "
                f"({res.events}); running statistics left unchanged")
