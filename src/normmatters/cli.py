@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "bench": "bench",
     "precision": "precision",
+    "reproduce": "reproduce",
 }
 
 

@@ -112,3 +112,20 @@ def test_argument_errors():
     mimic.step()
     with pytest.raises(IndexError, match="step 1 needs the reference's norms, but it holds 1 steps"):
         mimic.step()
+
+
+def test_attached_hooks_equal_wrapped_steps():
+    _, traj = _run("wd", 0.9)
+    wrapped, _ = _run("online", 0.9)
+    net = _net().train()
+    si = [net[0].weight, net[3].weight]
+    rest = [p for p in net.parameters() if all(p is not q for q in si)]
+    opt = torch.optim.SGD([{"params": si}, {"params": rest}], lr=LR, momentum=0.9)
+    WeightDecayMimic(opt, si, weight_decay=LAM).attach()
+    for idx in BATCHES:
+        loss = nn.functional.cross_entropy(net(X[idx]), Y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for a, b in zip(net.parameters(), wrapped.parameters()):
+        assert torch.equal(a, b)

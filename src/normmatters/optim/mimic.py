@@ -86,6 +86,8 @@ class WeightDecayMimic:
             self.rho = [channel_norms(p).to(torch.float64) for p in self.params]
             self._buffers: list[Tensor | None] = [None] * len(self.params)
         self.steps = 0
+        self._pending: tuple | None = None
+        self._hooks: list = []
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         for g in self.optimizer.param_groups:
@@ -121,7 +123,7 @@ class WeightDecayMimic:
             self.rho[i] = channel_norms(rho * dirs[i] - lr * u).to(torch.float64)
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def _before_step(self) -> None:
         ref = list(self._reference_norms())  # ρ before this step (online mode replaces self.rho below)
         before = [p.detach().clone() for p in self.params]
         norms = [channel_norms(b).to(torch.float64) for b in before]
@@ -130,7 +132,12 @@ class WeightDecayMimic:
         dirs = [b / _view(n, b).to(b.dtype) for b, n in zip(before, norms)]
         if self.reference is None:
             self._evolve_rho(norms, dirs)  # uses the gradients before the wrapped step
-        loss = self.optimizer.step(closure)
+        self._pending = (ref, before, norms)
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        ref, before, norms = self._pending
+        self._pending = None
         for i, (p, b) in enumerate(zip(self.params, before)):
             scale = _view((norms[i] / ref[i].to(norms[i].device)).square(), p).to(p.dtype)
             new = b + (p - b) * scale
@@ -141,7 +148,28 @@ class WeightDecayMimic:
                                          f"parameter {i}; parameters restored to their values before the step")
             p.copy_(new)
         self.steps += 1
+
+    def step(self, closure: Any = None) -> Any:
+        """The wrapped optimizer's step with each channel's update of ``params`` rescaled."""
+        if self._hooks:
+            return self.optimizer.step(closure)  # the hooks do the work
+        self._before_step()
+        loss = self.optimizer.step(closure)
+        self._after_step()
         return loss
+
+    def attach(self) -> WeightDecayMimic:
+        """Make every ``optimizer.step()`` a mimic step (through the optimizer's step pre/post hooks), for
+        training loops that call the optimizer directly. :meth:`detach` undoes it."""
+        if not self._hooks:
+            self._hooks = [self.optimizer.register_step_pre_hook(lambda *_: self._before_step()),
+                           self.optimizer.register_step_post_hook(lambda *_: self._after_step())]
+        return self
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -1,0 +1,8 @@
+from normmatters.cli import main
+
+
+def test_reproduce_weight_decay_quick(tmp_path, capsys):
+    assert main(["reproduce", "weight-decay", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path / "wd")]) == 0
+    out = capsys.readouterr().out
+    assert "| mimic-ref | 1 |" in out and "report:" in out
+    assert (tmp_path / "wd" / "report.md").exists()
