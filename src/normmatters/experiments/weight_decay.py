@@ -48,9 +48,9 @@ class WeightDecayStudy:
     epochs: int = 12
     milestones: tuple[int, ...] = (6, 9)
     gamma: float = 0.1
-    lr: float = 0.02
+    lr: float = 0.005
     momentum: float = 0.9
-    weight_decay: float = 5e-2
+    weight_decay: float = 0.1
     batch_size: int = 64
     model: str = "resnet8"
     dataset: str = "digits"
@@ -118,16 +118,21 @@ def _run(study: WeightDecayStudy, mode: str, seed: int, data: DataSplit,
 
 
 def run_weight_decay_study(study: WeightDecayStudy, data: DataSplit | None = None) -> list[dict[str, Any]]:
-    """Train every (seed, mode); adds ``angle_deg`` (per epoch, to the same seed's ``wd`` run) to each result."""
+    """Train every (seed, mode); adds ``angle_deg`` (per epoch, to the same seed's ``wd`` run) and, except for
+    ``wd``, ``angle_to_none_deg`` (final, to the same seed's ``none`` run) to each result."""
     data = data if data is not None else load_dataset(study.dataset)
     results = []
     for seed in study.seeds:
         ref = _run(study, "wd", seed, data, None)
         ref["angle_deg"] = [0.0] * len(ref["snapshots"])
+        ref["angle_to_none_deg"] = float("nan")
         results.append(ref)
+        plain = None
         for mode in MODES[1:]:
             r = _run(study, mode, seed, data, ref["trajectory"])
             r["angle_deg"] = [_angles(a, b) for a, b in zip(ref["snapshots"], r["snapshots"])]
+            plain = plain or r  # the "none" run: the rate-schedule twin of the norm schedule
+            r["angle_to_none_deg"] = _angles(plain["snapshots"][-1], r["snapshots"][-1])
             log.info("weight decay study seed %d %s: test acc %.4f, final angle to wd %.2f deg", seed, mode,
                      r["test_acc"], r["angle_deg"][-1])
             results.append(r)
@@ -146,16 +151,18 @@ def summarize_weight_decay(results: list[dict[str, Any]]) -> list[dict[str, Any]
         mid = [r["angle_deg"][len(r["angle_deg"]) // 2] for r in rs]
         rows.append({"mode": mode, "seeds": len(rs), "acc_mean": statistics.fmean(accs),
                      "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "angle_mid": statistics.fmean(mid), "angle_final": statistics.fmean(final)})
+                     "angle_mid": statistics.fmean(mid), "angle_final": statistics.fmean(final),
+                     "angle_none": statistics.fmean(r["angle_to_none_deg"] for r in rs)})
     return rows
 
 
 def format_weight_decay_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| mode | seeds | test acc (mean ± std) | angle to wd run, mid-training | angle to wd run, final |",
-             "|---|---|---|---|---|"]
+    lines = ["| mode | seeds | test acc (mean ± std) | angle to wd run, mid-training | angle to wd run, final "
+             "| angle to no-decay run, final |", "|---|---|---|---|---|---|"]
     for r in summarize_weight_decay(results):
         lines.append(f"| {r['mode']} | {r['seeds']} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} % | "
-                     f"{r['angle_mid']:.2f}° | {r['angle_final']:.2f}° |")
+                     f"{r['angle_mid']:.2f}° | {r['angle_final']:.2f}° | "
+                     + ("—" if math.isnan(r["angle_none"]) else f"{r['angle_none']:.2f}°") + " |")
     return "\n".join(lines)
 
 
