@@ -60,6 +60,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip"
     )
+    p.add_argument("--record-norms", dest="record_norms", metavar="FILE", default=None,
+                   help="record the scale-invariant weights' per-channel norms before every step (.npz)")
+    p.add_argument("--mimic-weight-decay", dest="mimic_weight_decay", metavar="FILE|online", default=None,
+                   help="weight decay off on scale-invariant weights, reproduced from a recorded trajectory "
+                        "or online (λ = --wd-normalized, else --weight-decay)")
+    p.add_argument("--norm-schedule", dest="norm_schedule", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the scale-invariant weights' norm instead of the learning rate")
+    p.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=None,
+                   help="effective learning rate of scale-invariant weights (default on)")
     p.add_argument(
         "--norm-option",
         action="append",
@@ -77,7 +86,8 @@ def _parse_value(text: str) -> Any:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = [*_FLAGS, "milestones", "nesterov", "hflip"]
+    keys = [*_FLAGS, "milestones", "nesterov", "hflip", "record_norms", "mimic_weight_decay", "norm_schedule",
+            "monitor"]
     out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.norm_option:
         opts = {}

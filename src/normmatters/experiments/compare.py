@@ -59,6 +59,7 @@ class CompareConfig:
             seed=seed,
             device=self.device,
             threads=self.threads,
+            monitor=False,  # compare times the step: no observers on it
         )
 
 

@@ -68,6 +68,10 @@ class TrainConfig:
     sync_norm: str = "none"
     checkpoint_every: int = 1
     log_every: int = 10
+    monitor: bool = True
+    record_norms: str | None = None
+    mimic_weight_decay: str | None = None
+    norm_schedule: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -92,6 +96,12 @@ class TrainConfig:
                 raise bad(key, "a positive int")
         if self.workers < 0:
             raise bad("workers", "≥ 0")
+        if self.norm_schedule and self.schedule not in ("step", "multistep"):
+            raise ConfigError(f"config: norm_schedule replaces a step/multistep rate schedule, got schedule="
+                              f"{self.schedule!r}")
+        if self.mimic_weight_decay == "online" and self.optimizer != "sgd":
+            raise ConfigError(f"config: mimic_weight_decay='online' models SGD, got optimizer={self.optimizer!r}; "
+                              "record a trajectory (record_norms) of the decay run and pass its file instead")
         if not self.lr > 0:
             raise bad("lr", "> 0")
         if len(self.betas) != 2:

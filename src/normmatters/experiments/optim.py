@@ -65,7 +65,9 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov), Adam or AdamW over the three decay groups (empty groups dropped)."""
     decay = {
-        "normalized": cfg.weight_decay if cfg.wd_normalized is None else cfg.wd_normalized,
+        # with the mimic, decay on scale-invariant weights is reproduced by rescaled updates instead
+        "normalized": 0.0 if cfg.mimic_weight_decay else
+        (cfg.weight_decay if cfg.wd_normalized is None else cfg.wd_normalized),
         "norm": cfg.wd_norm,
         "other": cfg.weight_decay if cfg.wd_other is None else cfg.wd_other,
     }
@@ -92,6 +94,8 @@ def lr_multiplier(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], flo
         if step < warm:
             return cfg.warmup_start + (1.0 - cfg.warmup_start) * step / warm
         epoch = step // steps_per_epoch
+        if cfg.norm_schedule:  # the decays act on the weight norms instead (experiments.wd_tools)
+            return 1.0
         if cfg.schedule == "step":
             return cfg.gamma ** (epoch // cfg.step_size)
         if cfg.schedule == "multistep":

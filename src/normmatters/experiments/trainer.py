@@ -40,6 +40,7 @@ from .data import ArrayDataset, DataSplit, load_dataset
 from .metrics import MetricsWriter
 from .models import build_model
 from .optim import build_optimizer, build_scheduler
+from .wd_tools import WeightDecayTools
 
 __all__ = ["Trainer", "TrainResult", "CHECKPOINT_NAME", "RESUMABLE_CHANGES"]
 
@@ -167,6 +168,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
         mean, std = self.data.channel_stats()
         self.augment = Augment(mean.to(self.device), std.to(self.device), config.crop_padding, config.hflip)
+        self.wd_tools = WeightDecayTools(self)
         # per-rank augmentation stream: ranks see different crops/flips, and it is resumable
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.info.rank)
         self.sampler = DistributedSampler(
@@ -212,6 +214,7 @@ class Trainer:
             "world_size": self.info.world_size,
             "epoch_accumulators": dict(self._acc),
             "history": list(self.history),
+            "wd_tools": self.wd_tools.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
@@ -240,6 +243,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self._acc = dict(state.get("epoch_accumulators", self._acc))
         self.history = list(state.get("history", []))
+        self.wd_tools.load_state_dict(state.get("wd_tools", {}))
         _set_rng_state(state["rng"][self.info.rank], self.generator)
 
     def save(self) -> None:
@@ -320,6 +324,7 @@ class Trainer:
                     "epoch": self.epoch,
                     "loss": lv,
                     "lr": self.optimizer.param_groups[0]["lr"],
+                    **self.wd_tools.metrics(),
                 }
             )
 
@@ -446,6 +451,8 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
+        if self.info.is_main:
+            self.wd_tools.finish(self.out, self.cfg.record_norms)
         if (
             status == "stopped"
             and self.checkpoint_path is not None

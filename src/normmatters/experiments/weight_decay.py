@@ -63,7 +63,7 @@ class WeightDecayStudy:
                            batch_size=self.batch_size, optimizer="sgd", lr=self.lr, momentum=self.momentum,
                            weight_decay=0.0, wd_normalized=self.weight_decay if mode == "wd" else 0.0,
                            wd_norm=0.0, wd_other=0.0,
-                           schedule="constant" if mode == "norm-schedule" else "multistep",
+                           schedule="constant" if mode == "norm-schedule" else "multistep", monitor=False,
                            milestones=list(self.milestones), gamma=self.gamma, seed=seed, threads=self.threads)
 
 

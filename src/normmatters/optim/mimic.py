@@ -68,7 +68,9 @@ class WeightDecayMimic:
                              "weight_decay (online mode)")
         self.reference = reference
         self.weight_decay = weight_decay
-        self._groups = [self._group_of(p) for p in self.params]
+        # group indices, not the dicts: optimizer.load_state_dict replaces the dicts (and a scheduler then
+        # updates the new ones)
+        self._group_index = [self._group_of(p) for p in self.params]
         for i, g in enumerate(self._groups):
             if g.get("weight_decay", 0.0):
                 raise ValueError(f"WeightDecayMimic: parameter {i} sits in a param group with weight_decay="
@@ -89,11 +91,15 @@ class WeightDecayMimic:
         self._pending: tuple | None = None
         self._hooks: list = []
 
-    def _group_of(self, p: Tensor) -> dict[str, Any]:
-        for g in self.optimizer.param_groups:
+    def _group_of(self, p: Tensor) -> int:
+        for i, g in enumerate(self.optimizer.param_groups):
             if any(p is q for q in g["params"]):
-                return g
+                return i
         raise ValueError("WeightDecayMimic: a parameter is not in the wrapped optimizer")
+
+    @property
+    def _groups(self) -> list[dict[str, Any]]:
+        return [self.optimizer.param_groups[i] for i in self._group_index]
 
     def _reference_norms(self) -> list[Tensor]:
         if self.reference is not None:

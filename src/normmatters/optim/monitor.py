@@ -42,12 +42,14 @@ class EffectiveLRMonitor:
         self.per_channel = per_channel
         self.adaptive = isinstance(optimizer, _ADAPTIVE)
         self.history: list[dict[str, Any]] = []
-        self._groups = {}
+        # group indices, not the dicts: optimizer.load_state_dict replaces the dicts
+        self._group_index: dict[str, int] = {}
         for name, p in self.named_params:
-            group = next((g for g in optimizer.param_groups if any(p is q for q in g["params"])), None)
-            if group is None:
+            index = next((i for i, g in enumerate(optimizer.param_groups) if any(p is q for q in g["params"])),
+                         None)
+            if index is None:
                 raise ValueError(f"EffectiveLRMonitor: parameter {name!r} is not in the optimizer")
-            self._groups[name] = group
+            self._group_index[name] = index
         self._before: dict[str, Tensor] = {}
         self._pre = optimizer.register_step_pre_hook(self._snapshot)
         self._post = optimizer.register_step_post_hook(self._record)
@@ -61,7 +63,7 @@ class EffectiveLRMonitor:
         for name, p in self.named_params:
             w = p.detach()
             norm = torch.linalg.vector_norm(w).item()
-            lr = self._groups[name]["lr"]
+            lr = self.optimizer.param_groups[self._group_index[name]]["lr"]
             lr = float(lr.item() if isinstance(lr, Tensor) else lr)
             row[f"{name}/norm"] = norm
             row[f"{name}/effective_lr"] = lr / norm if self.adaptive else lr / norm**2
