@@ -153,3 +153,20 @@ def test_errors():
         nm.bounded_weight_norm(zero)
     with pytest.raises(ValueError, match="rho must be a positive finite number"):
         nm.bounded_weight_norm(nn.Linear(5, 3), rho=-1.0)
+
+
+def test_data_dependent_init_gives_unit_std_channels_and_keeps_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(32, 3, 9, 9)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    nm.to_weight_norm_form(model, example_input=x)
+    after = dict(model.named_buffers())
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # running statistics untouched
+    model.train()
+    outs = []
+    hook = model[3].register_forward_hook(lambda m, i, o: outs.append(o))
+    model(x)
+    hook.remove()
+    std = outs[0].transpose(0, 1).flatten(1).std(dim=1)
+    torch.testing.assert_close(std, torch.ones(4), atol=1e-4, rtol=1e-4)

@@ -17,6 +17,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 DTYPES = ("fp32", "bf16", "autocast")
 SYNC_NORM = ("none", "torch")
+WEIGHT_NORMS = ("none", "wn", "bwn")
+BATCH_ORDERS = ("shuffle", "class_sorted")
 
 
 class ConfigError(ValueError):
@@ -69,6 +71,9 @@ class TrainConfig:
     checkpoint_every: int = 1
     log_every: int = 10
     monitor: bool = True
+    weight_norm: str = "none"
+    weight_norm_p: float = 2.0
+    batch_order: str = "shuffle"
     record_norms: str | None = None
     mimic_weight_decay: str | None = None
     norm_schedule: bool = False
@@ -87,6 +92,8 @@ class TrainConfig:
             ("schedule", SCHEDULES),
             ("dtype", DTYPES),
             ("sync_norm", SYNC_NORM),
+            ("weight_norm", WEIGHT_NORMS),
+            ("batch_order", BATCH_ORDERS),
         ):
             if getattr(self, key) not in choices:
                 raise bad(key, f"one of {choices}")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..factory import norm_layer as _norm_layer
 
-__all__ = ["CifarResNet", "BasicBlock", "VGG", "MLP", "build_model", "MODEL_NAMES", "resolve_norm"]
+__all__ = ["CifarResNet", "BasicBlock", "VGG", "MLP", "RowLSTM", "build_model", "MODEL_NAMES", "resolve_norm"]
 
 NormSpec = str | Callable[..., nn.Module]
 
@@ -162,7 +162,26 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mlp")
+MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mlp", "lstm")
+
+
+class RowLSTM(nn.Module):
+    """Read an image row by row as a sequence: (N, C, H, W) → H steps of C·W features → LSTM → linear.
+
+    A recurrent model that runs in seconds on the embedded digits (8 steps of 8 features), for the weight-norm
+    study: it has no normalization layers (batch norm does not apply to recurrences), so ``norm`` must be
+    "none"; weight norm goes on its ``weight_ih_l*`` / ``weight_hh_l*`` rows.
+    """
+
+    def __init__(self, features: int, hidden: int, num_classes: int, layers: int = 1) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, num_layers=layers)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        seq = x.permute(2, 0, 1, 3).flatten(2)  # (H, N, C·W)
+        out, _ = self.lstm(seq)
+        return self.fc(out[-1])
 
 
 def build_model(
@@ -184,6 +203,11 @@ def build_model(
         return CifarResNet(int(key[6:]), norm, num_classes, in_channels, width, **norm_options)
     if key in VGG_CONFIGS:
         return VGG(key, norm, num_classes, in_channels, image_size, width, **norm_options)
+    if key == "lstm":
+        if norm not in ("none", None):
+            raise ValueError(f"build_model: the lstm model has no normalization layers; use norm='none', got {norm!r}")
+        w = image_size if isinstance(image_size, int) else tuple(image_size)[1]
+        return RowLSTM(in_channels * w, 64 * width, num_classes)
     if key == "mlp":
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         return MLP(

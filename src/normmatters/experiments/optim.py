@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.utils import parametrize
 
 from .config import TrainConfig
 
@@ -39,7 +40,8 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     leaves = [
         m
         for m in model.modules()
-        if not list(m.children()) and (is_norm_module(m) or any(True for _ in m.parameters(recurse=False)))
+        if (not list(m.children()) or parametrize.is_parametrized(m, "weight"))
+        and (is_norm_module(m) or parametrize.is_parametrized(m, "weight") or any(True for _ in m.parameters(recurse=False)))
     ]
     groups: dict[str, list[nn.Parameter]] = {"normalized": [], "norm": [], "other": []}
     seen: set[int] = set()
@@ -53,6 +55,12 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         if is_norm_module(m):
             for p in m.parameters(recurse=False):
                 add("norm", p)
+        elif parametrize.is_parametrized(m, "weight"):
+            # weight norm: the direction v is scale-invariant by construction; the magnitudes g are not
+            originals = m.parametrizations.weight
+            add("normalized", getattr(originals, "original1", getattr(originals, "original", None)))
+            add("other", getattr(originals, "original0", None) if hasattr(originals, "original1") else None)
+            add("other", m.bias)
         elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
             nxt = leaves[i + 1] if i + 1 < len(leaves) else None
             add("normalized" if nxt is not None and is_norm_module(nxt) else "other", m.weight)

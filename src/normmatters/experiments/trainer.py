@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..nn.weightnorm import to_weight_norm_form
 from . import distributed as D
 from .augment import Augment
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -160,6 +161,12 @@ class Trainer:
             width=config.width,
             **config.norm_options,
         )
+        if config.weight_norm != "none":  # the paper's form: (bounded) weight norm + mean-only batch norm
+            mean, std = self.data.channel_stats()
+            n0 = min(256, len(self.data.train))
+            x0 = (self.data.train.images[:n0] - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
+            to_weight_norm_form(model, bounded=config.weight_norm == "bwn", p=config.weight_norm_p,
+                                example_input=x0)
         model = D.prepare_norm_layers(model, config.sync_norm, self.info)
         self.param_dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
         model = model.to(self.device, self.param_dtype)
@@ -276,6 +283,12 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
         b = self.local_batch
+        if self.cfg.batch_order == "class_sorted":
+            # correlated batches: this epoch's samples sorted by class, then the batches in random order
+            order = order[self.data.train.labels[order].argsort(stable=True)]
+            batches = [order[i * b : (i + 1) * b] for i in range(self.steps_per_epoch)]
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return [order[i * b : (i + 1) * b] for i in range(self.steps_per_epoch)]
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "BoundedWeightNorm", "WeightNorm", "bounded_weight_norm", "weight_norm",
-    "apply_bounded_weight_norm", "apply_weight_norm", "to_weight_norm_form",
+    "apply_bounded_weight_norm", "apply_weight_norm", "to_weight_norm_form", "data_dependent_init",
 ]
 
 _P_VALUES = (1.0, 2.0, math.inf)
@@ -218,13 +218,51 @@ def apply_weight_norm(model: nn.Module, p: float = 2, include: Any = None, exclu
     return _apply(weight_norm, model, p, include, exclude, learn_scale=learn_scale)
 
 
+@torch.no_grad()
+def data_dependent_init(model: nn.Module, example_input: Tensor, include: Any = None, exclude: Any = None) -> None:
+    """Rescale each conv/linear weight's output channels so that, on ``example_input`` and with the layers
+    before it already rescaled, every channel of its output has unit standard deviation (Salimans & Kingma
+    2016, sec. 2.2, applied to the weights before weight norm is registered, so ρ keeps the result).
+
+    Without it, mean-only batch norm passes on whatever scale the random init gives, and a deep weight-normed
+    net starts with vanishing activations. Runs one forward per layer in training mode; buffers (running
+    statistics) are restored afterwards.
+    """
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or module.weight is None:
+                continue
+            qual = f"{name}.weight" if name else "weight"
+            if (include is not None and not _matches(qual, include)) or _matches(qual, exclude):
+                continue
+            captured: list[Tensor] = []
+            handle = module.register_forward_hook(lambda m, i, o: captured.append(o))
+            try:
+                model(example_input)
+            finally:
+                handle.remove()
+            out = captured[0]
+            std = out.transpose(0, 1).flatten(1).std(dim=1).clamp_min(1e-8)
+            module.weight.div_(std.reshape((-1,) + (1,) * (module.weight.dim() - 1)))
+            if module.bias is not None:
+                module.bias.div_(std)
+    finally:
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+        model.train(was_training)
+
+
 def to_weight_norm_form(model: nn.Module, bounded: bool = True, p: float = 2, include: Any = None,
-                        exclude: Any = None) -> nn.Module:
+                        exclude: Any = None, example_input: Tensor | None = None) -> nn.Module:
     """The paper's weight-norm form of a batch-norm model (Hoffer et al. 2018, sec. 6; Salimans & Kingma 2016).
 
     Every ``nn.BatchNorm*`` becomes mean-only batch norm whose scale is frozen (``weight.requires_grad=False``)
     and whose bias learns, and every conv/linear/recurrent weight gets (bounded, if ``bounded``) weight norm,
-    whose per-channel magnitudes g take over the scale. Returns the model (changed in place).
+    whose per-channel magnitudes g take over the scale. With ``example_input`` the weights first get
+    :func:`data_dependent_init` (recommended for deep nets). Returns the model (changed in place).
     """
     from ..convert import convert_batchnorm  # the converter imports nn; import here to keep nn leaf-level
 
@@ -232,6 +270,8 @@ def to_weight_norm_form(model: nn.Module, bounded: bool = True, p: float = 2, in
     for m in model.modules():
         if getattr(m, "norm", None) == "mean" and getattr(m, "weight", None) is not None:
             m.weight.requires_grad_(False)
+    if example_input is not None:
+        data_dependent_init(model, example_input, include=include, exclude=exclude)
     if bounded:
         apply_bounded_weight_norm(model, p=p, include=include, exclude=exclude)
     else:

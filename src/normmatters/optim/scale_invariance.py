@@ -37,15 +37,32 @@ def scale_invariant_parameters(model: nn.Module, *example_inputs: Any, tol: floa
     """``(name, parameter)`` of every trainable parameter (≥ 2 dims) whose output channels can each be
     rescaled by a positive factor without changing the model's training-mode output on ``example_inputs``.
 
-    Checked numerically on a float64 copy of the model (the model itself, its buffers and its running
-    statistics are untouched): each candidate's channels (dim 0) are multiplied by independent factors in
+    Checked numerically on a float64 copy of the model (models that cannot be deep-copied are probed in
+    place in their own dtype and restored; either way parameters, buffers and running statistics end as
+    they were): each candidate's channels (dim 0) are multiplied by independent factors in
     [0.5, 2]; the parameter counts if that moves the output by less than ``tol`` times what a random
     perturbation of the parameter of its own size does (normalization's eps makes the invariance inexact, by
     about eps/variance; parameters the output ignores are not reported). Typical hits: conv/linear weights
     followed by batch norm. The returned parameters are the model's own.
     """
-    probe = copy.deepcopy(model).double().train()
-    inputs = _to_double(example_inputs)
+    try:
+        probe = copy.deepcopy(model).double().train()
+        inputs = _to_double(example_inputs)
+        saved_state, was_training = None, None
+    except RuntimeError:  # e.g. a parametrized LSTM caches non-leaf weights that cannot be deep-copied
+        probe, inputs = model, example_inputs
+        saved_state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        was_training = model.training
+        model.train()
+    try:
+        return _probe(model, probe, inputs, tol, seed)
+    finally:
+        if saved_state is not None:
+            model.load_state_dict(saved_state)
+            model.train(was_training)
+
+
+def _probe(model: nn.Module, probe: nn.Module, inputs: Any, tol: float, seed: int) -> list[tuple[str, nn.Parameter]]:
     gen = torch.Generator().manual_seed(seed)
     base = _flat(probe(*inputs))
     size = base.abs().max().clamp_min(1e-30)
