@@ -9,17 +9,50 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="run one of the paper's studies and write a report")
-    p.add_argument("study", choices=["weight-decay"], help="which study")
+    p.add_argument("study", choices=["weight-decay", "weight-norm"], help="which study")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run")
     p.add_argument("--dataset", default="digits", help="digits (embedded), or a folder / idx:/cifar:/folder: path")
     p.add_argument("--model", default=None, help="model name (default resnet8)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default ./normmatters-<study>-<time>)")
-    p.add_argument("--quick", action="store_true", help="1 seed, 4 epochs")
+    p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    out = args.out or Path(f"normmatters-{args.study}-{time.strftime('%Y%m%d-%H%M%S')}")
+    t0 = time.perf_counter()
+    if args.study == "weight-norm":
+        report, table = _weight_norm(args, out)
+    else:
+        report, table = _weight_decay(args, out)
+    print(table)
+    print(f"\nreport: {report} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _weight_norm(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
+    from ..experiments.weight_norm_study import (
+        WeightNormStudy,
+        format_weight_norm_tables,
+        run_weight_norm_study,
+        write_weight_norm_report,
+    )
+
+    study = WeightNormStudy(dataset=args.dataset)
+    if args.quick:
+        study.seeds, study.cnn_model, study.cnn_epochs, study.lstm_epochs, study.batch_epochs = (0,), "resnet8", 2, 2, 1
+    if args.seeds:
+        study.seeds = tuple(args.seeds)
+    if args.epochs:
+        study.cnn_epochs = study.lstm_epochs = study.batch_epochs = args.epochs
+    if args.model:
+        study.cnn_model = args.model
+    results = run_weight_norm_study(study)
+    return write_weight_norm_report(study, results, out), format_weight_norm_tables(results)
+
+
+def _weight_decay(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
     from ..experiments.weight_decay import (
         WeightDecayStudy,
         format_weight_decay_table,
@@ -37,10 +70,5 @@ def run(args: argparse.Namespace) -> int:
         study.milestones = tuple(m for m in study.milestones if m < args.epochs) or (max(1, args.epochs // 2),)
     if args.model:
         study.model = args.model
-    out = args.out or Path(f"normmatters-{args.study}-{time.strftime('%Y%m%d-%H%M%S')}")
-    t0 = time.perf_counter()
     results = run_weight_decay_study(study)
-    report = write_weight_decay_report(study, results, out)
-    print(format_weight_decay_table(results))
-    print(f"\nreport: {report} ({time.perf_counter() - t0:.0f} s)")
-    return 0
+    return write_weight_decay_report(study, results, out), format_weight_decay_table(results)

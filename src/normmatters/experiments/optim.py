@@ -41,7 +41,8 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         m
         for m in model.modules()
         if (not list(m.children()) or parametrize.is_parametrized(m, "weight"))
-        and (is_norm_module(m) or parametrize.is_parametrized(m, "weight") or any(True for _ in m.parameters(recurse=False)))
+        and (is_norm_module(m) or parametrize.is_parametrized(m, "weight")
+             or any(True for _ in m.parameters(recurse=False)))
     ]
     groups: dict[str, list[nn.Parameter]] = {"normalized": [], "norm": [], "other": []}
     seen: set[int] = set()

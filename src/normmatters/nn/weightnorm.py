@@ -239,7 +239,7 @@ def data_dependent_init(model: nn.Module, example_input: Tensor, include: Any = 
             if (include is not None and not _matches(qual, include)) or _matches(qual, exclude):
                 continue
             captured: list[Tensor] = []
-            handle = module.register_forward_hook(lambda m, i, o: captured.append(o))
+            handle = module.register_forward_hook(lambda m, i, o, store=captured: store.append(o))
             try:
                 model(example_input)
             finally:
