@@ -28,8 +28,11 @@ def run(args: argparse.Namespace) -> int:
     print(res["table"])
     if res["resnet20_step_ratio"]:
         r = res["resnet20_step_ratio"]
-        print(f"ResNet-20 (CIFAR, batch 128) SGD step vs nn.BatchNorm2d ({r['bn_ms']:.0f} ms): "
-              + ", ".join(f"{k} {v:.2f}x" for k, v in r.items() if k != "bn_ms"))
+        print(f"ResNet-20 (CIFAR, batch 128) SGD step vs nn.BatchNorm2d ({r['bn_ms']:.0f} ms); "
+              "wn+mean / bwn+mean: (bounded) weight norm + mean-only batch norm")
+        print("| model | step time /bn | activations saved /bn |\n|---|---|---|")
+        for k in r["step"]:
+            print(f"| {k} | {r['step'][k]:.2f} | {r['saved'][k]:.2f} |")
     if res["compile_seconds"]:
         print("first-call (compile) seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                           res["compile_seconds"].items()))

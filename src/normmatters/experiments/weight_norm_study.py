@@ -37,7 +37,9 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
     "cnn": {
         "bn": {"norm": "bn"},
         "wn": {"norm": "bn", "weight_norm": "wn"},
-        "bwn-l2": {"norm": "bn", "weight_norm": "bwn", "weight_norm_p": 2.0},
+        # at lr 0.1 bounded l2 weight norm stays at chance on ResNet-20 (measured: 8.6 % test accuracy after
+        # 2 epochs, train loss 2.3); 0.05 trains (92.8 % after 2 epochs)
+        "bwn-l2": {"norm": "bn", "weight_norm": "bwn", "weight_norm_p": 2.0, "lr": 0.05},
         "bwn-linf": {"norm": "bn", "weight_norm": "bwn", "weight_norm_p": float("inf")},
     },
     "lstm": {
@@ -148,7 +150,8 @@ def write_weight_norm_report(study: WeightNormStudy, results: list[dict[str, Any
         images.append(f"![{exp}]({exp}.png)")
     text = ["# Batch norm vs weight norm vs bounded weight norm", "",
             f"Dataset {study.dataset}; seeds {list(study.seeds)}; CNN {study.cnn_model} for {study.cnn_epochs} "
-            f"epochs (SGD, Nesterov, lr 0.1 cosine, decay 5e-4), LSTM (64 units, rows as steps) for "
+            f"epochs (SGD, Nesterov, lr 0.1 cosine — bwn-l2 0.05, at 0.1 it stays at chance — decay 5e-4), "
+            f"LSTM (64 units, rows as steps) for "
             f"{study.lstm_epochs} epochs (Adam 0.01), small/correlated batches with resnet8 for "
             f"{study.batch_epochs} epochs. Weight-normed nets: mean-only batch norm (scale frozen, bias learned) "
             "and data-dependent init.", "", format_weight_norm_tables(results), *images, ""]

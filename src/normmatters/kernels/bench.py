@@ -222,29 +222,64 @@ def resnet20(norm: Callable[[int], nn.Module], num_classes: int = 10) -> nn.Modu
     return nn.Sequential(*layers)
 
 
-def bench_resnet20(norms: Iterable[str], device: torch.device, rounds: int,
-                   batch: int = 128) -> dict[str, float]:
-    """Median ratio of one SGD training step of ResNet-20 with each norm to the step with nn.BatchNorm2d."""
-    from ..nn.batchnorm import LpBatchNorm2d
+#: ResNet-20 variants besides the Lp norms: the paper's weight-norm form (Hoffer et al. 2018, sec. 6) —
+#: (bounded) weight norm on every conv/linear weight + mean-only batch norm with a learned bias
+WEIGHT_NORM_VARIANTS = ("wn+mean", "bwn+mean")
 
+
+def _resnet20_variant(name: str, device: torch.device) -> nn.Module:
+    from ..nn.batchnorm import LpBatchNorm2d
+    from ..nn.weightnorm import to_weight_norm_form
+
+    torch.manual_seed(0)
+    if name == "bn":
+        return resnet20(nn.BatchNorm2d).to(device).train()
+    if name in WEIGHT_NORM_VARIANTS:
+        model = resnet20(nn.BatchNorm2d)
+        return to_weight_norm_form(model, bounded=name.startswith("bwn")).to(device).train()
+    return resnet20(lambda c: LpBatchNorm2d(c, norm=name)).to(device).train()
+
+
+def unique_saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs (a tensor saved by two ops, e.g. a conv
+    output kept by the norm and by the ReLU after it, counts once) — the activation memory of a model."""
+    seen: dict[tuple[int, str], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        seen[(st.data_ptr(), str(t.device))] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def bench_resnet20(norms: Iterable[str], device: torch.device, rounds: int, batch: int = 128,
+                   weight_norm: bool = True) -> dict[str, Any]:
+    """One SGD training step of ResNet-20 with each norm (and, with ``weight_norm``, the WN / bounded-WN +
+    mean-only-BN forms) against the same step with nn.BatchNorm2d: median time ratios (``step``), ratios of
+    the activation memory saved for backward (``saved``) and the nn.BatchNorm2d step in ms (``bn_ms``)."""
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.randint(0, 10, (batch,), device=device)
+    names = ("bn", *norms, *(WEIGHT_NORM_VARIANTS if weight_norm else ()))
     steps: dict[str, Callable[[], None]] = {}
-    for name in ("bn", *norms):
-        torch.manual_seed(0)
-        model = resnet20(nn.BatchNorm2d if name == "bn" else
-                         (lambda c, name=name: LpBatchNorm2d(c, norm=name))).to(device).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    saved: dict[str, int] = {}
+    for name in names:
+        model = _resnet20_variant(name, device)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
 
         def step(model=model, opt=opt) -> None:
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), t).backward()
             opt.step()
         steps[name] = step
+        step()  # warm-up (compilation) outside the saved-bytes count
+        saved[name] = unique_saved_bytes(lambda model=model: nn.functional.cross_entropy(model(x), t))
     times = _interleaved(steps, rounds, device)
-    out = {name: _ratio(times, name, "bn") for name in norms}
-    out["bn_ms"] = _median(times["bn"]) * 1e3
-    return out
+    return {"bn_ms": _median(times["bn"]) * 1e3,
+            "step": {name: _ratio(times, name, "bn") for name in names[1:]},
+            "saved": {name: saved[name] / saved["bn"] for name in names[1:]}}
 
 
 def format_table(rows: list[Row]) -> str:

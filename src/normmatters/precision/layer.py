@@ -16,8 +16,10 @@ precision, is what low-precision inference does).
 
 ``precision="int8"`` follows the quantized range batch norm of Banner et al. 2018 (sec. 5 and their
 ``RangeBN``): the input is quantized to 8 bits on a uniform grid over its [min, max] (per tensor); μ and σ̂
-are computed from the quantized values with 32-bit accumulators (exact for 8-bit integers up to n ≈ 2^16
-for sums of squares, far beyond for sums); the per-channel scale 1/√(σ̂² + eps) is quantized to 8 bits
+are computed from the quantized values by the float32 emulator (``PRESETS["fp32"]``: float32
+intermediates and accumulators — this stands in for the wide integer accumulators of an 8-bit datapath; it is
+not an integer-exact emulation: float32 sums of 8-bit grid values are exact only while they stay below 2^24
+grid steps); the per-channel scale 1/√(σ̂² + eps) is quantized to 8 bits
 over [min, max] across channels; the output is quantized to 8 bits over its own [min, max]; gradients
 flow straight through in float32 ("gradients in higher precision"). Other norms with "int8" use the same
 scheme with their σ̂.
