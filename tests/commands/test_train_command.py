@@ -30,3 +30,13 @@ def test_train_errors(tmp_path, capsys):
     assert "optimizer must be one of" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "x"), "--norm-option", "k"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_train_weight_norm_flags(tmp_path):
+    out = tmp_path / "bwn"
+    assert main(["train", "--out", str(out), "--quiet", "--model", "mlp", "--norm", "bn", "--weight-norm", "bwn",
+                 "--weight-norm-p", "inf", "--batch-order", "class_sorted", "--epochs", "1", "--threads", "1",
+                 "--no-monitor"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["weight_norm"] == "bwn" and saved["weight_norm_p"] == float("inf")
+    assert saved["batch_order"] == "class_sorted"

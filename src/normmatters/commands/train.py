@@ -10,7 +10,7 @@ from typing import Any
 
 #: flag → config key for the options that map one-to-one (None defaults mean "not given")
 _FLAGS: dict[str, tuple[type, str]] = {
-    "model": (str, "resnet20|resnet32|resnet56|resnet8|vgg11|vgg16|mlp"),
+    "model": (str, "resnet20|resnet32|resnet56|resnet8|vgg11|vgg16|mlp|lstm"),
     "dataset": (str, "digits, idx:DIR, cifar:DIR, folder:DIR or a DIR"),
     "norm": (str, "bn|l2|l1|linf|topk|range|mean|none"),
     "width": (int, "channel multiplier"),
@@ -36,6 +36,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "sync_norm": (str, "none|torch: normalization statistics across ranks"),
     "checkpoint_every": (int, "epochs between checkpoints"),
     "log_every": (int, "steps between step-metric records"),
+    "weight_norm": (str, "none|wn|bwn: (bounded) weight norm + mean-only batch norm, the paper's form"),
+    "weight_norm_p": (float, "p of the weight norm's per-channel norm: 1, 2 or inf"),
+    "batch_order": (str, "shuffle|class_sorted (batches of one class: where batch statistics fail)"),
 }
 
 
