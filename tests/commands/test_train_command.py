@@ -21,6 +21,7 @@ def test_train_from_yaml_writes_config_back_and_resumes(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
     epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]
+    assert (out / "curves.png").stat().st_size > 0  # plotted from metrics.jsonl, both epochs
 
 
 def test_train_errors(tmp_path, capsys):

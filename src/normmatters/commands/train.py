@@ -145,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if info.is_main:
+        from ..experiments.report import plot_run
+
+        plot_run(args.out)
         f = result.final
         if f:
             print(

@@ -167,3 +167,33 @@ def write_report(
     (out / "report.md").write_text("\n".join(md))
     files["report.md"] = out / "report.md"
     return files
+
+
+def plot_run(out_dir: Path) -> Path | None:
+    """``curves.png`` of one ``normmatters train`` run: train/test loss and test accuracy per epoch, read from
+    ``metrics.jsonl`` (so a resumed run plots all its epochs). None when no epoch has finished."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import read_jsonl
+
+    epochs = [r for r in read_jsonl(Path(out_dir) / "metrics.jsonl") if r.get("kind") == "epoch"]
+    if not epochs:
+        return None
+    x = [r["epoch"] for r in epochs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    ax1.plot(x, [r["train_loss"] for r in epochs], marker="o", label="train")
+    ax1.plot(x, [r["test_loss"] for r in epochs], marker="o", label="test")
+    ax1.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax1.legend()
+    ax2.plot(x, [r["test_acc"] for r in epochs], marker="o")
+    ax2.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(out_dir) / "curves.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
