@@ -10,7 +10,10 @@ reference path, which it calls for eval mode and for ``impl="reference"``) plus 
 
 The environment variable ``NORMMATTERS_KERNEL`` (same values) overrides the default. Saved for backward:
 the input, the weight and per-channel statistics (μ, the raw statistic and, for range, per-chunk max and
-min) — at most the five (C,)-vectors + input that ``nn.BatchNorm2d`` saves. Inside a user's
+min) — at most the five (C,)-vectors + input that ``nn.BatchNorm2d`` saves. With ``inplace=True``
+(In-Place ABN style) the output overwrites the input and backward saves only the output itself, the
+weight, the bias and the (C,) raw statistic: it reconstructs the centered input from the output, which
+needs every weight entry non-zero (see :func:`lean_batch_norm` and :mod:`.formulas`). Inside a user's
 ``torch.compile`` the formulas are traced into the user's graph (no nested compile, no graph break).
 """
 
@@ -25,7 +28,7 @@ from ..estimators import get_estimator
 from ..functional import NONFINITE_MODES, check_input, lp_batch_norm, report_nonfinite, training_groups
 from . import compiled, formulas
 
-__all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant"]
+__all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant", "check_inplace_weight"]
 
 IMPLS = ("compiled", "eager", "reference")
 ENV = "NORMMATTERS_KERNEL"
@@ -75,21 +78,33 @@ def _kernel(direction: str, norm: str, impl: str, device: torch.device):
 class LeanBatchNormFunction(torch.autograd.Function):
     """Training-mode Lp batch norm with an analytic backward that saves only x, w and (C,)-statistics.
 
-    forward(x, weight, bias, c, eps, norm, k, groups, chunks, impl) → (y, μ (G, C), raw (G, C));
-    μ and raw are non-differentiable (they feed the running statistics).
+    forward(x, weight, bias, c, eps, norm, k, groups, chunks, impl, inplace) → (y, μ (G, C), raw (G, C));
+    μ and raw are non-differentiable (they feed the running statistics). With ``inplace=True`` y *is* x
+    (overwritten, marked dirty) and backward keeps only y, w, b and raw (see :mod:`.formulas`); every
+    weight entry must be non-zero (checked by :func:`lean_batch_norm`, not here).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, c, eps, norm, k, groups, m, impl):
+    def forward(ctx, x, weight, bias, c, eps, norm, k, groups, m, impl, inplace=False):
         cl = _is_channels_last(x)
         x5 = _view5(x, groups, m, cl)
-        y5, mean, raw, aux = _kernel("forward", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
-        # detached alias, not a view of an internal tensor: callers may modify y in place (ReLU(inplace))
-        y = _unview5(y5, x, cl).detach()
         divides = get_estimator(norm).divides
-        ctx.save_for_backward(x, weight, mean, *((raw,) + tuple(aux) if divides else ()))
+        if inplace:
+            if cl or x.is_contiguous():  # x5 is a view of x: the kernel stores y into x's buffer
+                mean, raw = _kernel("forward_inplace", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
+            else:  # other strides: _view5 copied, so normalize the copy and write it back
+                y5, mean, raw, _ = _kernel("forward", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
+                x.copy_(_unview5(y5, x, cl))
+            ctx.mark_dirty(x)
+            y = x
+            ctx.save_for_backward(x, weight, bias, *((raw,) if divides else ()))
+        else:
+            y5, mean, raw, aux = _kernel("forward", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
+            # detached alias, not a view of an internal tensor: callers may modify y in place (ReLU(inplace))
+            y = _unview5(y5, x, cl).detach()
+            ctx.save_for_backward(x, weight, mean, *((raw,) + tuple(aux) if divides else ()))
         ctx.c = c  # a cached constant, not an activation
-        ctx.meta = (eps, norm, k, groups, m, impl, cl)
+        ctx.meta = (eps, norm, k, groups, m, impl, cl, inplace)
         C = x.shape[1]
         mean_gc = mean.reshape(groups, C)
         raw_gc = raw.reshape(groups, C)
@@ -98,15 +113,49 @@ class LeanBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, _gmean, _graw):
-        eps, norm, k, groups, m, impl, cl = ctx.meta
-        x, weight, mean, *rest = ctx.saved_tensors
-        raw, aux = (rest[0], tuple(rest[1:])) if rest else (mean, ())
+        eps, norm, k, groups, m, impl, cl, inplace = ctx.meta
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx5, gw, gb = _kernel("backward", norm, impl, x.device)(
-            _view5(gy, groups, m, cl), _view5(x, groups, m, cl), weight, mean, raw, aux, ctx.c, eps, norm,
-            k, need_w, need_b)
+        if inplace:
+            y, weight, bias, *rest = ctx.saved_tensors
+            gx5, gw, gb = _kernel("backward_inplace", norm, impl, y.device)(
+                _view5(gy, groups, m, cl), _view5(y, groups, m, cl), weight, bias, rest[0] if rest else None,
+                ctx.c, eps, norm, k, need_w, need_b)
+            x = y
+        else:
+            x, weight, mean, *rest = ctx.saved_tensors
+            raw, aux = (rest[0], tuple(rest[1:])) if rest else (mean, ())
+            gx5, gw, gb = _kernel("backward", norm, impl, x.device)(
+                _view5(gy, groups, m, cl), _view5(x, groups, m, cl), weight, mean, raw, aux, ctx.c, eps, norm,
+                k, need_w, need_b)
         gx = _unview5(gx5, x, cl) if need_x else None
-        return gx, gw, gb, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+def check_inplace_weight(weight: Tensor | None, where: str) -> None:
+    """``inplace=True`` reconstructs the input from the output by dividing by the weight: every entry must be
+    non-zero. Eager only (one host synchronisation); skipped under ``torch.compile``, where a data-dependent
+    raise would break the graph (a zero weight there gives non-finite input gradients)."""
+    if weight is None or torch.compiler.is_compiling():
+        return
+    zeros = int((weight == 0).sum())
+    if zeros:
+        raise ValueError(f"{where}: inplace=True needs every weight != 0 to reconstruct the input from the "
+                         f"output (In-Place ABN); found {zeros} zero entr{'y' if zeros == 1 else 'ies'} — use "
+                         "inplace=False or re-initialise the weight")
+
+
+def _eval_inplace(input: Tensor, running_mean: Tensor, running_var: Tensor | None, weight: Tensor | None,
+                  bias: Tensor | None, eps: float, divides: bool) -> Tensor:
+    """Eval mode in place: input·scale + shift with the reference's scale and shift (equal within rounding)."""
+    acc = formulas.acc_dtype(input.dtype)
+    scale = torch.rsqrt(running_var.to(acc) + eps) if divides else torch.ones_like(running_mean, dtype=acc)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    shift = -running_mean.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+    return input.mul_(scale.reshape(shape)).add_(shift.reshape(shape))
 
 
 def lean_batch_norm(
@@ -127,15 +176,40 @@ def lean_batch_norm(
     nonfinite: str = "raise",
     where: str = "lean_batch_norm",
     impl: str | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     """Lp batch norm through the lean kernels; arguments and results as
-    :func:`normmatters.functional.lp_batch_norm`, plus ``impl`` ("compiled", "eager", "reference")."""
+    :func:`normmatters.functional.lp_batch_norm`, plus ``impl`` ("compiled", "eager", "reference") and
+    ``inplace`` (In-Place ABN style):
+
+    * training: the output overwrites ``input`` and is returned (the same tensor); backward reconstructs
+      the input from the output, so ``weight`` must have no zero entry (``ValueError`` naming ``where``;
+      checked in eager mode only). Autograd's in-place rules apply: a leaf that requires grad cannot be
+      passed, and an input that another op saved for its backward (e.g. the output of ``torch.sigmoid``),
+      or an output modified in place afterwards (e.g. by ``ReLU(inplace=True)``), raises autograd's
+      "modified by an inplace operation" error at backward. If ``nonfinite="raise"`` raises, the input
+      has already been overwritten (the running buffers are untouched). With ``impl="reference"`` the
+      reference is computed (on a clone when grad is enabled) and copied into ``input`` — for testing.
+    * eval: ``input·scale + shift`` in place when ``input`` does not require grad (same values as the
+      reference within rounding); out of place (a new tensor) when it does.
+    """
     impl = resolve_impl(impl, where)
-    if impl == "reference" or not training:
-        return lp_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, norm,
-                             k, chunks, ghost_batch_size, num_batches_tracked=num_batches_tracked,
-                             nonfinite=nonfinite, where=where)
     est = get_estimator(norm)
+    if not training:
+        if inplace and not (input.requires_grad and torch.is_grad_enabled()):
+            check_input(input, where=where)
+            if running_mean is None or (est.divides and running_var is None):
+                raise ValueError(f"{where}: eval mode needs running statistics (or pass training=True)")
+            return _eval_inplace(input, running_mean, running_var, weight, bias, eps, est.divides)
+        impl = "reference"
+    elif inplace:
+        check_inplace_weight(weight, where)
+    if impl == "reference":
+        src = input.clone() if training and inplace and torch.is_grad_enabled() else input
+        y = lp_batch_norm(src, running_mean, running_var, weight, bias, training, momentum, eps, norm,
+                          k, chunks, ghost_batch_size, num_batches_tracked=num_batches_tracked,
+                          nonfinite=nonfinite, where=where)
+        return input.copy_(y) if training and inplace else y
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     check_input(input, where=where)
@@ -146,7 +220,8 @@ def lean_batch_norm(
     w = weight if weight is not None else torch.ones(C, dtype=pdtype, device=input.device)
     b = bias if bias is not None else torch.zeros(C, dtype=pdtype, device=input.device)
     c = gaussian_constant(norm, n, k, chunks, acc, input.device)
-    y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, chunks or 1, impl)
+    y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, chunks or 1, impl,
+                                               inplace)
     if running_mean is None and running_var is None and num_batches_tracked is None \
             and nonfinite == "ignore":
         return y
