@@ -278,11 +278,14 @@ def format_table(rows: list[Row]) -> str:
     head = ("| shape | dtype | layout | norm | fwd /bn | fwd /bnc | fwd /naive | fwd+bwd /bn | "
             "fwd+bwd /bnc | fwd+bwd /naive | saved /bn | peak /bn | roofline | fwd+bwd ms |")
     lines = [head, "|" + "---|" * 14]
+    def f(v: float, spec: str = ".2f") -> str:
+        return "–" if math.isnan(v) else format(v, spec)
+
     for r in rows:
         lines.append(f"| {'x'.join(map(str, r.shape))} | {r.dtype} | {r.layout} | {r.norm} | "
-                     f"{r.fwd_bn:.2f} | {r.fwd_bnc:.2f} | {r.fwd_naive:.2f} | {r.step_bn:.2f} | "
-                     f"{r.step_bnc:.2f} | {r.step_naive:.2f} | {r.saved:.2f} | {r.peak:.2f} | "
-                     f"{r.roof:.0%} | {r.step_ms:.2f} |")
+                     f"{f(r.fwd_bn)} | {f(r.fwd_bnc)} | {f(r.fwd_naive)} | {f(r.step_bn)} | "
+                     f"{f(r.step_bnc)} | {f(r.step_naive)} | {f(r.saved)} | {f(r.peak)} | "
+                     f"{f(r.roof, '.0%')} | {f(r.step_ms)} |")
     return "\n".join(lines)
 
 

@@ -69,6 +69,9 @@ class LpBatchNorm(_NormBase):
             e.g. of ``torch.sigmoid``, cannot be the input, and ``ReLU(inplace=True)`` right after this
             layer fails at backward — use ``ReLU()``). Eval mode runs in place when the input does not
             require grad. Not combinable with ``precision``. See :func:`normmatters.kernels.lean_batch_norm`.
+            Memory: one activation fewer per layer when the next op saves its input anyway (a conv or
+            linear layer, SiLU, GELU); before ``ReLU()`` the count is unchanged (ReLU saves its own output;
+            In-Place ABN fuses an invertible activation to get that one too).
         precision: None (native) or "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8" (or a
             ``normmatters.precision.Precision``): the training forward is emulated with every intermediate
             rounded to that format, the backward is straight-through (float32 gradient of the native
