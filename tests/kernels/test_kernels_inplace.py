@@ -12,7 +12,7 @@ import torch
 
 import normmatters as nm
 from normmatters.functional import lp_batch_norm
-from normmatters.kernels import LeanBatchNormFunction, gaussian_constant, lean_batch_norm
+from normmatters.kernels import lean_batch_norm
 from normmatters.kernels.bench import saved_bytes
 
 K = 3
@@ -118,24 +118,46 @@ def test_compiled_inplace_bfloat16_within_tolerance(norm, opts):
 
 @pytest.mark.parametrize("norm,opts", CASES, ids=CASE_IDS)
 def test_gradcheck_inplace_float64(norm, opts):
-    chunks = opts.get("chunks")
     x = (torch.randn(4, 2, 3, 3, dtype=torch.float64) * 2).requires_grad_()
     w = _weight(2, torch.float64).requires_grad_()
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    groups = 1 if chunks else 2
-    n = 4 // groups * 9
-    c = gaussian_constant(norm, n, K, chunks, x.dtype, x.device)
+    ghost = None if opts.get("chunks") else 2  # two ghost groups, or one group of two range chunks
 
     def f(x, w, b, memory_format=torch.contiguous_format):
-        # a copy inside the function under test: the Function overwrites its input
+        # a copy inside the function under test: the in-place Function overwrites its input
         xi = x.clone(memory_format=memory_format)
-        y = LeanBatchNormFunction.apply(xi, w, b, c, 1e-5, norm, K, groups, chunks or 1, "eager", True)[0]
-        assert y is xi
+        y = lean_batch_norm(xi, None, None, w, b, True, 0.1, 1e-5, norm, k=K, ghost_batch_size=ghost,
+                            impl="eager", inplace=True, **opts)
+        assert y is xi and y.grad_fn.name() == "LeanBatchNormInplaceFunctionBackward"
         return y
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
     assert torch.autograd.gradcheck(lambda *a: f(*a, memory_format=torch.channels_last), (x, w, b), eps=1e-6,
                                     atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["eager", "reference"])
+def test_input_that_is_a_view(impl):
+    # a batch slice (contiguous view) and a channel slice (strided view) of a tensor that requires grad
+    for channels, index in ((4, (slice(2, 6),)), (6, (slice(None), slice(1, 5)))):
+        grads = {}
+        for which in ("inplace", "reference"):
+            torch.manual_seed(0)
+            leaf = torch.randn(8, channels, 5, 5, dtype=torch.float64, requires_grad=True)
+            base = leaf * 1.0
+            v = base[index]
+            layer = nm.LpBatchNorm2d(4, norm="l1", impl=impl if which == "inplace" else "reference",
+                                     inplace=which == "inplace").double()
+            if which == "inplace":
+                y = layer(v)
+                assert y is v
+                out = base
+            else:
+                out = base.clone()
+                out[index] = layer(v)
+            (out.square() * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+            grads[which] = leaf.grad
+        torch.testing.assert_close(grads["inplace"], grads["reference"], **F64)
 
 
 def test_zero_weight_is_a_clear_error():

@@ -15,8 +15,9 @@ The first line of ∂L/∂x is the gradient through (x − μ) at fixed σ̂ and
 statistic and (range) the per-chunk extremes: the centered input, |d| and sign(d) are recomputed in
 registers. Mean-only normalization: y = w·(x − μ) + b, ∂L/∂x = w·(g − Σg/n).
 
-In-place mode (``inplace=True``, In-Place ABN, Rota Bulò et al. 2018): forward writes y into the input's
-buffer and backward keeps only y, w, b and the (C,) raw statistic. It reconstructs the centered input::
+In-place mode (``inplace=True``, In-Place ABN, Rota Bulò et al. 2018): forward runs a statistics pass
+(:func:`stats`) and then writes y into the input's buffer (:func:`forward_inplace`; the same memory traffic
+as :func:`forward`); backward keeps only y, w, b and the (C,) raw statistic. It reconstructs the centered input::
 
     d = (y − b) / (w·r)      (mean-only: d = (y − b) / w;  w ≠ 0 is required)
 
@@ -53,27 +54,43 @@ def forward(x5: Tensor, weight: Tensor, bias: Tensor, c: Tensor, eps: float, nor
             k: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
     """(y, μ, raw, aux) for x5 of shape (G, m, q, C, S); raw is None-like (μ) for mean-only."""
     est = get_estimator(norm)
-    acc = acc_dtype(x5.dtype)
-    x = x5.to(acc)
-    w = _per_channel(weight, acc)
-    b = _per_channel(bias, acc)
+    x = x5.to(acc_dtype(x5.dtype))
     if not est.divides:
         mean = x.mean(DIMS, keepdim=True)
-        return ((x - mean) * w + b).to(x5.dtype), mean, mean, ()
+        return _normalize(x, weight, bias, mean, mean, c, eps, False).to(x5.dtype), mean, mean, ()
     mean, raw, aux = est.lean_stats(x, k)
-    sigma = c.to(acc) * raw
-    scale = torch.rsqrt(sigma * sigma + eps) * w
-    y = (x - mean) * scale + b
-    return y.to(x5.dtype), mean, raw, aux
+    return _normalize(x, weight, bias, mean, raw, c, eps, True).to(x5.dtype), mean, raw, aux
 
 
-def forward_inplace(x5: Tensor, weight: Tensor, bias: Tensor, c: Tensor, eps: float, norm: str,
-                    k: int) -> tuple[Tensor, Tensor]:
-    """:func:`forward` writing y into x5 (in-place mode); returns (μ, raw). Compiled, the copy becomes the
-    store of the normalization kernel into the input's buffer (no output allocation)."""
-    y, mean, raw, _ = forward(x5, weight, bias, c, eps, norm, k)
-    x5.copy_(y)
+def stats(x5: Tensor, norm: str, k: int) -> tuple[Tensor, Tensor]:
+    """(μ, raw) of x5 (raw = μ for mean-only): the statistics pass of in-place mode."""
+    est = get_estimator(norm)
+    x = x5.to(acc_dtype(x5.dtype))
+    if not est.divides:
+        mean = x.mean(DIMS, keepdim=True)
+        return mean, mean
+    mean, raw, _ = est.lean_stats(x, k)
     return mean, raw
+
+
+def forward_inplace(x5: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, raw: Tensor, c: Tensor, eps: float,
+                    norm: str) -> None:
+    """y from the statistics of :func:`stats`, written into x5 (in-place mode). Compiled, this is one
+    elementwise kernel that stores into the input's buffer (no output allocation)."""
+    x = x5.to(acc_dtype(x5.dtype))
+    x5.copy_(_normalize(x, weight, bias, mean, raw, c, eps, get_estimator(norm).divides))
+
+
+def _normalize(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, raw: Tensor, c: Tensor, eps: float,
+               divides: bool) -> Tensor:
+    """y = w·r·(x − μ) + b (mean-only: w·(x − μ) + b) in the accumulation dtype of x."""
+    w = _per_channel(weight, x.dtype)
+    b = _per_channel(bias, x.dtype)
+    if not divides:
+        return (x - mean) * w + b
+    sigma = c.to(x.dtype) * raw
+    scale = torch.rsqrt(sigma * sigma + eps) * w
+    return (x - mean) * scale + b
 
 
 def backward(gy5: Tensor, x5: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, aux: tuple[Tensor, ...],

@@ -78,33 +78,21 @@ def _kernel(direction: str, norm: str, impl: str, device: torch.device):
 class LeanBatchNormFunction(torch.autograd.Function):
     """Training-mode Lp batch norm with an analytic backward that saves only x, w and (C,)-statistics.
 
-    forward(x, weight, bias, c, eps, norm, k, groups, chunks, impl, inplace) → (y, μ (G, C), raw (G, C));
-    μ and raw are non-differentiable (they feed the running statistics). With ``inplace=True`` y *is* x
-    (overwritten, marked dirty) and backward keeps only y, w, b and raw (see :mod:`.formulas`); every
-    weight entry must be non-zero (checked by :func:`lean_batch_norm`, not here).
+    forward(x, weight, bias, c, eps, norm, k, groups, chunks, impl) → (y, μ (G, C), raw (G, C));
+    μ and raw are non-differentiable (they feed the running statistics).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, c, eps, norm, k, groups, m, impl, inplace=False):
+    def forward(ctx, x, weight, bias, c, eps, norm, k, groups, m, impl):
         cl = _is_channels_last(x)
         x5 = _view5(x, groups, m, cl)
+        y5, mean, raw, aux = _kernel("forward", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
+        # detached alias, not a view of an internal tensor: callers may modify y in place (ReLU(inplace))
+        y = _unview5(y5, x, cl).detach()
         divides = get_estimator(norm).divides
-        if inplace:
-            if cl or x.is_contiguous():  # x5 is a view of x: the kernel stores y into x's buffer
-                mean, raw = _kernel("forward_inplace", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
-            else:  # other strides: _view5 copied, so normalize the copy and write it back
-                y5, mean, raw, _ = _kernel("forward", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
-                x.copy_(_unview5(y5, x, cl))
-            ctx.mark_dirty(x)
-            y = x
-            ctx.save_for_backward(x, weight, bias, *((raw,) if divides else ()))
-        else:
-            y5, mean, raw, aux = _kernel("forward", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
-            # detached alias, not a view of an internal tensor: callers may modify y in place (ReLU(inplace))
-            y = _unview5(y5, x, cl).detach()
-            ctx.save_for_backward(x, weight, mean, *((raw,) + tuple(aux) if divides else ()))
+        ctx.save_for_backward(x, weight, mean, *((raw,) + tuple(aux) if divides else ()))
         ctx.c = c  # a cached constant, not an activation
-        ctx.meta = (eps, norm, k, groups, m, impl, cl, inplace)
+        ctx.meta = (eps, norm, k, groups, m, impl, cl)
         C = x.shape[1]
         mean_gc = mean.reshape(groups, C)
         raw_gc = raw.reshape(groups, C)
@@ -113,22 +101,51 @@ class LeanBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, _gmean, _graw):
-        eps, norm, k, groups, m, impl, cl, inplace = ctx.meta
+        eps, norm, k, groups, m, impl, cl = ctx.meta
+        x, weight, mean, *rest = ctx.saved_tensors
+        raw, aux = (rest[0], tuple(rest[1:])) if rest else (mean, ())
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if inplace:
-            y, weight, bias, *rest = ctx.saved_tensors
-            gx5, gw, gb = _kernel("backward_inplace", norm, impl, y.device)(
-                _view5(gy, groups, m, cl), _view5(y, groups, m, cl), weight, bias, rest[0] if rest else None,
-                ctx.c, eps, norm, k, need_w, need_b)
-            x = y
-        else:
-            x, weight, mean, *rest = ctx.saved_tensors
-            raw, aux = (rest[0], tuple(rest[1:])) if rest else (mean, ())
-            gx5, gw, gb = _kernel("backward", norm, impl, x.device)(
-                _view5(gy, groups, m, cl), _view5(x, groups, m, cl), weight, mean, raw, aux, ctx.c, eps, norm,
-                k, need_w, need_b)
+        gx5, gw, gb = _kernel("backward", norm, impl, x.device)(
+            _view5(gy, groups, m, cl), _view5(x, groups, m, cl), weight, mean, raw, aux, ctx.c, eps, norm,
+            k, need_w, need_b)
         gx = _unview5(gx5, x, cl) if need_x else None
-        return gx, gw, gb, None, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+class LeanBatchNormInplaceFunction(torch.autograd.Function):
+    """In-place mode (In-Place ABN style): y overwrites x; backward saves only y, w, b and raw.
+
+    forward(x, weight, bias, mean, raw, c, eps, norm, k, groups, chunks, impl) → x (normalized, marked
+    dirty). ``mean`` and ``raw`` (G, 1, 1, C, 1) are the batch statistics of x from ``formulas.stats``,
+    computed beforehand without autograd: the gradient through them is part of this backward. They are
+    inputs rather than outputs because a Function that modifies a view in place may return only one tensor.
+    Every weight entry must be non-zero (checked by :func:`lean_batch_norm`, not here).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, raw, c, eps, norm, k, groups, m, impl):
+        cl = _is_channels_last(x)
+        x5 = _view5(x, groups, m, cl)
+        # x5 is a view of x for contiguous and channels-last x: the kernel stores y into x's buffer
+        _kernel("forward_inplace", norm, impl, x.device)(x5, weight, bias, mean, raw, c, eps, norm)
+        if not (cl or x.is_contiguous()):  # other strides: _view5 copied; write the normalized copy back
+            x.copy_(_unview5(x5, x, cl))
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x, weight, bias, *((raw,) if get_estimator(norm).divides else ()))
+        ctx.c = c
+        ctx.meta = (eps, norm, k, groups, m, impl, cl)
+        return x
+
+    @staticmethod
+    def backward(ctx, gy):
+        eps, norm, k, groups, m, impl, cl = ctx.meta
+        y, weight, bias, *rest = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx5, gw, gb = _kernel("backward_inplace", norm, impl, y.device)(
+            _view5(gy, groups, m, cl), _view5(y, groups, m, cl), weight, bias, rest[0] if rest else None,
+            ctx.c, eps, norm, k, need_w, need_b)
+        gx = _unview5(gx5, y, cl) if need_x else None
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 def check_inplace_weight(weight: Tensor | None, where: str) -> None:
@@ -220,8 +237,15 @@ def lean_batch_norm(
     w = weight if weight is not None else torch.ones(C, dtype=pdtype, device=input.device)
     b = bias if bias is not None else torch.zeros(C, dtype=pdtype, device=input.device)
     c = gaussian_constant(norm, n, k, chunks, acc, input.device)
-    y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, chunks or 1, impl,
-                                               inplace)
+    m = chunks or 1
+    if inplace:
+        # statistics first (no autograd: the Function's backward covers them), then y written over the input
+        mean, raw = _kernel("stats", norm, impl, input.device)(
+            _view5(input.detach(), groups, m, _is_channels_last(input)), norm, k)
+        y = LeanBatchNormInplaceFunction.apply(input, w, b, mean, raw, c, eps, norm, k, groups, m, impl)
+        mean, raw = mean.reshape(groups, C), raw.reshape(groups, C)
+    else:
+        y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, m, impl)
     if running_mean is None and running_var is None and num_batches_tracked is None \
             and nonfinite == "ignore":
         return y
