@@ -144,6 +144,16 @@ class Estimator:
         """Per-channel sums the backward needs besides Σ grad and Σ grad·x̂ (fused into the same pass)."""
         return ()
 
+    def lean_thresholds(self, d: Tensor, raw: Tensor, aux: tuple[Tensor, ...],
+                        k: int = 10) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """(raw, aux) as :meth:`lean_sums` and :meth:`lean_dstat` should see them when the backward has only
+        a reconstruction of d (in-place mode: d = (y − bias) / (weight · r), equal to the forward's d up to
+        rounding). Statistics that the backward compares elements against for equality (the max |d| of
+        ``linf``, the k-th largest |d| of ``topk``, the per-chunk extremes of ``range``) must be recomputed
+        from that d, or the rounding would make every comparison fail; the default passes them through.
+        The d given here is centered, so it also serves as x (μ = 0)."""
+        return raw, aux
+
     def lean_dstat(self, x: Tensor, d: Tensor, c: Tensor, raw: Tensor, sigma: Tensor,
                    aux: tuple[Tensor, ...], sums: tuple[Tensor, ...], n: int,
                    k: int = 10) -> tuple[Tensor, Tensor]:
@@ -241,6 +251,9 @@ class _Linf(Estimator):
     def lean_sums(self, x, d, raw, aux):
         return _extreme_sums(d, raw)  # raw = max|d| is the threshold
 
+    def lean_thresholds(self, d, raw, aux, k=10):
+        return self.lean_raw(d, d, k)
+
     def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
         e, e_sum = _extreme_pieces(d, raw, sums, 1)
         return e * c, e_sum * (c / n)
@@ -283,6 +296,9 @@ class _TopK(Estimator):
     def lean_sums(self, x, d, raw, aux):
         return _extreme_sums(d, aux[0])
 
+    def lean_thresholds(self, d, raw, aux, k=10):
+        return self.lean_raw(d, d, k)
+
     def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
         e, e_sum = _extreme_pieces(d, aux[0], sums, k)
         return e * c, e_sum * (c / n)
@@ -320,6 +336,9 @@ class _Range(Estimator):
         hi = x.amax(_LEAN_CHUNK_DIMS, keepdim=True)
         lo = x.amin(_LEAN_CHUNK_DIMS, keepdim=True)
         return (hi - lo).mean(1, keepdim=True), (hi, lo)
+
+    def lean_thresholds(self, d, raw, aux, k=10):
+        return self.lean_raw(d, d, k)  # the chunk extremes of d = x − μ are those of x, shifted by μ
 
     def lean_sums(self, x, d, raw, aux):
         hi, lo = aux

@@ -3,6 +3,14 @@
 See :mod:`.lean` (dispatch, autograd Function), :mod:`.formulas` (the math) and :mod:`.compiled`.
 """
 
-from .lean import IMPLS, LeanBatchNormFunction, gaussian_constant, lean_batch_norm, resolve_impl
+from .lean import (
+    IMPLS,
+    LeanBatchNormFunction,
+    LeanBatchNormInplaceFunction,
+    gaussian_constant,
+    lean_batch_norm,
+    resolve_impl,
+)
 
-__all__ = ["IMPLS", "LeanBatchNormFunction", "gaussian_constant", "lean_batch_norm", "resolve_impl"]
+__all__ = ["IMPLS", "LeanBatchNormFunction", "LeanBatchNormInplaceFunction", "gaussian_constant", "lean_batch_norm",
+           "resolve_impl"]

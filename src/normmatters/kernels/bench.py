@@ -13,6 +13,11 @@ Per case (shape, dtype, memory format) and norm:
 * ``roof``: fraction of the memory roofline reached: one read and one write of the tensor in forward and
   in backward (4 × its bytes) at the copy bandwidth measured in the same run, divided by fwd+bwd time.
 
+Each dividing norm also gets a ``<norm>+inplace`` row (``inplace=True``, In-Place ABN style) with ``saved``
+and ``peak`` only (no timings: every call would need a fresh copy of the input). Its saved tensor is the
+output itself, which overwrote the input, so ``saved`` ≈ 1 means "nothing kept beyond the output", and
+``peak`` shows the memory actually saved.
+
 Plus a ResNet-20 (CIFAR, batch 128) SGD training step with each norm against nn.BatchNorm2d.
 """
 
@@ -135,13 +140,14 @@ def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return _median(x / y for x, y in zip(times[a], times[b], strict=True))
 
 
-def _layers(C: int, dim: int, norm: str | None, impl: str | None, device, dtype=torch.float32) -> nn.Module:
+def _layers(C: int, dim: int, norm: str | None, impl: str | None, device, dtype=torch.float32,
+            inplace: bool = False) -> nn.Module:
     from ..nn.batchnorm import LpBatchNorm1d, LpBatchNorm2d
 
     if norm is None:
         m = (nn.BatchNorm1d if dim == 2 else nn.BatchNorm2d)(C)
     else:
-        m = (LpBatchNorm1d if dim == 2 else LpBatchNorm2d)(C, norm=norm, impl=impl)
+        m = (LpBatchNorm1d if dim == 2 else LpBatchNorm2d)(C, norm=norm, impl=impl, inplace=inplace)
     return m.to(device).train()
 
 
@@ -168,6 +174,16 @@ def bench_case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, norms: I
                 y.backward(g)
         return f
 
+    def run_inplace(m: nn.Module, backward: bool) -> Callable[[], None]:
+        # the input must be a fresh non-leaf copy per call; it is made here, outside the measured call
+        x = x0.detach().requires_grad_().clone()
+
+        def f() -> None:
+            y = m(x)
+            if backward:
+                y.backward(g)
+        return f
+
     fwd = _interleaved({k: run(m, False) for k, m in mods.items()}, rounds, device)
     step = _interleaved({k: run(m, True) for k, m in mods.items()}, rounds, device)
     nbytes = x0.numel() * x0.element_size()
@@ -185,6 +201,17 @@ def bench_case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, norms: I
             saved=saved_bytes(run(mods[norm], False)) / base_saved,
             peak=peak_bytes(run(mods[norm], True), device) / base_peak,
             roof=roof_s / _median(step[norm]), step_ms=_median(step[norm]) * 1e3))
+    from ..estimators import get_estimator
+
+    nan = math.nan
+    for norm in norms:
+        if get_estimator(norm).divides:
+            m = _layers(C, len(shape), norm, None, device, inplace=True)
+            run_inplace(m, True)()  # warm-up: compile outside the measurements
+            rows.append(Row(tuple(shape), str(dtype).replace("torch.", ""), layout, norm + "+inplace",
+                            nan, nan, nan, nan, nan, nan,
+                            saved=saved_bytes(run_inplace(m, False)) / base_saved,
+                            peak=peak_bytes(run_inplace(m, True), device) / base_peak, roof=nan, step_ms=nan))
     rows.append(Row(tuple(shape), str(dtype).replace("torch.", ""), layout, "bn(eager)", 1.0,
                     _ratio(fwd, "bn", "bnc"), math.nan, 1.0, _ratio(step, "bn", "bnc"), math.nan, 1.0, 1.0,
                     roof_s / _median(step["bn"]), _median(step["bn"]) * 1e3))
@@ -286,11 +313,14 @@ def format_table(rows: list[Row]) -> str:
     head = ("| shape | dtype | layout | norm | fwd /bn | fwd /bnc | fwd /naive | fwd+bwd /bn | "
             "fwd+bwd /bnc | fwd+bwd /naive | saved /bn | peak /bn | roofline | fwd+bwd ms |")
     lines = [head, "|" + "---|" * 14]
+    def f(v: float, spec: str = ".2f") -> str:
+        return "–" if math.isnan(v) else format(v, spec)
+
     for r in rows:
         lines.append(f"| {'x'.join(map(str, r.shape))} | {r.dtype} | {r.layout} | {r.norm} | "
-                     f"{r.fwd_bn:.2f} | {r.fwd_bnc:.2f} | {r.fwd_naive:.2f} | {r.step_bn:.2f} | "
-                     f"{r.step_bnc:.2f} | {r.step_naive:.2f} | {r.saved:.2f} | {r.peak:.2f} | "
-                     f"{r.roof:.0%} | {r.step_ms:.2f} |")
+                     f"{f(r.fwd_bn)} | {f(r.fwd_bnc)} | {f(r.fwd_naive)} | {f(r.step_bn)} | "
+                     f"{f(r.step_bnc)} | {f(r.step_naive)} | {f(r.saved)} | {f(r.peak)} | "
+                     f"{f(r.roof, '.0%')} | {f(r.step_ms)} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,10 @@ reference path, which it calls for eval mode and for ``impl="reference"``) plus 
 
 The environment variable ``NORMMATTERS_KERNEL`` (same values) overrides the default. Saved for backward:
 the input, the weight and per-channel statistics (μ, the raw statistic and, for range, per-chunk max and
-min) — at most the five (C,)-vectors + input that ``nn.BatchNorm2d`` saves. Inside a user's
+min) — at most the five (C,)-vectors + input that ``nn.BatchNorm2d`` saves. With ``inplace=True``
+(In-Place ABN style) the output overwrites the input and backward saves only the output itself, the
+weight, the bias and the (C,) raw statistic: it reconstructs the centered input from the output, which
+needs every weight entry non-zero (see :func:`lean_batch_norm` and :mod:`.formulas`). Inside a user's
 ``torch.compile`` the formulas are traced into the user's graph (no nested compile, no graph break).
 """
 
@@ -25,7 +28,7 @@ from ..estimators import get_estimator
 from ..functional import NONFINITE_MODES, check_input, lp_batch_norm, report_nonfinite, training_groups
 from . import compiled, formulas
 
-__all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant"]
+__all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant", "check_inplace_weight"]
 
 IMPLS = ("compiled", "eager", "reference")
 ENV = "NORMMATTERS_KERNEL"
@@ -109,6 +112,69 @@ class LeanBatchNormFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None, None
 
 
+class LeanBatchNormInplaceFunction(torch.autograd.Function):
+    """In-place mode (In-Place ABN style): y overwrites x; backward saves only y, w, b and raw.
+
+    forward(x, weight, bias, mean, raw, c, eps, norm, k, groups, chunks, impl) → x (normalized, marked
+    dirty). ``mean`` and ``raw`` (G, 1, 1, C, 1) are the batch statistics of x from ``formulas.stats``,
+    computed beforehand without autograd: the gradient through them is part of this backward. They are
+    inputs rather than outputs because a Function that modifies a view in place may return only one tensor.
+    Every weight entry must be non-zero (checked by :func:`lean_batch_norm`, not here).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, raw, c, eps, norm, k, groups, m, impl):
+        cl = _is_channels_last(x)
+        x5 = _view5(x, groups, m, cl)
+        # x5 is a view of x for contiguous and channels-last x: the kernel stores y into x's buffer
+        _kernel("forward_inplace", norm, impl, x.device)(x5, weight, bias, mean, raw, c, eps, norm)
+        if not (cl or x.is_contiguous()):  # other strides: _view5 copied; write the normalized copy back
+            x.copy_(_unview5(x5, x, cl))
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x, weight, bias, *((raw,) if get_estimator(norm).divides else ()))
+        ctx.c = c
+        ctx.meta = (eps, norm, k, groups, m, impl, cl)
+        return x
+
+    @staticmethod
+    def backward(ctx, gy):
+        eps, norm, k, groups, m, impl, cl = ctx.meta
+        y, weight, bias, *rest = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx5, gw, gb = _kernel("backward_inplace", norm, impl, y.device)(
+            _view5(gy, groups, m, cl), _view5(y, groups, m, cl), weight, bias, rest[0] if rest else None,
+            ctx.c, eps, norm, k, need_w, need_b)
+        gx = _unview5(gx5, y, cl) if need_x else None
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
+
+
+def check_inplace_weight(weight: Tensor | None, where: str) -> None:
+    """``inplace=True`` reconstructs the input from the output by dividing by the weight: every entry must be
+    non-zero. Eager only (one host synchronisation); skipped under ``torch.compile``, where a data-dependent
+    raise would break the graph (a zero weight there gives non-finite input gradients)."""
+    if weight is None or torch.compiler.is_compiling():
+        return
+    zeros = int((weight == 0).sum())
+    if zeros:
+        raise ValueError(f"{where}: inplace=True needs every weight != 0 to reconstruct the input from the "
+                         f"output (In-Place ABN); found {zeros} zero entr{'y' if zeros == 1 else 'ies'} — use "
+                         "inplace=False or re-initialise the weight")
+
+
+def _eval_inplace(input: Tensor, running_mean: Tensor, running_var: Tensor | None, weight: Tensor | None,
+                  bias: Tensor | None, eps: float, divides: bool) -> Tensor:
+    """Eval mode in place: input·scale + shift with the reference's scale and shift (equal within rounding)."""
+    acc = formulas.acc_dtype(input.dtype)
+    scale = torch.rsqrt(running_var.to(acc) + eps) if divides else torch.ones_like(running_mean, dtype=acc)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    shift = -running_mean.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+    return input.mul_(scale.reshape(shape)).add_(shift.reshape(shape))
+
+
 def lean_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -127,15 +193,40 @@ def lean_batch_norm(
     nonfinite: str = "raise",
     where: str = "lean_batch_norm",
     impl: str | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     """Lp batch norm through the lean kernels; arguments and results as
-    :func:`normmatters.functional.lp_batch_norm`, plus ``impl`` ("compiled", "eager", "reference")."""
+    :func:`normmatters.functional.lp_batch_norm`, plus ``impl`` ("compiled", "eager", "reference") and
+    ``inplace`` (In-Place ABN style):
+
+    * training: the output overwrites ``input`` and is returned (the same tensor); backward reconstructs
+      the input from the output, so ``weight`` must have no zero entry (``ValueError`` naming ``where``;
+      checked in eager mode only). Autograd's in-place rules apply: a leaf that requires grad cannot be
+      passed, and an input that another op saved for its backward (e.g. the output of ``torch.sigmoid``),
+      or an output modified in place afterwards (e.g. by ``ReLU(inplace=True)``), raises autograd's
+      "modified by an inplace operation" error at backward. If ``nonfinite="raise"`` raises, the input
+      has already been overwritten (the running buffers are untouched). With ``impl="reference"`` the
+      reference is computed (on a clone when grad is enabled) and copied into ``input`` — for testing.
+    * eval: ``input·scale + shift`` in place when ``input`` does not require grad (same values as the
+      reference within rounding); out of place (a new tensor) when it does.
+    """
     impl = resolve_impl(impl, where)
-    if impl == "reference" or not training:
-        return lp_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, norm,
-                             k, chunks, ghost_batch_size, num_batches_tracked=num_batches_tracked,
-                             nonfinite=nonfinite, where=where)
     est = get_estimator(norm)
+    if not training:
+        if inplace and not (input.requires_grad and torch.is_grad_enabled()):
+            check_input(input, where=where)
+            if running_mean is None or (est.divides and running_var is None):
+                raise ValueError(f"{where}: eval mode needs running statistics (or pass training=True)")
+            return _eval_inplace(input, running_mean, running_var, weight, bias, eps, est.divides)
+        impl = "reference"
+    elif inplace:
+        check_inplace_weight(weight, where)
+    if impl == "reference":
+        src = input.clone() if training and inplace and torch.is_grad_enabled() else input
+        y = lp_batch_norm(src, running_mean, running_var, weight, bias, training, momentum, eps, norm,
+                          k, chunks, ghost_batch_size, num_batches_tracked=num_batches_tracked,
+                          nonfinite=nonfinite, where=where)
+        return input.copy_(y) if training and inplace else y
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     check_input(input, where=where)
@@ -146,7 +237,15 @@ def lean_batch_norm(
     w = weight if weight is not None else torch.ones(C, dtype=pdtype, device=input.device)
     b = bias if bias is not None else torch.zeros(C, dtype=pdtype, device=input.device)
     c = gaussian_constant(norm, n, k, chunks, acc, input.device)
-    y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, chunks or 1, impl)
+    m = chunks or 1
+    if inplace:
+        # statistics first (no autograd: the Function's backward covers them), then y written over the input
+        mean, raw = _kernel("stats", norm, impl, input.device)(
+            _view5(input.detach(), groups, m, _is_channels_last(input)), norm, k)
+        y = LeanBatchNormInplaceFunction.apply(input, w, b, mean, raw, c, eps, norm, k, groups, m, impl)
+        mean, raw = mean.reshape(groups, C), raw.reshape(groups, C)
+    else:
+        y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, m, impl)
     if running_mean is None and running_var is None and num_batches_tracked is None \
             and nonfinite == "ignore":
         return y

@@ -62,6 +62,16 @@ class LpBatchNorm(_NormBase):
         nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
         impl: kernel — None (default: $NORMMATTERS_KERNEL or "compiled"), "compiled", "eager" or
             "reference" (see :mod:`normmatters.kernels`).
+        inplace: In-Place ABN style (Rota Bulò et al. 2018): in training the output overwrites the input
+            (the same tensor is returned) and backward reconstructs the input from the output, saving
+            only the output, weight, bias and (C,) statistics. Needs every weight entry != 0 (checked
+            in eager mode, ``ValueError``); autograd's in-place rules apply (an output another op saved,
+            e.g. of ``torch.sigmoid``, cannot be the input, and ``ReLU(inplace=True)`` right after this
+            layer fails at backward — use ``ReLU()``). Eval mode runs in place when the input does not
+            require grad. Not combinable with ``precision``. See :func:`normmatters.kernels.lean_batch_norm`.
+            Memory: one activation fewer per layer when the next op saves its input anyway (a conv or
+            linear layer, SiLU, GELU); before ``ReLU()`` the count is unchanged (ReLU saves its own output;
+            In-Place ABN fuses an invertible activation to get that one too).
         precision: None (native) or "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8" (or a
             ``normmatters.precision.Precision``): the training forward is emulated with every intermediate
             rounded to that format, the backward is straight-through (float32 gradient of the native
@@ -69,12 +79,13 @@ class LpBatchNorm(_NormBase):
     """
 
     _expected_dim: tuple[int, ...] | None = None
+    inplace: bool = False  # class default: modules pickled before the option existed keep working
 
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
                  chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
                  device: Any = None, dtype: Any = None, impl: str | None = None,
-                 precision: Any = None) -> None:
+                 precision: Any = None, inplace: bool = False) -> None:
         where = type(self).__name__
         get_estimator(norm)  # unknown names fail here, before any state exists
         _check_positive_int(where, "num_features", num_features, allow_none=False)
@@ -99,6 +110,12 @@ class LpBatchNorm(_NormBase):
             from ..precision.emulate import get_precision
             get_precision(precision, where)
         self.precision = precision
+        if not isinstance(inplace, bool):
+            raise ValueError(f"{where}: inplace must be a bool, got {inplace!r}")
+        if inplace and precision is not None:
+            raise ValueError(f"{where}: inplace=True is not supported with precision= emulation (the emulated "
+                             "forward keeps its own intermediates); use one or the other")
+        self.inplace = inplace
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
 
     def _describe(self) -> str:
@@ -131,7 +148,7 @@ class LpBatchNorm(_NormBase):
             self.weight, self.bias, bn_training, momentum, self.eps,
             norm=self.norm, k=self.k, chunks=self.chunks, ghost_batch_size=self.ghost_batch_size,
             num_batches_tracked=self.num_batches_tracked if track else None,
-            nonfinite=self.nonfinite, where=self._describe(), impl=self.impl,
+            nonfinite=self.nonfinite, where=self._describe(), impl=self.impl, inplace=self.inplace,
         )
 
     def extra_repr(self) -> str:
@@ -148,6 +165,8 @@ class LpBatchNorm(_NormBase):
             s += f", nonfinite={self.nonfinite!r}"
         if self.precision is not None:
             s += f", precision={self.precision!r}"
+        if self.inplace:
+            s += ", inplace=True"
         return s
 
 
