@@ -44,6 +44,10 @@ CC_ENV = "NORMMATTERS_CC"
 CACHE_ENV = "NORMMATTERS_CACHE"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 
+#: outputs of at least this many bytes are written with non-temporal (streaming) stores, which skip the
+#: read-for-ownership of each line but leave the output out of the cache; smaller ones are cached stores
+STREAM_BYTES = int(os.environ.get("NORMMATTERS_NATIVE_STREAM_BYTES", 4 << 20))
+
 _lib: ctypes.CDLL | None = None
 _failed = False
 _lock = threading.Lock()
@@ -85,10 +89,10 @@ def _build() -> ctypes.CDLL:
     i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for sfx in _SUFFIX.values():
         fwd = getattr(lib, f"nm_forward_{sfx}")
-        fwd.argtypes = [ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint]
+        fwd.argtypes = [ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint, cint]
         fwd.restype = None
         bwd = getattr(lib, f"nm_backward_{sfx}")
-        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint]
+        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint]
         bwd.restype = None
     return lib
 
@@ -127,6 +131,10 @@ def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
 
+def _stream(x: Tensor) -> int:
+    return int(x.numel() * x.element_size() >= STREAM_BYTES)
+
+
 def _dims(x: Tensor) -> tuple[int, int, int]:
     N, C = x.shape[0], x.shape[1]
     return N, C, x.numel() // (N * C)
@@ -144,7 +152,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float,
     lo = x.new_empty(C) if norm == "range" else None
     getattr(lib, f"nm_forward_{_SUFFIX[x.dtype]}")(
         x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
-        _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), torch.get_num_threads())
+        _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x), torch.get_num_threads())
     return y, mean, raw, ((hi, lo) if norm == "range" else ())
 
 
@@ -161,6 +169,6 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
     hi, lo = aux if norm == "range" else (None, None)
     getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
         gy.data_ptr(), x.data_ptr(), _ptr(gx), weight.data_ptr(), mean.data_ptr(), raw.data_ptr(), _ptr(hi),
-        _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps),
+        _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x),
         torch.get_num_threads())
     return gx, gw, gb
