@@ -3,7 +3,8 @@
 ``lean_batch_norm`` has the signature and semantics of :func:`normmatters.functional.lp_batch_norm` (the
 reference path, which it calls for eval mode and for ``impl="reference"``) plus ``impl``:
 
-* ``"auto"`` (default): ``"native"`` where it is eligible (see :func:`.native.eligible`), else ``"compiled"``;
+* ``"auto"`` (default): ``"native"`` where it is eligible (see :func:`.native.eligible`) and measured faster
+  (rows of at least :data:`.native.AUTO_MIN_ROW` contiguous elements), else ``"compiled"``;
 * ``"native"``: cache-blocked C/OpenMP CPU kernels (:mod:`.native`; built with gcc on first use, about a
   second), for CPU float32/float64 contiguous inputs, norms mean, l2, l1, linf, range, no ghost batches or
   range chunks; other cases (and a missing compiler, after one warning) run ``"compiled"``;
@@ -178,8 +179,11 @@ class LeanBatchNormInplaceFunction(torch.autograd.Function):
 
 
 def _use_native(impl: str, x: Tensor, w: Tensor, b: Tensor, norm: str, groups: int, m: int) -> bool:
-    """"native" and "auto" run the native kernels where eligible and the library builds (else Inductor)."""
-    return impl in ("auto", "native") and native.eligible(x, w, b, norm, groups, m) and native.available()
+    """"native" runs the native kernels where eligible and the library builds (else Inductor); "auto" too, where
+    they measured faster (:func:`.native.auto_prefers`)."""
+    if impl not in ("auto", "native") or not native.eligible(x, w, b, norm, groups, m):
+        return False
+    return (impl == "native" or native.auto_prefers(x)) and native.available()
 
 
 def check_inplace_weight(weight: Tensor | None, where: str) -> None:

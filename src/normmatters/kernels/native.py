@@ -119,6 +119,17 @@ def available() -> bool:
     return load() is not None
 
 
+#: "auto" uses the native kernels only from this many contiguous elements per (sample, channel) row on: a
+#: channel's rows are then long enough to stream (measured faster than Inductor at S = 64 and above; at S = 1,
+#: e.g. (N, C) inputs, the channel-at-a-time walk is strided and several times slower)
+AUTO_MIN_ROW = 16
+
+
+def auto_prefers(x: Tensor) -> bool:
+    """Whether "auto" should take the native kernels for an eligible ``x`` (see :data:`AUTO_MIN_ROW`)."""
+    return x.numel() // (x.shape[0] * x.shape[1]) >= AUTO_MIN_ROW
+
+
 def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int) -> bool:
     """Whether the native kernels cover this call (see the module docstring); does not build anything."""
     return (norm in NORM_CODES and groups == 1 and m == 1 and x.device.type == "cpu"
