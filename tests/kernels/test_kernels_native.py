@@ -155,3 +155,11 @@ def test_build_is_cached_by_source_hash(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_compile", lambda *a: calls.append(a))
     native._build()  # cached: no second compile, no temporary files left
     assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+def test_double_backward_raises_instead_of_silently_wrong():
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = lean_batch_norm(x, None, None, training=True, norm="l1", impl="native")
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        gx.sum().backward()

@@ -133,6 +133,7 @@ class NativeBatchNormFunction(torch.autograd.Function):
         return y, mean_gc, raw_gc
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the C backward builds no graph: double backward raises
     def backward(ctx, gy, _gmean, _graw):
         c, eps, norm = ctx.meta
         x, weight, mean, *rest = ctx.saved_tensors

@@ -4,7 +4,9 @@ The Inductor kernels of :mod:`.compiled` run every pass (mean, dispersion, outpu
 gradient) as its own parallel loop over all channels, so each pass streams the whole tensor from DRAM.
 Here one channel (its N×S elements: 256 KB at 64×64×32×32 float32) goes through all passes while it sits
 in the core's L2: forward reads the input from DRAM once and writes y, backward reads (g, x) once and
-writes ∂L/∂x. Channels are split over OpenMP threads (the same libgomp torch loads).
+writes ∂L/∂x. Outputs of at least :data:`STREAM_BYTES` are written with non-temporal stores (no
+read-for-ownership of the written lines). Channels are split over OpenMP threads (``torch.get_num_threads()``
+of them; the library links the libgomp that torch has already loaded). Backward is once-differentiable.
 
 The source is compiled on first use with ``gcc -O3 -march=native -fopenmp -shared -fPIC`` (no fast-math)
 into ``$NORMMATTERS_CACHE`` (default ``~/.cache/normmatters``), named by a hash of source + command, and
