@@ -3,7 +3,12 @@
 ``lean_batch_norm`` has the signature and semantics of :func:`normmatters.functional.lp_batch_norm` (the
 reference path, which it calls for eval mode and for ``impl="reference"``) plus ``impl``:
 
-* ``"compiled"`` (default): the formulas of :mod:`.formulas` compiled by ``torch.compile`` (first call
+* ``"auto"`` (default): ``"native"`` where it is eligible (see :func:`.native.eligible`) and measured faster
+  (rows of at least :data:`.native.AUTO_MIN_ROW` contiguous elements), else ``"compiled"``;
+* ``"native"``: cache-blocked C/OpenMP CPU kernels (:mod:`.native`; built with gcc on first use, about a
+  second), for CPU float32/float64 contiguous inputs, norms mean, l2, l1, linf, range, no ghost batches or
+  range chunks; other cases (and a missing compiler, after one warning) run ``"compiled"``;
+* ``"compiled"``: the formulas of :mod:`.formulas` compiled by ``torch.compile`` (first call
   costs seconds per norm; see :data:`.compiled.compile_seconds`), eager fallback with one warning;
 * ``"eager"``: the same formulas run op by op (still lean in memory);
 * ``"reference"``: :func:`~normmatters.functional.lp_batch_norm`, autograd through every op.
@@ -26,17 +31,17 @@ from torch import Tensor
 
 from ..estimators import get_estimator
 from ..functional import NONFINITE_MODES, check_input, lp_batch_norm, report_nonfinite, training_groups
-from . import compiled, formulas
+from . import compiled, formulas, native
 
 __all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant", "check_inplace_weight"]
 
-IMPLS = ("compiled", "eager", "reference")
+IMPLS = ("auto", "native", "compiled", "eager", "reference")
 ENV = "NORMMATTERS_KERNEL"
 
 
 def resolve_impl(impl: str | None, where: str = "lean_batch_norm") -> str:
-    """The kernel to run: ``impl`` if given, else $NORMMATTERS_KERNEL, else "compiled"."""
-    chosen = impl if impl is not None else os.environ.get(ENV, "compiled") or "compiled"
+    """The kernel to run: ``impl`` if given, else $NORMMATTERS_KERNEL, else "auto"."""
+    chosen = impl if impl is not None else os.environ.get(ENV, "auto") or "auto"
     if chosen not in IMPLS:
         src = "impl" if impl is not None else f"${ENV}"
         raise ValueError(f"{where}: {src} must be one of {IMPLS}, got {chosen!r}")
@@ -112,6 +117,32 @@ class LeanBatchNormFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None, None
 
 
+class NativeBatchNormFunction(torch.autograd.Function):
+    """:class:`LeanBatchNormFunction` on the native CPU kernels (:mod:`.native`): one group, one chunk,
+    contiguous input. forward(x, weight, bias, c, eps, norm) → (y, μ (1, C), raw (1, C)); saves x, w and the
+    (C,) statistics (range: also the per-channel max and min), as the Inductor path does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, c, eps, norm):
+        y, mean, raw, aux = native.forward(x, weight, bias, c, eps, norm)
+        divides = get_estimator(norm).divides
+        ctx.save_for_backward(x, weight, mean, *((raw,) + tuple(aux) if divides else ()))
+        ctx.meta = (c, eps, norm)
+        mean_gc, raw_gc = mean.view(1, -1), raw.view(1, -1)
+        ctx.mark_non_differentiable(mean_gc, raw_gc)
+        return y, mean_gc, raw_gc
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the C backward builds no graph: double backward raises
+    def backward(ctx, gy, _gmean, _graw):
+        c, eps, norm = ctx.meta
+        x, weight, mean, *rest = ctx.saved_tensors
+        raw, aux = (rest[0], tuple(rest[1:])) if rest else (mean, ())
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = native.backward(gy, x, weight, mean, raw, aux, c, eps, norm, need_x, need_w, need_b)
+        return gx, gw, gb, None, None, None
+
+
 class LeanBatchNormInplaceFunction(torch.autograd.Function):
     """In-place mode (In-Place ABN style): y overwrites x; backward saves only y, w, b and raw.
 
@@ -146,6 +177,14 @@ class LeanBatchNormInplaceFunction(torch.autograd.Function):
             ctx.c, eps, norm, k, need_w, need_b)
         gx = _unview5(gx5, y, cl) if need_x else None
         return gx, gw, gb, None, None, None, None, None, None, None, None, None
+
+
+def _use_native(impl: str, x: Tensor, w: Tensor, b: Tensor, norm: str, groups: int, m: int) -> bool:
+    """"native" runs the native kernels where eligible and the library builds (else Inductor); "auto" too, where
+    they measured faster (:func:`.native.auto_prefers`)."""
+    if impl not in ("auto", "native") or not native.eligible(x, w, b, norm, groups, m):
+        return False
+    return (impl == "native" or native.auto_prefers(x)) and native.available()
 
 
 def check_inplace_weight(weight: Tensor | None, where: str) -> None:
@@ -196,7 +235,8 @@ def lean_batch_norm(
     inplace: bool = False,
 ) -> Tensor:
     """Lp batch norm through the lean kernels; arguments and results as
-    :func:`normmatters.functional.lp_batch_norm`, plus ``impl`` ("compiled", "eager", "reference") and
+    :func:`normmatters.functional.lp_batch_norm`, plus ``impl`` ("auto", "native", "compiled", "eager",
+    "reference"; see the module docstring) and
     ``inplace`` (In-Place ABN style):
 
     * training: the output overwrites ``input`` and is returned (the same tensor); backward reconstructs
@@ -244,6 +284,8 @@ def lean_batch_norm(
             _view5(input.detach(), groups, m, _is_channels_last(input)), norm, k)
         y = LeanBatchNormInplaceFunction.apply(input, w, b, mean, raw, c, eps, norm, k, groups, m, impl)
         mean, raw = mean.reshape(groups, C), raw.reshape(groups, C)
+    elif _use_native(impl, input, w, b, norm, groups, m):
+        y, mean, raw = NativeBatchNormFunction.apply(input, w, b, float(c), eps, norm)
     else:
         y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, m, impl)
     if running_mean is None and running_var is None and num_batches_tracked is None \

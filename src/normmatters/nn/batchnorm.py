@@ -60,8 +60,8 @@ class LpBatchNorm(_NormBase):
         chunks: ``norm="range"`` only — average the ranges of this many equal chunks of the batch.
         ghost_batch_size: normalize each group of this many samples with its own statistics.
         nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
-        impl: kernel — None (default: $NORMMATTERS_KERNEL or "compiled"), "compiled", "eager" or
-            "reference" (see :mod:`normmatters.kernels`).
+        impl: kernel — None (default: $NORMMATTERS_KERNEL or "auto"), "auto", "native", "compiled", "eager"
+            or "reference" (see :mod:`normmatters.kernels.lean`).
         inplace: In-Place ABN style (Rota Bulò et al. 2018): in training the output overwrites the input
             (the same tensor is returned) and backward reconstructs the input from the output, saving
             only the output, weight, bias and (C,) statistics. Needs every weight entry != 0 (checked

@@ -1,0 +1,187 @@
+"""Native CPU fast path of the lean kernels: cache-blocked C (:mod:`.native_src`) called through ctypes.
+
+The Inductor kernels of :mod:`.compiled` run every pass (mean, dispersion, output; backward sums, then the
+gradient) as its own parallel loop over all channels, so each pass streams the whole tensor from DRAM.
+Here one channel (its N×S elements: 256 KB at 64×64×32×32 float32) goes through all passes while it sits
+in the core's L2: forward reads the input from DRAM once and writes y, backward reads (g, x) once and
+writes ∂L/∂x. Outputs of at least :data:`STREAM_BYTES` are written with non-temporal stores (no
+read-for-ownership of the written lines). Channels are split over OpenMP threads (``torch.get_num_threads()``
+of them; the library links the libgomp that torch has already loaded). Backward is once-differentiable.
+
+The source is compiled on first use with ``gcc -O3 -march=native -fopenmp -shared -fPIC`` (no fast-math)
+into ``$NORMMATTERS_CACHE`` (default ``~/.cache/normmatters``), named by a hash of source + command, and
+written atomically (temporary file + rename), so concurrent processes are safe. If the compiler is missing
+or fails, :func:`available` is False after one warning and callers keep the Inductor path.
+
+Scope (:func:`eligible`): CPU, float32/float64 with parameters of the same dtype, contiguous (N, C, *),
+one group (no ghost batches), one range chunk, norms mean, l2, l1, linf, range; not under torch.compile.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .native_src import SOURCE
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NORM_CODES", "available", "eligible", "forward", "backward", "load"]
+
+#: norm name → code in the C source
+NORM_CODES = {"mean": 0, "l2": 1, "l1": 2, "linf": 3, "range": 4}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+CC_ENV = "NORMMATTERS_CC"
+CACHE_ENV = "NORMMATTERS_CACHE"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
+
+#: outputs of at least this many bytes are written with non-temporal (streaming) stores, which skip the
+#: read-for-ownership of each line but leave the output out of the cache; smaller ones are cached stores
+STREAM_BYTES = int(os.environ.get("NORMMATTERS_NATIVE_STREAM_BYTES", 4 << 20))
+
+_lib: ctypes.CDLL | None = None
+_failed = False
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "normmatters"
+
+
+def _compile(cc: str, out: Path) -> None:
+    """Compile SOURCE into ``out`` atomically (temporary names in the same directory, then rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_src = tempfile.mkstemp(suffix=".c", prefix=".nm-", dir=out.parent)
+    tmp_so = tmp_src[:-2] + ".so"
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(SOURCE)
+        proc = subprocess.run([cc, *FLAGS, tmp_src, "-o", tmp_so, "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode:
+            raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip()[:300]}")
+        os.replace(tmp_so, out)
+    finally:
+        for p in (tmp_src, tmp_so):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get(CC_ENV) or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler (gcc/cc) on PATH")
+    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS]).encode()).hexdigest()[:20]
+    path = cache_dir() / f"normmatters_native_{key}.so"
+    if not path.exists():
+        _compile(cc, path)
+    lib = ctypes.CDLL(str(path))
+    i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+    for sfx in _SUFFIX.values():
+        fwd = getattr(lib, f"nm_forward_{sfx}")
+        fwd.argtypes = [ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint, cint]
+        fwd.restype = None
+        bwd = getattr(lib, f"nm_backward_{sfx}")
+        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint]
+        bwd.restype = None
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library, building it on first use; None (after one warning) if that fails."""
+    global _lib, _failed
+    if _lib is not None or _failed:
+        return _lib
+    with _lock:
+        if _lib is None and not _failed:
+            try:
+                _lib = _build()
+            except Exception as exc:  # noqa: BLE001 - any build/load failure means: use the Inductor path
+                _failed = True
+                first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+                warnings.warn(f"normmatters.kernels: the native CPU kernels are unavailable "
+                              f"({type(exc).__name__}: {first_line}); using the torch.compile kernels",
+                              RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def available() -> bool:
+    return load() is not None
+
+
+#: "auto" uses the native kernels only from this many contiguous elements per (sample, channel) row on: a
+#: channel's rows are then long enough to stream (measured faster than Inductor at S = 64 and above; at S = 1,
+#: e.g. (N, C) inputs, the channel-at-a-time walk is strided and several times slower)
+AUTO_MIN_ROW = 16
+
+
+def auto_prefers(x: Tensor) -> bool:
+    """Whether "auto" should take the native kernels for an eligible ``x`` (see :data:`AUTO_MIN_ROW`)."""
+    return x.numel() // (x.shape[0] * x.shape[1]) >= AUTO_MIN_ROW
+
+
+def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int) -> bool:
+    """Whether the native kernels cover this call (see the module docstring); does not build anything."""
+    return (norm in NORM_CODES and groups == 1 and m == 1 and x.device.type == "cpu"
+            and x.dtype in _SUFFIX and weight.dtype == x.dtype and bias.dtype == x.dtype
+            and x.dim() >= 2 and x.numel() > 0 and x.is_contiguous() and weight.is_contiguous()
+            and bias.is_contiguous() and not torch.compiler.is_compiling())
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _stream(x: Tensor) -> int:
+    return int(x.numel() * x.element_size() >= STREAM_BYTES)
+
+
+def _dims(x: Tensor) -> tuple[int, int, int]:
+    N, C = x.shape[0], x.shape[1]
+    return N, C, x.numel() // (N * C)
+
+
+def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float,
+            norm: str) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    """(y, μ (C,), raw (C,), aux) — aux = (hi, lo) per channel for range, else ()."""
+    lib = _lib
+    N, C, S = _dims(x)
+    y = torch.empty_like(x)
+    mean = x.new_empty(C)
+    raw = x.new_empty(C)
+    hi = x.new_empty(C) if norm == "range" else None
+    lo = x.new_empty(C) if norm == "range" else None
+    getattr(lib, f"nm_forward_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+        _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x), torch.get_num_threads())
+    return y, mean, raw, ((hi, lo) if norm == "range" else ())
+
+
+def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, aux: tuple[Tensor, ...],
+             c: float, eps: float, norm: str, need_x: bool, need_w: bool,
+             need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(∂L/∂x, ∂L/∂w, ∂L/∂b) from the saved input and per-channel statistics of :func:`forward`."""
+    lib = _lib
+    gy = gy.contiguous()
+    N, C, S = _dims(x)
+    gx = torch.empty_like(x) if need_x else None
+    gw = x.new_empty(C) if need_w else None
+    gb = x.new_empty(C) if need_b else None
+    hi, lo = aux if norm == "range" else (None, None)
+    getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
+        gy.data_ptr(), x.data_ptr(), _ptr(gx), weight.data_ptr(), mean.data_ptr(), raw.data_ptr(), _ptr(hi),
+        _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x),
+        torch.get_num_threads())
+    return gx, gw, gb

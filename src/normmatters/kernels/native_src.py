@@ -1,0 +1,235 @@
+"""C99 + OpenMP source of the native CPU kernels (compiled and loaded by :mod:`.native`).
+
+The per-element arithmetic here is the one :mod:`.formulas` composes from the estimator pieces in
+:mod:`normmatters.estimators` (``lean_raw``, ``lean_sums``, ``lean_dstat``, ``_extreme_pieces``) — read those
+for the math; this file only reorders it for the cache: one channel (its N×S elements) at a time through
+every pass, so only the first pass of each direction streams from DRAM. The constant c(n) is an argument
+(``cn``), taken from the estimator registry; no statistic's constant is written here.
+
+Layout: x is (N, C, S) contiguous; per-channel vectors are (C,). Norm codes: 0 mean-only, 1 l2, 2 l1,
+3 linf, 4 range (one chunk). Row sums accumulate in the element type (vectorized, ``omp simd reduction``)
+and are added into double per row of S elements; counts are integers.
+"""
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+#define NM_MEAN 0
+#define NM_L2 1
+#define NM_L1 2
+#define NM_LINF 3
+#define NM_RANGE 4
+#define NM_BLK 1024
+
+/* non-temporal stores of a finished block: the output is not read again by this kernel, so streaming it
+   skips the read-for-ownership of every written line (a third of the DRAM traffic of a pass) */
+#if defined(__AVX__)
+#include <immintrin.h>
+static inline void nm_stream_f32(float *restrict dst, const float *restrict src, int64_t n) {
+    int64_t j = 0;
+    for (; j < n && ((uintptr_t)(dst + j) & 31); ++j) dst[j] = src[j];
+    for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+    for (; j < n; ++j) dst[j] = src[j];
+}
+static inline void nm_stream_f64(double *restrict dst, const double *restrict src, int64_t n) {
+    int64_t j = 0;
+    for (; j < n && ((uintptr_t)(dst + j) & 31); ++j) dst[j] = src[j];
+    for (; j + 4 <= n; j += 4) _mm256_stream_pd(dst + j, _mm256_loadu_pd(src + j));
+    for (; j < n; ++j) dst[j] = src[j];
+}
+#define NM_SFENCE() _mm_sfence()
+#else
+static inline void nm_stream_f32(float *restrict dst, const float *restrict src, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+}
+static inline void nm_stream_f64(double *restrict dst, const double *restrict src, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+}
+#define NM_SFENCE() ((void)0)
+#endif
+
+#define NM_DEFINE(T, SFX, ABS)                                                                               \
+void nm_forward_##SFX(const T *restrict x, T *restrict y, const T *restrict w, const T *restrict b,       \
+                      T *restrict mean_out, T *restrict raw_out, T *restrict hi_out, T *restrict lo_out,  \
+                      int64_t N, int64_t C, int64_t S, int norm, double cn, double eps, int stream,      \
+                      int nthreads)         \
+{                                                                                                         \
+    const double n = (double)N * (double)S;                                                               \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                    \
+    for (int64_t c = 0; c < C; ++c) {                                                                     \
+        T buf[NM_BLK] __attribute__((aligned(64)));                                                       \
+        double sum = 0.0;                                                                                 \
+        T hi = x[c * S], lo = x[c * S];                                                                   \
+        for (int64_t i = 0; i < N; ++i) {                                                                 \
+            const T *xr = x + (i * C + c) * S;                                                            \
+            T s = 0;                                                                                      \
+            if (norm == NM_RANGE) {                                                                       \
+                T h = hi, l = lo;                                                                         \
+                _Pragma("omp simd reduction(+:s) reduction(max:h) reduction(min:l)")                      \
+                for (int64_t j = 0; j < S; ++j) { T v = xr[j]; s += v; h = v > h ? v : h; l = v < l ? v : l; } \
+                hi = h; lo = l;                                                                           \
+            } else {                                                                                      \
+                _Pragma("omp simd reduction(+:s)")                                                        \
+                for (int64_t j = 0; j < S; ++j) s += xr[j];                                               \
+            }                                                                                             \
+            sum += (double)s;                                                                             \
+        }                                                                                                 \
+        const T mu = (T)(sum / n);                                                                        \
+        double raw = 0.0;                                                                                 \
+        if (norm == NM_RANGE) {                                                                           \
+            raw = (double)(hi - lo);                                                                      \
+            hi_out[c] = hi; lo_out[c] = lo;                                                               \
+        } else if (norm == NM_LINF) {                                                                     \
+            T m = 0;                                                                                      \
+            for (int64_t i = 0; i < N; ++i) {                                                             \
+                const T *xr = x + (i * C + c) * S;                                                        \
+                _Pragma("omp simd reduction(max:m)")                                                      \
+                for (int64_t j = 0; j < S; ++j) { T a = ABS(xr[j] - mu); m = a > m ? a : m; }            \
+            }                                                                                             \
+            raw = (double)m;                                                                              \
+        } else if (norm == NM_L1 || norm == NM_L2) {                                                      \
+            double acc = 0.0;                                                                             \
+            for (int64_t i = 0; i < N; ++i) {                                                             \
+                const T *xr = x + (i * C + c) * S;                                                        \
+                T s = 0;                                                                                  \
+                if (norm == NM_L1) {                                                                      \
+                    _Pragma("omp simd reduction(+:s)")                                                    \
+                    for (int64_t j = 0; j < S; ++j) s += ABS(xr[j] - mu);                                \
+                } else {                                                                                  \
+                    _Pragma("omp simd reduction(+:s)")                                                    \
+                    for (int64_t j = 0; j < S; ++j) { T d = xr[j] - mu; s += d * d; }                     \
+                }                                                                                         \
+                acc += (double)s;                                                                         \
+            }                                                                                             \
+            raw = norm == NM_L1 ? acc / n : sqrt(acc / n);                                                \
+        }                                                                                                 \
+        mean_out[c] = mu;                                                                                 \
+        raw_out[c] = norm == NM_MEAN ? mu : (T)raw;                                                       \
+        T scale = w[c];                                                                                   \
+        if (norm != NM_MEAN) {                                                                            \
+            double sigma = cn * (double)(T)raw;                                                           \
+            scale = (T)((double)w[c] / sqrt(sigma * sigma + eps));                                        \
+        }                                                                                                 \
+        const T shift = b[c];                                                                             \
+        for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                      \
+            const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                          \
+            const T *xr = x + (i * C + c) * S + j0;                                                       \
+            T *yr = stream ? buf : y + (i * C + c) * S + j0;                                              \
+            _Pragma("omp simd")                                                                           \
+            for (int64_t j = 0; j < L; ++j) yr[j] = (xr[j] - mu) * scale + shift;                         \
+            if (stream) nm_stream_##SFX(y + (i * C + c) * S + j0, buf, L);                                \
+        }                                                                                                 \
+        if (stream) NM_SFENCE();                                                                          \
+    }                                                                                                     \
+}                                                                                                         \
+                                                                                                          \
+void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx, const T *restrict w,     \
+                       const T *restrict mean, const T *restrict rawv, const T *restrict hiv,             \
+                       const T *restrict lov, T *restrict gw, T *restrict gb, int64_t N, int64_t C,       \
+                       int64_t S, int norm, double cn, double eps, int stream, int nthreads)              \
+{                                                                                                         \
+    const double n = (double)N * (double)S;                                                               \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                    \
+    for (int64_t c = 0; c < C; ++c) {                                                                     \
+        T buf[NM_BLK] __attribute__((aligned(64)));                                                       \
+        const T mu = mean[c];                                                                             \
+        const T tau = norm == NM_RANGE ? hiv[c] : rawv[c];                                                \
+        const T lo = norm == NM_RANGE ? lov[c] : 0;                                                       \
+        double sg = 0.0, sgd = 0.0, ssign = 0.0, sgt = 0.0, seq = 0.0;                                    \
+        int64_t cgt = 0, ceq = 0;                                                                         \
+        for (int64_t i = 0; i < N; ++i) {                                                                 \
+            const T *xr = x + (i * C + c) * S;                                                            \
+            const T *gr = g + (i * C + c) * S;                                                            \
+            T a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;                                                     \
+            int64_t k1 = 0, k2 = 0;                                                                       \
+            if (norm == NM_L1) {                                                                          \
+                _Pragma("omp simd reduction(+:a1,a2,a3)")                                                 \
+                for (int64_t j = 0; j < S; ++j) {                                                         \
+                    T d = xr[j] - mu, gj = gr[j];                                                         \
+                    a1 += gj; a2 += gj * d; a3 += (T)(d > 0) - (T)(d < 0);                                \
+                }                                                                                         \
+            } else if (norm == NM_LINF) {                                                                 \
+                _Pragma("omp simd reduction(+:a1,a2,a4,a5,k1,k2)")                                        \
+                for (int64_t j = 0; j < S; ++j) {                                                         \
+                    T d = xr[j] - mu, gj = gr[j], a = ABS(d);                                            \
+                    T sd = (T)(d > 0) - (T)(d < 0);                                                       \
+                    a1 += gj; a2 += gj * d;                                                               \
+                    k1 += a > tau; k2 += a == tau;                                                        \
+                    a4 += a > tau ? sd : 0; a5 += a == tau ? sd : 0;                                      \
+                }                                                                                         \
+            } else if (norm == NM_RANGE) {                                                                \
+                _Pragma("omp simd reduction(+:a1,a2,k1,k2)")                                              \
+                for (int64_t j = 0; j < S; ++j) {                                                         \
+                    T v = xr[j], gj = gr[j];                                                              \
+                    a1 += gj; a2 += gj * (v - mu); k1 += v == tau; k2 += v == lo;                         \
+                }                                                                                         \
+            } else {                                                                                      \
+                _Pragma("omp simd reduction(+:a1,a2)")                                                    \
+                for (int64_t j = 0; j < S; ++j) { T gj = gr[j]; a1 += gj; a2 += gj * (xr[j] - mu); }     \
+            }                                                                                             \
+            sg += (double)a1; sgd += (double)a2; ssign += (double)a3; sgt += (double)a4; seq += (double)a5; \
+            cgt += k1; ceq += k2;                                                                         \
+        }                                                                                                 \
+        const double wc = (double)w[c];                                                                   \
+        double A, sum_gx, K = 0.0, Kb = 0.0, weq = 0.0, ebar = 0.0, sigma = 0.0;                          \
+        if (norm == NM_MEAN) {                                                                            \
+            A = wc; sum_gx = sgd;                                                                         \
+        } else {                                                                                          \
+            sigma = cn * (double)rawv[c];                                                                 \
+            const double r = 1.0 / sqrt(sigma * sigma + eps);                                             \
+            A = wc * r; sum_gx = sgd * r;                                                                 \
+            const double coef = -sigma * r * r * wc * sum_gx;                                             \
+            if (norm == NM_L2) { K = coef / (n * sigma); }                                                \
+            else if (norm == NM_L1) { K = coef * cn / n; ebar = ssign * cn / n / n; }                     \
+            else if (norm == NM_LINF) {                                                                   \
+                weq = (1.0 - (double)cgt) / (double)ceq;                                                  \
+                K = coef * cn; ebar = (sgt + weq * seq) * cn / n;                                         \
+            } else if (norm == NM_RANGE) { K = coef * cn / (double)cgt; Kb = coef * cn / (double)ceq; }   \
+            ebar *= coef;                                                                                 \
+        }                                                                                                 \
+        if (gw) gw[c] = (T)sum_gx;                                                                        \
+        if (gb) gb[c] = (T)sg;                                                                            \
+        if (!gx) continue;                                                                                \
+        const T At = (T)A, Bt = (T)(-A * sg / n - ebar), Kt = (T)K, Kbt = (T)Kb, weqt = (T)weq;           \
+        for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                      \
+            const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                          \
+            const T *xr = x + (i * C + c) * S + j0;                                                       \
+            const T *gr = g + (i * C + c) * S + j0;                                                       \
+            T *out = stream ? buf : gx + (i * C + c) * S + j0;                                            \
+            if (norm == NM_L2) {                                                                          \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t j = 0; j < L; ++j) out[j] = At * gr[j] + Bt + Kt * (xr[j] - mu);             \
+            } else if (norm == NM_L1) {                                                                   \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t j = 0; j < L; ++j) {                                                         \
+                    T d = xr[j] - mu;                                                                     \
+                    out[j] = At * gr[j] + Bt + Kt * ((T)(d > 0) - (T)(d < 0));                            \
+                }                                                                                         \
+            } else if (norm == NM_LINF) {                                                                 \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t j = 0; j < L; ++j) {                                                         \
+                    T d = xr[j] - mu, a = ABS(d);                                                        \
+                    T sd = (T)(d > 0) - (T)(d < 0);                                                       \
+                    T e = a > tau ? sd : (a == tau ? sd * weqt : (T)0);                                   \
+                    out[j] = At * gr[j] + Bt + Kt * e;                                                    \
+                }                                                                                         \
+            } else if (norm == NM_RANGE) {                                                                \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t j = 0; j < L; ++j) {                                                         \
+                    T v = xr[j];                                                                          \
+                    out[j] = At * gr[j] + Bt + (v == tau ? Kt : (T)0) - (v == lo ? Kbt : (T)0);           \
+                }                                                                                         \
+            } else {                                                                                      \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t j = 0; j < L; ++j) out[j] = At * gr[j] + Bt;                                 \
+            }                                                                                             \
+            if (stream) nm_stream_##SFX(gx + (i * C + c) * S + j0, buf, L);                               \
+        }                                                                                                 \
+        if (stream) NM_SFENCE();                                                                          \
+    }                                                                                                     \
+}
+
+NM_DEFINE(float, f32, fabsf)
+NM_DEFINE(double, f64, fabs)
+"""

@@ -1,0 +1,165 @@
+"""The native CPU kernels (normmatters.kernels.native) against the reference path: values, gradients, running
+statistics, ties, gradcheck, the eligibility rules with their fallback, and the compiler-missing fallback."""
+
+import warnings
+
+import pytest
+import torch
+
+import normmatters as nm
+from normmatters.kernels import compiled, lean, native
+from normmatters.kernels.lean import lean_batch_norm
+
+NORMS = ("mean", "l2", "l1", "linf", "range")
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+@pytest.fixture(autouse=True)
+def _need_native():
+    if not native.available():
+        pytest.skip("native kernels unavailable (no C compiler)")
+
+
+def _run(x0, norm, impl, w0, b0, g, **kw):
+    x = x0.clone().requires_grad_()
+    w = w0.clone().requires_grad_()
+    b = b0.clone().requires_grad_()
+    C = x0.shape[1]
+    rm = torch.zeros(C, dtype=x0.dtype)
+    rv = None if norm == "mean" else torch.ones(C, dtype=x0.dtype)
+    if impl == "reference":
+        y = nm.lp_batch_norm(x, rm, rv, w, b, training=True, norm=norm, **kw)
+    else:
+        y = lean_batch_norm(x, rm, rv, w, b, training=True, norm=norm, impl=impl, **kw)
+    y.backward(g)
+    return y, (y.detach(), x.grad, w.grad, b.grad, rm, rv), type(y.grad_fn).__name__
+
+
+def _compare(x0, norm, impl="native", expect="NativeBatchNormFunctionBackward", **kw):
+    C = x0.shape[1]
+    w0 = torch.rand(C, dtype=x0.dtype) + 0.5
+    b0 = torch.randn(C, dtype=x0.dtype)
+    g = torch.randn_like(x0)
+    _, got, fn = _run(x0, norm, impl, w0, b0, g, **kw)
+    _, ref, _ = _run(x0, norm, "reference", w0, b0, g, **kw)
+    assert fn == expect
+    tol = TOL.get(x0.dtype, dict(rtol=2e-2, atol=2e-2))
+    for name, a, r in zip(("y", "grad x", "grad w", "grad b", "running_mean", "running_var"), got, ref):
+        if r is not None:
+            torch.testing.assert_close(a, r, **tol, msg=lambda m, name=name: f"{norm} {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", [(8, 3, 5, 6), (16, 4), (6, 3, 7)])
+def test_native_matches_reference(norm, dtype, shape):
+    _compare(torch.randn(shape, dtype=dtype) * 2 + 1, norm)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_native_matches_reference_streamed_output(norm, monkeypatch):
+    monkeypatch.setattr(native, "STREAM_BYTES", 0)  # non-temporal stores, with unaligned rows (S = 37)
+    _compare(torch.randn(5, 3, 37, dtype=torch.float32), norm)
+    _compare(torch.randn(5, 3, 37, dtype=torch.float64), norm)
+
+
+@pytest.mark.parametrize("norm", ["linf", "range"])
+def test_ties_share_the_gradient_like_the_reference(norm):
+    x = torch.randn(6, 2, 4, 4, dtype=torch.float64)
+    for n, h, w in ((0, 1, 1), (2, 3, 0), (5, 2, 2)):
+        x[n, 0, h, w] = 5.0  # three-way tie at the max of channel 0
+    for n, h, w in ((1, 0, 0), (4, 3, 3)):
+        x[n, 0, h, w] = -2.0 if norm == "range" else -7.0  # range: tied min; linf: tied largest |d|
+    for n, h, w in ((0, 0, 0), (3, 1, 2)):
+        x[n, 1, h, w] = 4.0
+    for n, h, w in ((1, 1, 1), (2, 2, 2), (5, 0, 3)):
+        x[n, 1, h, w] = -4.0
+    _compare(x, norm)
+    _compare(x.float(), norm)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradcheck_native(norm):
+    torch.manual_seed(1)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    layer = nm.LpBatchNorm2d(2, norm=norm, impl="native", dtype=torch.float64).train()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    assert type(layer(x).grad_fn).__name__ == "NativeBatchNormFunctionBackward"
+    assert torch.autograd.gradcheck(lambda t, w, b: lean_batch_norm(t, None, None, w, b, training=True,
+                                                                    norm=norm, impl="native"),
+                                    (x, layer.weight, layer.bias), eps=1e-6, atol=1e-6)
+
+
+def test_ineligible_cases_are_recognised():
+    x = torch.randn(4, 3, 5, 5)
+    w, b = torch.ones(3), torch.zeros(3)
+    assert native.eligible(x, w, b, "l1", 1, 1)
+    assert not native.eligible(x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
+    assert not native.eligible(x, w, b, "l1", 2, 1)  # ghost batches
+    assert not native.eligible(x, w, b, "range", 1, 2)  # range chunks
+    assert not native.eligible(x, w, b, "topk", 1, 1)
+    assert not native.eligible(x.bfloat16(), w.bfloat16(), b.bfloat16(), "l1", 1, 1)
+    assert not native.eligible(x, w.double(), b.double(), "l1", 1, 1)  # mixed parameter dtype
+    # "auto" prefers native only for rows of AUTO_MIN_ROW or more contiguous elements
+    assert lean._use_native("auto", x, w, b, "l1", 1, 1)
+    assert not lean._use_native("auto", torch.randn(16, 3), w, b, "l1", 1, 1)
+    assert lean._use_native("native", torch.randn(16, 3), w, b, "l1", 1, 1)
+    assert not lean._use_native("compiled", x, w, b, "l1", 1, 1)
+
+
+@pytest.fixture
+def _eager_fallback(monkeypatch):
+    """The fallback of "native" is the compiled path; run its formulas eagerly (as after an Inductor failure)
+    so these tests check the routing without seconds of compilation per case."""
+    monkeypatch.setattr(compiled, "_failed", {"cpu"})
+
+
+@pytest.mark.parametrize("case", ["channels_last", "ghost", "topk", "bfloat16"])
+def test_ineligible_cases_fall_back_and_match(case, _eager_fallback):
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    if case == "channels_last":
+        _compare(x.to(memory_format=torch.channels_last), "l1", expect="LeanBatchNormFunctionBackward")
+    elif case == "ghost":
+        _compare(x, "l1", expect="LeanBatchNormFunctionBackward", ghost_batch_size=4)
+    elif case == "topk":
+        _compare(x, "topk", expect="LeanBatchNormFunctionBackward", k=3)
+    else:
+        _compare(x.bfloat16(), "l1", expect="LeanBatchNormFunctionBackward")
+
+
+def test_missing_compiler_warns_once_and_falls_back(monkeypatch, _eager_fallback):
+    def broken():
+        raise RuntimeError("no C compiler (gcc/cc) on PATH")
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", False)
+    monkeypatch.setattr(native, "_build", broken)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable") as rec:
+        _compare(x, "l1", expect="LeanBatchNormFunctionBackward")
+        _compare(x, "range", impl="auto", expect="LeanBatchNormFunctionBackward")
+    assert len([w for w in rec if "native CPU kernels" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.available()
+
+
+def test_build_is_cached_by_source_hash(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    native._build()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].startswith("normmatters_native_") and files[0].endswith(".so")
+    calls = []
+    monkeypatch.setattr(native, "_compile", lambda *a: calls.append(a))
+    native._build()  # cached: no second compile, no temporary files left
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+def test_double_backward_raises_instead_of_silently_wrong():
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = lean_batch_norm(x, None, None, training=True, norm="l1", impl="native")
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        gx.sum().backward()
