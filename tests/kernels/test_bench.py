@@ -11,12 +11,17 @@ from normmatters.kernels import bench
 def test_run_benchmark_rows_and_table():
     res = bench.run_benchmark(norms=("range",), shapes=((4, 3, 4, 4), (8, 5)), rounds=1, resnet=False)
     rows = res["rows"]
-    # per shape: dtypes fp32 + bf16, layouts contiguous (+ channels_last for 4-d), norms + the bn(eager) row
-    assert len(rows) == (2 * 2 + 2 * 1) * 2
+    # per shape: dtypes fp32 + bf16, layouts contiguous (+ channels_last for 4-d); per case the norm, its
+    # in-place row and the bn(eager) row
+    assert len(rows) == (2 * 2 + 2 * 1) * 3
+    assert sum(r["norm"] == "range+inplace" for r in rows) == 6
     for r in rows:
-        assert r["step_ms"] > 0 and r["roof"] > 0
-        if r["norm"] != "bn(eager)":
+        if r["norm"] != "range+inplace":
+            assert r["step_ms"] > 0 and r["roof"] > 0
+        if r["norm"] == "range":
             assert math.isfinite(r["step_bn"]) and r["saved"] > 0
+        if r["norm"] == "range+inplace":
+            assert r["saved"] > 0 and math.isnan(r["step_bn"])
     assert "| 4x3x4x4 | float32 | channels_last | range |" in res["table"]
     assert res["copy_bandwidth_GBps"] > 0 and res["resnet20_step_ratio"] == {}
 
