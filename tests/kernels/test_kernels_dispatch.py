@@ -99,8 +99,8 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(compiled, "_compiled", {("forward", "l1"): broken, ("backward", "l1"): broken,
-                                                ("update_running", "l1"): broken})
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: broken)  # what a machine without a compiler gets
     monkeypatch.setattr(compiled, "_failed", set())
     x = torch.randn(8, 4, 6, 6, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="torch.compile is unavailable on cpu") as rec:
@@ -124,3 +124,13 @@ def test_output_can_be_modified_in_place(impl):
         net(xi).square().sum().backward()
         grads[which] = xi.grad
     torch.testing.assert_close(grads[impl], grads["reference"], rtol=2e-4, atol=1e-5)
+
+
+def test_compiled_copy_per_dtype_and_memory_format():
+    # separate Dynamo caches: mixing dtypes and layouts must not exhaust one shared recompile budget
+    x = torch.randn(4, 3, 5, 5)
+    for t in (x, x.to(memory_format=torch.channels_last), x.double()):
+        lean_batch_norm(t.requires_grad_(), None, None, training=True, norm="linf", impl="compiled")
+    keys = {k for k in compiled._compiled if k[:2] == ("forward", "linf")}
+    assert {("forward", "linf", "float32", "c"), ("forward", "linf", "float32", "s"),
+            ("forward", "linf", "float64", "c")} <= keys

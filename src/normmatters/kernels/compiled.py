@@ -2,8 +2,9 @@
 CUDA) per norm and direction, compiled on first use, with a single warning and an eager fallback when
 compilation is unavailable.
 
-Each norm gets its own copy of the function's code object, so Dynamo keeps a separate cache (and
-recompile budget) per norm instead of one shared cache that six norms x dtypes would exhaust. Shapes
+Each (norm, dtype, contiguous-or-strided input) gets its own copy of the function's code object, so Dynamo
+keeps a separate cache (and recompile budget) per variant instead of one shared cache that norms x dtypes x
+memory formats x sizes would exhaust (past the limit Dynamo silently runs the code eagerly). Shapes
 are compiled with automatic dynamic shapes: the first call specialises, a second batch size / spatial
 size recompiles once into a dynamic kernel that serves every later size.
 """
@@ -23,7 +24,7 @@ from . import formulas
 
 log = logging.getLogger(__name__)
 
-_compiled: dict[tuple[str, str], Callable[..., Any]] = {}
+_compiled: dict[tuple[str, ...], Callable[..., Any]] = {}
 _failed: set[str] = set()
 #: seconds spent in first calls (compilation) per (direction, norm, dtype, device)
 compile_seconds: dict[tuple[str, str, str, str], float] = {}
@@ -47,21 +48,31 @@ def get(direction: str, norm: str, device: torch.device) -> Callable[..., Any]:
     base = getattr(formulas, direction)
     if device.type in _failed:
         return base
-    key = (direction, norm)
+    return _guarded(base, direction, norm, device)
+
+
+def _variant(base: Callable[..., Any], direction: str, norm: str, lead: Any) -> Callable[..., Any]:
+    """One compiled copy per (direction, norm, dtype, contiguous or strided first argument): each has its own
+    Dynamo cache, so a model mixing dtypes and memory formats never exhausts a shared recompile budget (past
+    it Dynamo silently runs the formulas eagerly, several times slower) and shapes alone go dynamic."""
+    tag = (str(lead.dtype).replace("torch.", ""), "c" if lead.is_contiguous() else "s") \
+        if isinstance(lead, torch.Tensor) else ("any", "c")
+    key = (direction, norm, *tag)
     fn = _compiled.get(key)
     if fn is None:
-        fn = _compiled[key] = torch.compile(_copy(base, norm.replace("-", "_")))
-    return _guarded(fn, base, direction, norm, device)
+        suffix = "_".join((norm, *tag)).replace("-", "_")
+        fn = _compiled[key] = torch.compile(_copy(base, suffix))
+    return fn
 
 
-def _guarded(fn: Callable[..., Any], base: Callable[..., Any], direction: str, norm: str,
+def _guarded(base: Callable[..., Any], direction: str, norm: str,
              device: torch.device) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         key = (direction, norm, str(args[0].dtype), device.type)
         first = key not in compile_seconds
         t0 = time.perf_counter()
         try:
-            out = fn(*args, **kwargs)
+            out = _variant(base, direction, norm, args[0])(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly from now on
             if device.type not in _failed:
                 _failed.add(device.type)
