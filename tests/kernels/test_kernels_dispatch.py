@@ -126,11 +126,10 @@ def test_output_can_be_modified_in_place(impl):
     torch.testing.assert_close(grads[impl], grads["reference"], rtol=2e-4, atol=1e-5)
 
 
-def test_compiled_copy_per_dtype_and_memory_format():
+def test_compiled_copy_per_dtype():
     # separate Dynamo caches: mixing dtypes and layouts must not exhaust one shared recompile budget
     x = torch.randn(4, 3, 5, 5)
     for t in (x, x.to(memory_format=torch.channels_last), x.double()):
         lean_batch_norm(t.requires_grad_(), None, None, training=True, norm="linf", impl="compiled")
     keys = {k for k in compiled._compiled if k[:2] == ("forward", "linf")}
-    assert {("forward", "linf", "float32", "c"), ("forward", "linf", "float32", "s"),
-            ("forward", "linf", "float64", "c")} <= keys
+    assert {("forward", "linf", "float32"), ("forward", "linf", "float64")} <= keys

@@ -2,7 +2,7 @@
 CUDA) per norm and direction, compiled on first use, with a single warning and an eager fallback when
 compilation is unavailable.
 
-Each (norm, dtype, contiguous-or-strided input) gets its own copy of the function's code object, so Dynamo
+Each (direction, norm, dtype) gets its own copy of the function's code object, so Dynamo
 keeps a separate cache (and recompile budget) per variant instead of one shared cache that norms x dtypes x
 memory formats x sizes would exhaust (past the limit Dynamo silently runs the code eagerly). Shapes
 are compiled with automatic dynamic shapes: the first call specialises, a second batch size / spatial
@@ -52,16 +52,16 @@ def get(direction: str, norm: str, device: torch.device) -> Callable[..., Any]:
 
 
 def _variant(base: Callable[..., Any], direction: str, norm: str, lead: Any) -> Callable[..., Any]:
-    """One compiled copy per (direction, norm, dtype, contiguous or strided first argument): each has its own
-    Dynamo cache, so a model mixing dtypes and memory formats never exhausts a shared recompile budget (past
-    it Dynamo silently runs the formulas eagerly, several times slower) and shapes alone go dynamic."""
-    tag = (str(lead.dtype).replace("torch.", ""), "c" if lead.is_contiguous() else "s") \
-        if isinstance(lead, torch.Tensor) else ("any", "c")
-    key = (direction, norm, *tag)
+    """One compiled copy per (direction, norm, dtype of the first argument): each has its own Dynamo cache, so
+    a model mixing dtypes, layouts and sizes never exhausts a shared recompile budget (past it Dynamo silently
+    runs the formulas eagerly, several times slower). Layouts need no key of their own: both contiguous and
+    channels-last inputs reach the formulas as contiguous (G, m, q, C, S) views (S = 1 for channels-last,
+    which Dynamo specializes as its own graph)."""
+    dtype = str(lead.dtype).replace("torch.", "") if isinstance(lead, torch.Tensor) else "any"
+    key = (direction, norm, dtype)
     fn = _compiled.get(key)
     if fn is None:
-        suffix = "_".join((norm, *tag)).replace("-", "_")
-        fn = _compiled[key] = torch.compile(_copy(base, suffix))
+        fn = _compiled[key] = torch.compile(_copy(base, f"{norm}_{dtype}".replace("-", "_")))
     return fn
 
 
