@@ -152,8 +152,10 @@ def _layers(C: int, dim: int, norm: str | None, impl: str | None, device, dtype=
 
 
 def bench_case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, norms: Iterable[str],
-               device: torch.device, rounds: int, bandwidth: float) -> list[Row]:
-    """All norms at one (shape, dtype, layout): ratios measured in the same interleaved rounds."""
+               device: torch.device, rounds: int, bandwidth: float,
+               inplace_norms: Iterable[str] | None = None) -> list[Row]:
+    """All norms at one (shape, dtype, layout): ratios measured in the same interleaved rounds; in-place
+    memory rows for ``inplace_norms`` (default: every dividing norm in ``norms``)."""
     C = shape[1]
     x0 = torch.randn(shape, device=device).to(dtype)
     if layout == "channels_last":
@@ -204,7 +206,7 @@ def bench_case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, norms: I
     from ..estimators import get_estimator
 
     nan = math.nan
-    for norm in norms:
+    for norm in (norms if inplace_norms is None else inplace_norms):
         if get_estimator(norm).divides:
             m = _layers(C, len(shape), norm, None, device, inplace=True)
             run_inplace(m, True)()  # warm-up: compile outside the measurements
@@ -346,8 +348,12 @@ def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str]
                 if layout == "channels_last" and len(shape) != 4:
                     continue
                 log.debug("bench %s %s %s", shape, dtype, layout)
-                rows += bench_case(shape, dtype, layout, norms, dev, rounds, bw)
-    res = bench_resnet20(norms, dev, rounds=3 if quick else 9) if resnet else {}
+                # --quick: in-place rows for l1 and range only (each in-place norm compiles 3 more kernels)
+                rows += bench_case(shape, dtype, layout, norms, dev, rounds, bw,
+                                   inplace_norms=[n for n in norms if n in ("l1", "range")] if quick else None)
+    # --quick: the ResNet-20 step with l1 and range (plus BN and the weight-norm forms) only
+    res_norms = [n for n in norms if n in ("l1", "range")] if quick else norms
+    res = bench_resnet20(res_norms, dev, rounds=3 if quick else 9) if resnet else {}
     return {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "copy_bandwidth_GBps": bw / 1e9, "rows": [dataclasses.asdict(r) for r in rows],
             "table": format_table(rows), "resnet20_step_ratio": res,
