@@ -36,7 +36,7 @@ from torch import Tensor
 from .estimators import get_estimator
 
 __all__ = ["lp_batch_norm", "NonFiniteBatchError", "NONFINITE_MODES", "check_input", "training_groups",
-           "update_running_stats", "report_nonfinite"]
+           "update_running_stats", "report_nonfinite", "acc_dtype", "check_running_stats"]
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
 
@@ -96,8 +96,16 @@ def training_groups(input: Tensor, where: str, norm: str, k: int, chunks: int | 
     return batch // g, g, n
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics accumulate in: float32 for half/bfloat16 inputs (as nn.BatchNorm), else the input's."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_running_stats(running_mean: Tensor | None, running_var: Tensor | None, divides: bool,
+                        where: str) -> None:
+    """Eval mode normalizes with the running statistics (``running_var`` only for dividing norms)."""
+    if running_mean is None or (divides and running_var is None):
+        raise ValueError(f"{where}: eval mode needs running statistics (or pass training=True)")
 
 
 def _masked_update(buf: Tensor, new: Tensor, momentum: float | Tensor, ok: Tensor) -> None:
@@ -186,8 +194,7 @@ def lp_batch_norm(
     C = input.shape[1]
 
     if not training:
-        if running_mean is None or (est.divides and running_var is None):
-            raise ValueError(f"{where}: eval mode needs running statistics (or pass training=True)")
+        check_running_stats(running_mean, running_var, est.divides, where)
         if est.divides:
             return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
         shape = (1, C) + (1,) * (input.dim() - 2)
@@ -197,7 +204,7 @@ def lp_batch_norm(
         return y + bias.to(input.dtype).reshape(shape) if bias is not None else y
 
     groups, g, n = training_groups(input, where, norm, k, chunks, ghost_batch_size)
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     x = input.reshape(groups, g, C, -1).to(acc)
     mean, sigma = _batch_statistics(x, norm, k, chunks)
 

@@ -37,13 +37,9 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import update_running_stats
+from ..functional import acc_dtype, update_running_stats
 
 DIMS = (1, 2, 4)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _per_channel(v: Tensor, acc: torch.dtype) -> Tensor:

@@ -30,7 +30,15 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import NONFINITE_MODES, check_input, lp_batch_norm, report_nonfinite, training_groups
+from ..functional import (
+    NONFINITE_MODES,
+    acc_dtype,
+    check_input,
+    check_running_stats,
+    lp_batch_norm,
+    report_nonfinite,
+    training_groups,
+)
 from . import compiled, formulas, native
 
 __all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant", "check_inplace_weight"]
@@ -80,6 +88,19 @@ def _kernel(direction: str, norm: str, impl: str, device: torch.device):
     return compiled.get(direction, norm, device)
 
 
+def _save_for_backward(ctx, x: Tensor, weight: Tensor, norm: str, mean: Tensor, raw: Tensor,
+                       aux: tuple[Tensor, ...]) -> None:
+    """Save x, w, μ and, for dividing norms, raw and aux — what every out-of-place backward reads."""
+    ctx.save_for_backward(x, weight, mean, *((raw, *aux) if get_estimator(norm).divides else ()))
+
+
+def _saved(ctx) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    """(x, w, μ, raw, aux) as saved by :func:`_save_for_backward` (mean-only: raw is μ, aux empty)."""
+    x, weight, mean, *rest = ctx.saved_tensors
+    raw, aux = (rest[0], tuple(rest[1:])) if rest else (mean, ())
+    return x, weight, mean, raw, aux
+
+
 class LeanBatchNormFunction(torch.autograd.Function):
     """Training-mode Lp batch norm with an analytic backward that saves only x, w and (C,)-statistics.
 
@@ -94,8 +115,7 @@ class LeanBatchNormFunction(torch.autograd.Function):
         y5, mean, raw, aux = _kernel("forward", norm, impl, x.device)(x5, weight, bias, c, eps, norm, k)
         # detached alias, not a view of an internal tensor: callers may modify y in place (ReLU(inplace))
         y = _unview5(y5, x, cl).detach()
-        divides = get_estimator(norm).divides
-        ctx.save_for_backward(x, weight, mean, *((raw,) + tuple(aux) if divides else ()))
+        _save_for_backward(ctx, x, weight, norm, mean, raw, tuple(aux))
         ctx.c = c  # a cached constant, not an activation
         ctx.meta = (eps, norm, k, groups, m, impl, cl)
         C = x.shape[1]
@@ -107,8 +127,7 @@ class LeanBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _gmean, _graw):
         eps, norm, k, groups, m, impl, cl = ctx.meta
-        x, weight, mean, *rest = ctx.saved_tensors
-        raw, aux = (rest[0], tuple(rest[1:])) if rest else (mean, ())
+        x, weight, mean, raw, aux = _saved(ctx)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx5, gw, gb = _kernel("backward", norm, impl, x.device)(
             _view5(gy, groups, m, cl), _view5(x, groups, m, cl), weight, mean, raw, aux, ctx.c, eps, norm,
@@ -125,8 +144,7 @@ class NativeBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, c, eps, norm):
         y, mean, raw, aux = native.forward(x, weight, bias, c, eps, norm)
-        divides = get_estimator(norm).divides
-        ctx.save_for_backward(x, weight, mean, *((raw,) + tuple(aux) if divides else ()))
+        _save_for_backward(ctx, x, weight, norm, mean, raw, aux)
         ctx.meta = (c, eps, norm)
         mean_gc, raw_gc = mean.view(1, -1), raw.view(1, -1)
         ctx.mark_non_differentiable(mean_gc, raw_gc)
@@ -136,8 +154,7 @@ class NativeBatchNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the C backward builds no graph: double backward raises
     def backward(ctx, gy, _gmean, _graw):
         c, eps, norm = ctx.meta
-        x, weight, mean, *rest = ctx.saved_tensors
-        raw, aux = (rest[0], tuple(rest[1:])) if rest else (mean, ())
+        x, weight, mean, raw, aux = _saved(ctx)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx, gw, gb = native.backward(gy, x, weight, mean, raw, aux, c, eps, norm, need_x, need_w, need_b)
         return gx, gw, gb, None, None, None
@@ -203,7 +220,7 @@ def check_inplace_weight(weight: Tensor | None, where: str) -> None:
 def _eval_inplace(input: Tensor, running_mean: Tensor, running_var: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, eps: float, divides: bool) -> Tensor:
     """Eval mode in place: input·scale + shift with the reference's scale and shift (equal within rounding)."""
-    acc = formulas.acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     scale = torch.rsqrt(running_var.to(acc) + eps) if divides else torch.ones_like(running_mean, dtype=acc)
     if weight is not None:
         scale = scale * weight.to(acc)
@@ -255,8 +272,7 @@ def lean_batch_norm(
     if not training:
         if inplace and not (input.requires_grad and torch.is_grad_enabled()):
             check_input(input, where=where)
-            if running_mean is None or (est.divides and running_var is None):
-                raise ValueError(f"{where}: eval mode needs running statistics (or pass training=True)")
+            check_running_stats(running_mean, running_var, est.divides, where)
             return _eval_inplace(input, running_mean, running_var, weight, bias, eps, est.divides)
         impl = "reference"
     elif inplace:
@@ -272,7 +288,7 @@ def lean_batch_norm(
     check_input(input, where=where)
     groups, g, n = training_groups(input, where, norm, k, chunks, ghost_batch_size)
     C = input.shape[1]
-    acc = formulas.acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     pdtype = weight.dtype if weight is not None else acc
     w = weight if weight is not None else torch.ones(C, dtype=pdtype, device=input.device)
     b = bias if bias is not None else torch.zeros(C, dtype=pdtype, device=input.device)
