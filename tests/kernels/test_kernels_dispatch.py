@@ -30,10 +30,11 @@ def _assert_same_state(a, b):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=ka)
 
 
+@pytest.mark.parametrize("impl", ["compiled", "native"])
 @pytest.mark.parametrize("norm", ["l1", "range", "mean"])
 @pytest.mark.parametrize("opts", [{}, {"momentum": None}, {"track_running_stats": False}])
-def test_train_then_eval_matches_reference(norm, opts):
-    lean, ref = _pair(norm, **opts)
+def test_train_then_eval_matches_reference(norm, opts, impl):
+    lean, ref = _pair(norm, impl=impl, **opts)
     for _ in range(3):
         x = torch.randn(8, 4, 6, 6) * 3 + 1
         torch.testing.assert_close(lean(x), ref(x), rtol=1e-4, atol=1e-5)
@@ -44,9 +45,10 @@ def test_train_then_eval_matches_reference(norm, opts):
     torch.testing.assert_close(lean(x), ref(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["compiled", "native"])
 @pytest.mark.parametrize("mode", ["raise", "skip", "ignore"])
-def test_nonfinite_batches_never_touch_the_buffers(mode):
-    lean, ref = _pair("l1", nonfinite=mode)
+def test_nonfinite_batches_never_touch_the_buffers(mode, impl):
+    lean, ref = _pair("l1", impl=impl, nonfinite=mode)
     x = torch.randn(8, 4, 6, 6)
     lean(x)
     ref(x)

@@ -163,3 +163,47 @@ def test_double_backward_raises_instead_of_silently_wrong():
     (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_buffers_the_kernel_cannot_update_are_updated_from_its_statistics(norm):
+    """float64 running buffers with float32 input are not updated inside the kernel (not
+    ``update_fusable``): the statistics it returns feed the separate update, with the reference's result."""
+    x = torch.randn(8, 3, 5, 5) * 2 + 1
+    bufs = {}
+    for impl in ("native", "reference"):
+        rm = torch.zeros(3, dtype=torch.float64)
+        rv = None if norm == "mean" else torch.ones(3, dtype=torch.float64)
+        nbt = torch.tensor(0)
+        assert not native.update_fusable(x, rm, rv, nbt)
+        fn = lean_batch_norm if impl == "native" else nm.lp_batch_norm
+        kw = {"impl": "native"} if impl == "native" else {}
+        fn(x, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, **kw)
+        bufs[impl] = (rm, rv, nbt)
+    for a, r in zip(bufs["native"], bufs["reference"]):
+        if r is not None:
+            torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["l1", "range"])
+def test_fused_update_is_masked_and_reported_like_the_reference(norm):
+    """The in-kernel update: an inf in the batch leaves buffers and the counter as they were and raises (also
+    with no buffers at all, as the reference does); a finite batch moves them as the reference does."""
+    C = 3
+    x = torch.randn(6, C, 4, 4)
+    rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(2)
+    assert native.update_fusable(x, rm, rv, nbt)
+    bad = x.clone()
+    bad[1, 2, 0, 0] = float("inf")
+    with pytest.raises(nm.NonFiniteBatchError):
+        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native")
+    assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C)) and nbt.item() == 2
+    with pytest.raises(nm.NonFiniteBatchError):
+        lean_batch_norm(bad, None, None, training=True, norm=norm, impl="native")
+    ref = (torch.zeros(C), torch.ones(C), torch.tensor(2))
+    for mom in (0.3, torch.tensor(0.25)):
+        lean_batch_norm(x, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, momentum=mom,
+                        impl="native")
+        nm.lp_batch_norm(x, *ref[:2], training=True, norm=norm, num_batches_tracked=ref[2], momentum=mom)
+    for a, r in zip((rm, rv, nbt), ref):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)

@@ -138,26 +138,28 @@ class LeanBatchNormFunction(torch.autograd.Function):
 
 class NativeBatchNormFunction(torch.autograd.Function):
     """:class:`LeanBatchNormFunction` on the native CPU kernels (:mod:`.native`): one group, one chunk,
-    contiguous input. forward(x, weight, bias, c, eps, norm) → (y, μ (1, C), raw (1, C)); saves x, w and the
-    (C,) statistics (range: also the per-channel max and min), as the Inductor path does."""
+    contiguous input. forward(x, weight, bias, c, eps, norm, running) → (y, μ (1, C), raw (1, C), ok):
+    ``running`` as in :func:`.native.forward` (the kernel then updates those buffers in the same call) or
+    None; ``ok`` is the Python bool "statistics are finite". Saves x, w and the (C,) statistics (range: also
+    the per-channel max and min), as the Inductor path does."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, c, eps, norm):
-        y, mean, raw, aux = native.forward(x, weight, bias, c, eps, norm)
+    def forward(ctx, x, weight, bias, c, eps, norm, running):
+        y, mean, raw, aux, ok = native.forward(x, weight, bias, c, eps, norm, running)
         _save_for_backward(ctx, x, weight, norm, mean, raw, aux)
         ctx.meta = (c, eps, norm)
         mean_gc, raw_gc = mean.view(1, -1), raw.view(1, -1)
         ctx.mark_non_differentiable(mean_gc, raw_gc)
-        return y, mean_gc, raw_gc
+        return y, mean_gc, raw_gc, ok
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the C backward builds no graph: double backward raises
-    def backward(ctx, gy, _gmean, _graw):
+    def backward(ctx, gy, _gmean, _graw, _gok):
         c, eps, norm = ctx.meta
         x, weight, mean, raw, aux = _saved(ctx)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx, gw, gb = native.backward(gy, x, weight, mean, raw, aux, c, eps, norm, need_x, need_w, need_b)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 class LeanBatchNormInplaceFunction(torch.autograd.Function):
@@ -301,7 +303,15 @@ def lean_batch_norm(
         y = LeanBatchNormInplaceFunction.apply(input, w, b, mean, raw, c, eps, norm, k, groups, m, impl)
         mean, raw = mean.reshape(groups, C), raw.reshape(groups, C)
     elif _use_native(impl, input, w, b, norm, groups, m):
-        y, mean, raw = NativeBatchNormFunction.apply(input, w, b, float(c), eps, norm)
+        rv = running_var if est.divides else None
+        if native.update_fusable(input, running_mean, rv, num_batches_tracked):
+            # statistics, output and the running-buffer update in one native call
+            y, _, _, ok = NativeBatchNormFunction.apply(input, w, b, float(c), eps, norm,
+                                                        (running_mean, rv, num_batches_tracked, momentum, n))
+            if nonfinite != "ignore":
+                report_nonfinite(ok, nonfinite, where)
+            return y
+        y, mean, raw, _ = NativeBatchNormFunction.apply(input, w, b, float(c), eps, norm, None)
     else:
         y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, m, impl)
     if running_mean is None and running_var is None and num_batches_tracked is None \

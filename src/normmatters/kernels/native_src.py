@@ -8,7 +8,10 @@ every pass, so only the first pass of each direction streams from DRAM. The cons
 
 Layout: x is (N, C, S) contiguous; per-channel vectors are (C,). Norm codes: 0 mean-only, 1 l2, 2 l1,
 3 linf, 4 range (one chunk). Row sums accumulate in the element type (vectorized, ``omp simd reduction``)
-and are added into double per row of S elements; counts are integers.
+and are added into double per row of S elements; counts are int32 per row (vectorized alongside the float
+sums; rows have fewer than 2**31 elements, see ``native.eligible``) added into int64 per channel.
+Channels are handed to the threads one at a time (dynamic schedule), so a thread that the OS preempts does not hold up
+the call by a whole static share.
 """
 
 SOURCE = r"""
@@ -49,14 +52,39 @@ static inline void nm_stream_f64(double *restrict dst, const double *restrict sr
 #define NM_SFENCE() ((void)0)
 #endif
 
-#define NM_DEFINE(T, SFX, ABS)                                                                               \
-void nm_forward_##SFX(const T *restrict x, T *restrict y, const T *restrict w, const T *restrict b,       \
-                      T *restrict mean_out, T *restrict raw_out, T *restrict hi_out, T *restrict lo_out,  \
-                      int64_t N, int64_t C, int64_t S, int norm, double cn, double eps, int stream,      \
-                      int nthreads)         \
+#define NM_DEFINE(T, SFX, ABS)                                                                            \
+/* functional.update_running_stats for one group, in T like the reference: returns the "statistics are    \
+   finite" flag and leaves every buffer (NULL: absent) unchanged when it is 0. σ̂ = (T)cn · raw. */       \
+static int nm_update_running_##SFX(const T *restrict mean, const T *restrict raw, int64_t C, int norm,    \
+                                   double cn, T *restrict run_mean, T *restrict run_var,                  \
+                                   int64_t *restrict nbt, double momentum, double unbias)                 \
+{                                                                                                         \
+    const T ct = (T)cn, mom = (T)momentum, unb = (T)unbias;                                               \
+    int ok = 1;                                                                                           \
+    for (int64_t c = 0; c < C; ++c) {                                                                     \
+        if (!isfinite(mean[c])) ok = 0;                                                                   \
+        if (norm != NM_MEAN && !isfinite((T)(ct * raw[c]))) ok = 0;                                       \
+    }                                                                                                     \
+    if (!ok) return 0;                                                                                    \
+    for (int64_t c = 0; c < C; ++c) {                                                                     \
+        if (run_mean) run_mean[c] = run_mean[c] + (mean[c] - run_mean[c]) * mom;                          \
+        if (run_var && norm != NM_MEAN) {                                                                 \
+            const T sigma = ct * raw[c];                                                                  \
+            run_var[c] = run_var[c] + ((T)(sigma * sigma) * unb - run_var[c]) * mom;                      \
+        }                                                                                                 \
+    }                                                                                                     \
+    if (nbt) *nbt += 1;                                                                                   \
+    return 1;                                                                                             \
+}                                                                                                         \
+                                                                                                          \
+int nm_forward_##SFX(const T *restrict x, T *restrict y, const T *restrict w, const T *restrict b,        \
+                     T *restrict mean_out, T *restrict raw_out, T *restrict hi_out, T *restrict lo_out,   \
+                     int64_t N, int64_t C, int64_t S, int norm, double cn, double eps, int stream,       \
+                     int nthreads, T *restrict run_mean, T *restrict run_var, int64_t *restrict nbt,      \
+                     double momentum, double unbias)                                                      \
 {                                                                                                         \
     const double n = (double)N * (double)S;                                                               \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                    \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                \
     for (int64_t c = 0; c < C; ++c) {                                                                     \
         T buf[NM_BLK] __attribute__((aligned(64)));                                                       \
         double sum = 0.0;                                                                                 \
@@ -67,7 +95,7 @@ void nm_forward_##SFX(const T *restrict x, T *restrict y, const T *restrict w, c
             if (norm == NM_RANGE) {                                                                       \
                 T h = hi, l = lo;                                                                         \
                 _Pragma("omp simd reduction(+:s) reduction(max:h) reduction(min:l)")                      \
-                for (int64_t j = 0; j < S; ++j) { T v = xr[j]; s += v; h = v > h ? v : h; l = v < l ? v : l; } \
+                for (int64_t j = 0; j < S; ++j) { T v = xr[j]; s += v; h = v > h ? v : h; l = v < l ? v : l; }\
                 hi = h; lo = l;                                                                           \
             } else {                                                                                      \
                 _Pragma("omp simd reduction(+:s)")                                                        \
@@ -122,6 +150,8 @@ void nm_forward_##SFX(const T *restrict x, T *restrict y, const T *restrict w, c
         }                                                                                                 \
         if (stream) NM_SFENCE();                                                                          \
     }                                                                                                     \
+    return nm_update_running_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum,     \
+                                   unbias);                                                               \
 }                                                                                                         \
                                                                                                           \
 void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx, const T *restrict w,     \
@@ -130,7 +160,7 @@ void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx,
                        int64_t S, int norm, double cn, double eps, int stream, int nthreads)              \
 {                                                                                                         \
     const double n = (double)N * (double)S;                                                               \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                    \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                \
     for (int64_t c = 0; c < C; ++c) {                                                                     \
         T buf[NM_BLK] __attribute__((aligned(64)));                                                       \
         const T mu = mean[c];                                                                             \
@@ -142,7 +172,7 @@ void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx,
             const T *xr = x + (i * C + c) * S;                                                            \
             const T *gr = g + (i * C + c) * S;                                                            \
             T a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;                                                     \
-            int64_t k1 = 0, k2 = 0;                                                                       \
+            int k1 = 0, k2 = 0; /* int32 per row: vectorizes with the float sums */                  \
             if (norm == NM_L1) {                                                                          \
                 _Pragma("omp simd reduction(+:a1,a2,a3)")                                                 \
                 for (int64_t j = 0; j < S; ++j) {                                                         \
@@ -168,7 +198,7 @@ void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx,
                 _Pragma("omp simd reduction(+:a1,a2)")                                                    \
                 for (int64_t j = 0; j < S; ++j) { T gj = gr[j]; a1 += gj; a2 += gj * (xr[j] - mu); }     \
             }                                                                                             \
-            sg += (double)a1; sgd += (double)a2; ssign += (double)a3; sgt += (double)a4; seq += (double)a5; \
+            sg += (double)a1; sgd += (double)a2; ssign += (double)a3; sgt += (double)a4; seq += (double)a5;\
             cgt += k1; ceq += k2;                                                                         \
         }                                                                                                 \
         const double wc = (double)w[c];                                                                   \
