@@ -23,10 +23,13 @@ Plus a ResNet-20 (CIFAR, batch 128) SGD training step with each norm against nn.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -96,6 +99,22 @@ def saved_bytes(fn: Callable[[], Any]) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Send file descriptor 2 to /dev/null while one profiled call runs: the profiler's C++ side prints a
+    "USDT ... profiler_start/stop" pair per use that no setting turns off. Anything else written to stderr
+    inside that window is dropped too; sys.stderr is flushed before and fd 2 restored after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak of newly allocated memory while ``fn`` runs."""
     _sync(device)
@@ -107,7 +126,7 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # allocations made inside an op are attributed to it (net, at its start); frees outside any op are
     # separate "[memory]" events: per-op granularity, so this is an estimate of the true peak
