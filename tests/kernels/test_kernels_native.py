@@ -56,6 +56,43 @@ def test_native_matches_reference(norm, dtype, shape):
     _compare(torch.randn(shape, dtype=dtype) * 2 + 1, norm)
 
 
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", [(8, 3, 5, 6), (6, 3, 37)])
+def test_native_bfloat16_matches_reference(norm, shape, param_dtype, monkeypatch):
+    """bfloat16 elements computed in float32 (statistics and buffers too): output and gradients within
+    bfloat16 rounding of the reference (2e-2), also through the streamed-store path."""
+    x0 = (torch.randn(shape) * 2 + 1).bfloat16()
+    C = shape[1]
+    w0 = (torch.rand(C) + 0.5).to(param_dtype)
+    b0 = torch.randn(C).to(param_dtype)
+    g = torch.randn(shape).bfloat16()
+    for stream in (1 << 40, 0):
+        monkeypatch.setattr(native, "STREAM_BYTES", stream)
+        _, got, fn = _run(x0, norm, "native", w0, b0, g)
+        _, ref, _ = _run(x0, norm, "reference", w0, b0, g)
+        assert fn == "NativeBatchNormFunctionBackward"
+        for name, a, r in zip(("y", "grad x", "grad w", "grad b", "running_mean", "running_var"), got, ref):
+            if r is not None:
+                assert a.dtype == r.dtype, name
+                torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_bfloat16_rounding_is_to_nearest_even_and_keeps_nan():
+    """The C float -> bfloat16 store rounds exactly as torch does (nearest, ties to even) and keeps NaN.
+    Channel 0 has mean exactly 0, so y = x·w is an exact float32 product that the store must round; with
+    w = 1 + 2^-8, x = ±1 is an exact tie (to even: 1.0). Channel 1 holds a NaN: all of it is NaN."""
+    v = [1.0, 1.0078125, 2.5, 3.0, 1.5, 7.0, 0.75, 1.0234375]
+    x = torch.tensor([v + [-t for t in v], [1.0] * 15 + [float("nan")]]).bfloat16().unsqueeze(0)
+    w = torch.tensor([1 + 2**-8, 1.0])
+    y = lean_batch_norm(x, None, None, w, torch.zeros(2), training=True, norm="mean", impl="native",
+                        nonfinite="ignore")
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y[0, 0], (x[0, 0].float() * w[0]).bfloat16())
+    assert y[0, 0, 0].item() == 1.0  # the tie went to the even neighbour
+    assert y[0, 1].isnan().all()
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_native_matches_reference_streamed_output(norm, monkeypatch):
     monkeypatch.setattr(native, "STREAM_BYTES", 0)  # non-temporal stores, with unaligned rows (S = 37)
@@ -100,7 +137,10 @@ def test_ineligible_cases_are_recognised():
     assert not native.eligible(x, w, b, "l1", 2, 1)  # ghost batches
     assert not native.eligible(x, w, b, "range", 1, 2)  # range chunks
     assert not native.eligible(x, w, b, "topk", 1, 1)
-    assert not native.eligible(x.bfloat16(), w.bfloat16(), b.bfloat16(), "l1", 1, 1)
+    assert native.eligible(x.bfloat16(), w.bfloat16(), b.bfloat16(), "l1", 1, 1)
+    assert native.eligible(x.bfloat16(), w, b, "l1", 1, 1)  # float32 parameters with bfloat16 elements
+    assert not native.eligible(x.bfloat16(), w.bfloat16(), b, "l1", 1, 1)  # weight and bias must agree
+    assert not native.eligible(x.half(), w.half(), b.half(), "l1", 1, 1)
     assert not native.eligible(x, w.double(), b.double(), "l1", 1, 1)  # mixed parameter dtype
     # "auto" prefers native only for rows of AUTO_MIN_ROW or more contiguous elements
     assert lean._use_native("auto", x, w, b, "l1", 1, 1)
@@ -116,7 +156,7 @@ def _eager_fallback(monkeypatch):
     monkeypatch.setattr(compiled, "_failed", {"cpu"})
 
 
-@pytest.mark.parametrize("case", ["channels_last", "ghost", "topk", "bfloat16"])
+@pytest.mark.parametrize("case", ["channels_last", "ghost", "topk", "float16"])
 def test_ineligible_cases_fall_back_and_match(case, _eager_fallback):
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
     if case == "channels_last":
@@ -126,7 +166,7 @@ def test_ineligible_cases_fall_back_and_match(case, _eager_fallback):
     elif case == "topk":
         _compare(x, "topk", expect="LeanBatchNormFunctionBackward", k=3)
     else:
-        _compare(x.bfloat16(), "l1", expect="LeanBatchNormFunctionBackward")
+        _compare(x.half(), "l1", expect="LeanBatchNormFunctionBackward")
 
 
 def test_missing_compiler_warns_once_and_falls_back(monkeypatch, _eager_fallback):
@@ -221,3 +261,31 @@ def test_stream_threshold_is_half_the_last_level_cache(tmp_path, monkeypatch):
         (cache / f"index{i}" / "size").write_text(size + "\n")
     monkeypatch.setattr(native, "Path", lambda _p: cache)
     assert native._last_level_cache_bytes() == 16 << 20
+
+
+@pytest.mark.parametrize("buf_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("norm", ["mean", "l1", "range"])
+def test_bfloat16_running_buffers_updated_in_kernel_like_the_reference(norm, buf_dtype):
+    """bfloat16 input with bfloat16 buffers (a model.bfloat16()) or float32 buffers: the in-kernel update
+    rounds like the reference's bfloat16 tensor ops (within one bfloat16 ulp over several batches)."""
+    C = 4
+    bufs = {}
+    for impl in ("native", "reference"):
+        rm = torch.zeros(C, dtype=buf_dtype)
+        rv = None if norm == "mean" else torch.ones(C, dtype=buf_dtype)
+        nbt = torch.tensor(0)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(3):
+            x = (torch.randn(8, C, 5, 5, generator=gen) * (step + 1) + step).bfloat16()
+            if impl == "native":
+                assert native.update_fusable(x, rm, rv, nbt)
+                lean_batch_norm(x, rm, rv, torch.ones(C), torch.zeros(C), training=True, norm=norm,
+                                momentum=0.3, num_batches_tracked=nbt, impl="native")
+            else:
+                nm.lp_batch_norm(x, rm, rv, torch.ones(C), torch.zeros(C), training=True, norm=norm,
+                                 momentum=0.3, num_batches_tracked=nbt)
+        bufs[impl] = (rm, rv, nbt)
+    for a, r in zip(bufs["native"], bufs["reference"]):
+        if r is not None:
+            assert a.dtype == r.dtype
+            torch.testing.assert_close(a.float(), r.float(), rtol=8e-3, atol=1e-6)

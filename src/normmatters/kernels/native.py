@@ -13,7 +13,8 @@ into ``$NORMMATTERS_CACHE`` (default ``~/.cache/normmatters``), named by a hash 
 written atomically (temporary file + rename), so concurrent processes are safe. If the compiler is missing
 or fails, :func:`available` is False after one warning and callers keep the Inductor path.
 
-Scope (:func:`eligible`): CPU, float32/float64 with parameters of the same dtype, contiguous (N, C, *),
+Scope (:func:`eligible`): CPU, float32/float64 with parameters of the same dtype, or bfloat16 with bfloat16
+or float32 parameters (computed in float32, statistics kept in float32, as nn.BatchNorm), contiguous (N, C, *),
 one group (no ghost batches), one range chunk, norms mean, l2, l1, linf, range; not under torch.compile.
 """
 
@@ -41,7 +42,10 @@ __all__ = ["NORM_CODES", "available", "eligible", "update_fusable", "forward", "
 
 #: norm name → code in the C source
 NORM_CODES = {"mean": 0, "l2": 1, "l1": 2, "linf": 3, "range": 4}
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+#: the dtype the kernel computes in and keeps per-channel vectors (weight, bias, statistics, buffers) in:
+#: float32 for bfloat16 elements (as nn.BatchNorm and the reference), else the element dtype
+_COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
 CC_ENV = "NORMMATTERS_CC"
 CACHE_ENV = "NORMMATTERS_CACHE"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
@@ -107,7 +111,7 @@ def _build() -> ctypes.CDLL:
     i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for sfx in _SUFFIX.values():
         fwd = getattr(lib, f"nm_forward_{sfx}")
-        fwd.argtypes = [ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint, cint] + [ptr] * 3 + [dbl, dbl]
+        fwd.argtypes = [ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint, cint] + [ptr] * 3 + [dbl, dbl, cint]
         fwd.restype = cint
         bwd = getattr(lib, f"nm_backward_{sfx}")
         bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint]
@@ -150,8 +154,10 @@ def auto_prefers(x: Tensor) -> bool:
 
 def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int) -> bool:
     """Whether the native kernels cover this call (see the module docstring); does not build anything."""
-    return (norm in NORM_CODES and groups == 1 and m == 1 and x.device.type == "cpu"
-            and x.dtype in _SUFFIX and weight.dtype == x.dtype and bias.dtype == x.dtype
+    if not (norm in NORM_CODES and groups == 1 and m == 1 and x.device.type == "cpu" and x.dtype in _SUFFIX):
+        return False
+    params = (x.dtype, _COMPUTE[x.dtype])  # bfloat16 elements: bfloat16 or float32 parameters
+    return (weight.dtype in params and bias.dtype == weight.dtype
             and x.dim() >= 2 and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) < 2**31
             and x.is_contiguous() and weight.is_contiguous()
             and bias.is_contiguous() and not torch.compiler.is_compiling())
@@ -172,10 +178,14 @@ def _dims(x: Tensor) -> tuple[int, int, int]:
 
 def update_fusable(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                    num_batches_tracked: Tensor | None) -> bool:
-    """Whether :func:`forward` can update these running buffers itself (same dtype as x, contiguous, CPU;
-    num_batches_tracked int64); otherwise the caller updates them from the returned statistics."""
-    return (all(t is None or (t.dtype == x.dtype and t.device.type == "cpu" and t.is_contiguous())
-                for t in (running_mean, running_var))
+    """Whether :func:`forward` can update these running buffers itself: CPU, contiguous, in the compute dtype
+    (x's; float32 for bfloat16 x, whose buffers may also be bfloat16 — both alike), num_batches_tracked
+    int64; otherwise the caller updates them from the returned statistics."""
+    acc = _COMPUTE[x.dtype]
+    allowed = (acc, torch.bfloat16) if x.dtype == torch.bfloat16 else (acc,)
+    bufs = [t for t in (running_mean, running_var) if t is not None]
+    return (all(t.dtype in allowed and t.dtype == bufs[0].dtype and t.device.type == "cpu" and t.is_contiguous()
+                for t in bufs)
             and (num_batches_tracked is None or (num_batches_tracked.dtype == torch.int64
                                                  and num_batches_tracked.device.type == "cpu")))
 
@@ -194,11 +204,13 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     """
     lib = _lib
     N, C, S = _dims(x)
+    acc = _COMPUTE[x.dtype]
     y = torch.empty_like(x)
-    mean = x.new_empty(C)
-    raw = x.new_empty(C)
-    hi = x.new_empty(C) if norm == "range" else None
-    lo = x.new_empty(C) if norm == "range" else None
+    mean = x.new_empty(C, dtype=acc)
+    raw = x.new_empty(C, dtype=acc)
+    hi = x.new_empty(C, dtype=acc) if norm == "range" else None
+    lo = x.new_empty(C, dtype=acc) if norm == "range" else None
+    weight, bias = weight.to(acc), bias.to(acc)  # no-ops unless bfloat16 parameters
     rm = rv = nbt = None
     momentum = unbias = 0.0
     if running is not None:
@@ -208,7 +220,8 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     ok = getattr(lib, f"nm_forward_{_SUFFIX[x.dtype]}")(
         x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
         _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x), torch.get_num_threads(),
-        _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias)
+        _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias,
+        int(any(t is not None and t.dtype == torch.bfloat16 for t in (rm, rv))))
     return y, mean, raw, ((hi, lo) if norm == "range" else ()), bool(ok)
 
 
@@ -217,14 +230,20 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
              need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(∂L/∂x, ∂L/∂w, ∂L/∂b) from the saved input and per-channel statistics of :func:`forward`."""
     lib = _lib
-    gy = gy.contiguous()
+    gy = gy.to(x.dtype).contiguous()
     N, C, S = _dims(x)
+    acc = _COMPUTE[x.dtype]
     gx = torch.empty_like(x) if need_x else None
-    gw = x.new_empty(C) if need_w else None
-    gb = x.new_empty(C) if need_b else None
+    gw = x.new_empty(C, dtype=acc) if need_w else None
+    gb = x.new_empty(C, dtype=acc) if need_b else None
     hi, lo = aux if norm == "range" else (None, None)
+    w = weight.to(acc)  # held until the call returns
     getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
-        gy.data_ptr(), x.data_ptr(), _ptr(gx), weight.data_ptr(), mean.data_ptr(), raw.data_ptr(), _ptr(hi),
-        _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x),
+        gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+        _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x),
         torch.get_num_threads())
+    if gw is not None:
+        gw = gw.to(weight.dtype)
+    if gb is not None:
+        gb = gb.to(weight.dtype)  # eligible() requires bias.dtype == weight.dtype
     return gx, gw, gb

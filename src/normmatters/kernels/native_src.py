@@ -41,6 +41,13 @@ static inline void nm_stream_f64(double *restrict dst, const double *restrict sr
     for (; j + 4 <= n; j += 4) _mm256_stream_pd(dst + j, _mm256_loadu_pd(src + j));
     for (; j < n; ++j) dst[j] = src[j];
 }
+static inline void nm_stream_bf16(uint16_t *restrict dst, const uint16_t *restrict src, int64_t n) {
+    int64_t j = 0;
+    for (; j < n && ((uintptr_t)(dst + j) & 31); ++j) dst[j] = src[j];
+    for (; j + 16 <= n; j += 16)
+        _mm256_stream_si256((__m256i *)(dst + j), _mm256_loadu_si256((const __m256i *)(src + j)));
+    for (; j < n; ++j) dst[j] = src[j];
+}
 #define NM_SFENCE() _mm_sfence()
 #else
 static inline void nm_stream_f32(float *restrict dst, const float *restrict src, int64_t n) {
@@ -49,10 +56,56 @@ static inline void nm_stream_f32(float *restrict dst, const float *restrict src,
 static inline void nm_stream_f64(double *restrict dst, const double *restrict src, int64_t n) {
     for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
 }
+static inline void nm_stream_bf16(uint16_t *restrict dst, const uint16_t *restrict src, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+}
 #define NM_SFENCE() ((void)0)
 #endif
 
-#define NM_DEFINE(T, SFX, ABS)                                                                            \
+/* element storage <-> compute type. bfloat16 is stored as uint16_t and computed in float (the accumulation
+   dtype, as nn.BatchNorm and the reference path); float -> bfloat16 rounds to nearest even, NaN stays NaN
+   (as c10::BFloat16). */
+static inline float nm_ld_bf16(uint16_t v) {
+    union { uint32_t u; float f; } r; r.u = (uint32_t)v << 16; return r.f;
+}
+static inline uint16_t nm_st_bf16(float f) {
+    union { uint32_t u; float f; } r; r.f = f;
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((r.u + 0x7FFFu + ((r.u >> 16) & 1u)) >> 16);
+}
+#define NM_ID(v) (v)
+
+/* functional.update_running_stats for bfloat16 buffers and float32 statistics, rounding to bfloat16 after
+   each tensor op as the reference does (buf + (new.to(bf16) - buf) * momentum, new for the variance computed
+   in float32 first). Returns the "statistics are finite" flag; buffers (NULL: absent) unchanged when 0. */
+static int nm_update_running_bf16buf(const float *restrict mean, const float *restrict raw, int64_t C,
+                                     int norm, double cn, uint16_t *restrict run_mean,
+                                     uint16_t *restrict run_var, int64_t *restrict nbt, double momentum,
+                                     double unbias) {
+    const float ct = (float)cn, mom = (float)momentum, unb = (float)unbias;
+    int ok = 1;
+    for (int64_t c = 0; c < C; ++c) {
+        if (!isfinite(mean[c])) ok = 0;
+        if (norm != NM_MEAN && !isfinite(ct * raw[c])) ok = 0;
+    }
+    if (!ok) return 0;
+    for (int64_t c = 0; c < C; ++c) {
+        if (run_mean) {
+            const float b = nm_ld_bf16(run_mean[c]);
+            const float d = nm_ld_bf16(nm_st_bf16(nm_ld_bf16(nm_st_bf16(mean[c])) - b));
+            run_mean[c] = nm_st_bf16(b + nm_ld_bf16(nm_st_bf16(d * mom)));
+        }
+        if (run_var && norm != NM_MEAN) {
+            const float sigma = ct * raw[c], b = nm_ld_bf16(run_var[c]);
+            const float d = nm_ld_bf16(nm_st_bf16(nm_ld_bf16(nm_st_bf16((sigma * sigma) * unb)) - b));
+            run_var[c] = nm_st_bf16(b + nm_ld_bf16(nm_st_bf16(d * mom)));
+        }
+    }
+    if (nbt) *nbt += 1;
+    return 1;
+}
+
+#define NM_DEFINE(TS, T, SFX, ABS, LD, ST)                                                                            \
 /* functional.update_running_stats for one group, in T like the reference: returns the "statistics are    \
    finite" flag and leaves every buffer (NULL: absent) unchanged when it is 0. σ̂ = (T)cn · raw. */       \
 static int nm_update_running_##SFX(const T *restrict mean, const T *restrict raw, int64_t C, int norm,    \
@@ -77,29 +130,29 @@ static int nm_update_running_##SFX(const T *restrict mean, const T *restrict raw
     return 1;                                                                                             \
 }                                                                                                         \
                                                                                                           \
-int nm_forward_##SFX(const T *restrict x, T *restrict y, const T *restrict w, const T *restrict b,        \
+int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, const T *restrict b,      \
                      T *restrict mean_out, T *restrict raw_out, T *restrict hi_out, T *restrict lo_out,   \
-                     int64_t N, int64_t C, int64_t S, int norm, double cn, double eps, int stream,       \
+                     int64_t N, int64_t C, int64_t S, int norm, double cn, double eps, int stream,        \
                      int nthreads, T *restrict run_mean, T *restrict run_var, int64_t *restrict nbt,      \
-                     double momentum, double unbias)                                                      \
+                     double momentum, double unbias, int buf_bf16)                                        \
 {                                                                                                         \
     const double n = (double)N * (double)S;                                                               \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                \
     for (int64_t c = 0; c < C; ++c) {                                                                     \
-        T buf[NM_BLK] __attribute__((aligned(64)));                                                       \
+        TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
         double sum = 0.0;                                                                                 \
-        T hi = x[c * S], lo = x[c * S];                                                                   \
+        T hi = LD(x[c * S]), lo = LD(x[c * S]);                                                           \
         for (int64_t i = 0; i < N; ++i) {                                                                 \
-            const T *xr = x + (i * C + c) * S;                                                            \
+            const TS *xr = x + (i * C + c) * S;                                                           \
             T s = 0;                                                                                      \
             if (norm == NM_RANGE) {                                                                       \
                 T h = hi, l = lo;                                                                         \
                 _Pragma("omp simd reduction(+:s) reduction(max:h) reduction(min:l)")                      \
-                for (int64_t j = 0; j < S; ++j) { T v = xr[j]; s += v; h = v > h ? v : h; l = v < l ? v : l; }\
+                for (int64_t j = 0; j < S; ++j) { T v = LD(xr[j]); s += v; h = v > h ? v : h; l = v < l ? v : l; } \
                 hi = h; lo = l;                                                                           \
             } else {                                                                                      \
                 _Pragma("omp simd reduction(+:s)")                                                        \
-                for (int64_t j = 0; j < S; ++j) s += xr[j];                                               \
+                for (int64_t j = 0; j < S; ++j) s += LD(xr[j]);                                           \
             }                                                                                             \
             sum += (double)s;                                                                             \
         }                                                                                                 \
@@ -111,22 +164,22 @@ int nm_forward_##SFX(const T *restrict x, T *restrict y, const T *restrict w, co
         } else if (norm == NM_LINF) {                                                                     \
             T m = 0;                                                                                      \
             for (int64_t i = 0; i < N; ++i) {                                                             \
-                const T *xr = x + (i * C + c) * S;                                                        \
+                const TS *xr = x + (i * C + c) * S;                                                       \
                 _Pragma("omp simd reduction(max:m)")                                                      \
-                for (int64_t j = 0; j < S; ++j) { T a = ABS(xr[j] - mu); m = a > m ? a : m; }            \
+                for (int64_t j = 0; j < S; ++j) { T a = ABS(LD(xr[j]) - mu); m = a > m ? a : m; }         \
             }                                                                                             \
             raw = (double)m;                                                                              \
         } else if (norm == NM_L1 || norm == NM_L2) {                                                      \
             double acc = 0.0;                                                                             \
             for (int64_t i = 0; i < N; ++i) {                                                             \
-                const T *xr = x + (i * C + c) * S;                                                        \
+                const TS *xr = x + (i * C + c) * S;                                                       \
                 T s = 0;                                                                                  \
                 if (norm == NM_L1) {                                                                      \
                     _Pragma("omp simd reduction(+:s)")                                                    \
-                    for (int64_t j = 0; j < S; ++j) s += ABS(xr[j] - mu);                                \
+                    for (int64_t j = 0; j < S; ++j) s += ABS(LD(xr[j]) - mu);                             \
                 } else {                                                                                  \
                     _Pragma("omp simd reduction(+:s)")                                                    \
-                    for (int64_t j = 0; j < S; ++j) { T d = xr[j] - mu; s += d * d; }                     \
+                    for (int64_t j = 0; j < S; ++j) { T d = LD(xr[j]) - mu; s += d * d; }                 \
                 }                                                                                         \
                 acc += (double)s;                                                                         \
             }                                                                                             \
@@ -142,19 +195,23 @@ int nm_forward_##SFX(const T *restrict x, T *restrict y, const T *restrict w, co
         const T shift = b[c];                                                                             \
         for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                      \
             const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                          \
-            const T *xr = x + (i * C + c) * S + j0;                                                       \
-            T *yr = stream ? buf : y + (i * C + c) * S + j0;                                              \
+            const TS *xr = x + (i * C + c) * S + j0;                                                      \
+            TS *yr = stream ? buf : y + (i * C + c) * S + j0;                                             \
             _Pragma("omp simd")                                                                           \
-            for (int64_t j = 0; j < L; ++j) yr[j] = (xr[j] - mu) * scale + shift;                         \
+            for (int64_t j = 0; j < L; ++j) yr[j] = ST((LD(xr[j]) - mu) * scale + shift);                 \
             if (stream) nm_stream_##SFX(y + (i * C + c) * S + j0, buf, L);                                \
         }                                                                                                 \
         if (stream) NM_SFENCE();                                                                          \
     }                                                                                                     \
-    return nm_update_running_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum,     \
+    if (buf_bf16) /* bfloat16 buffers (with float32 statistics: only the bf16 variant passes this) */        \
+        return nm_update_running_bf16buf((const float *)mean_out, (const float *)raw_out, C, norm, cn,    \
+                                         (uint16_t *)run_mean, (uint16_t *)run_var, nbt, momentum,       \
+                                         unbias);                                                         \
+    return nm_update_running_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum,      \
                                    unbias);                                                               \
 }                                                                                                         \
                                                                                                           \
-void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx, const T *restrict w,     \
+void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict gx, const T *restrict w,  \
                        const T *restrict mean, const T *restrict rawv, const T *restrict hiv,             \
                        const T *restrict lov, T *restrict gw, T *restrict gb, int64_t N, int64_t C,       \
                        int64_t S, int norm, double cn, double eps, int stream, int nthreads)              \
@@ -162,27 +219,27 @@ void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx,
     const double n = (double)N * (double)S;                                                               \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                \
     for (int64_t c = 0; c < C; ++c) {                                                                     \
-        T buf[NM_BLK] __attribute__((aligned(64)));                                                       \
+        TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
         const T mu = mean[c];                                                                             \
         const T tau = norm == NM_RANGE ? hiv[c] : rawv[c];                                                \
         const T lo = norm == NM_RANGE ? lov[c] : 0;                                                       \
         double sg = 0.0, sgd = 0.0, ssign = 0.0, sgt = 0.0, seq = 0.0;                                    \
         int64_t cgt = 0, ceq = 0;                                                                         \
         for (int64_t i = 0; i < N; ++i) {                                                                 \
-            const T *xr = x + (i * C + c) * S;                                                            \
-            const T *gr = g + (i * C + c) * S;                                                            \
+            const TS *xr = x + (i * C + c) * S;                                                           \
+            const TS *gr = g + (i * C + c) * S;                                                           \
             T a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;                                                     \
-            int k1 = 0, k2 = 0; /* int32 per row: vectorizes with the float sums */                  \
+            int k1 = 0, k2 = 0; /* int32 per row: vectorizes with the float sums */                       \
             if (norm == NM_L1) {                                                                          \
                 _Pragma("omp simd reduction(+:a1,a2,a3)")                                                 \
                 for (int64_t j = 0; j < S; ++j) {                                                         \
-                    T d = xr[j] - mu, gj = gr[j];                                                         \
+                    T d = LD(xr[j]) - mu, gj = LD(gr[j]);                                                 \
                     a1 += gj; a2 += gj * d; a3 += (T)(d > 0) - (T)(d < 0);                                \
                 }                                                                                         \
             } else if (norm == NM_LINF) {                                                                 \
                 _Pragma("omp simd reduction(+:a1,a2,a4,a5,k1,k2)")                                        \
                 for (int64_t j = 0; j < S; ++j) {                                                         \
-                    T d = xr[j] - mu, gj = gr[j], a = ABS(d);                                            \
+                    T d = LD(xr[j]) - mu, gj = LD(gr[j]), a = ABS(d);                                     \
                     T sd = (T)(d > 0) - (T)(d < 0);                                                       \
                     a1 += gj; a2 += gj * d;                                                               \
                     k1 += a > tau; k2 += a == tau;                                                        \
@@ -191,14 +248,14 @@ void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx,
             } else if (norm == NM_RANGE) {                                                                \
                 _Pragma("omp simd reduction(+:a1,a2,k1,k2)")                                              \
                 for (int64_t j = 0; j < S; ++j) {                                                         \
-                    T v = xr[j], gj = gr[j];                                                              \
+                    T v = LD(xr[j]), gj = LD(gr[j]);                                                      \
                     a1 += gj; a2 += gj * (v - mu); k1 += v == tau; k2 += v == lo;                         \
                 }                                                                                         \
             } else {                                                                                      \
                 _Pragma("omp simd reduction(+:a1,a2)")                                                    \
-                for (int64_t j = 0; j < S; ++j) { T gj = gr[j]; a1 += gj; a2 += gj * (xr[j] - mu); }     \
+                for (int64_t j = 0; j < S; ++j) { T gj = LD(gr[j]); a1 += gj; a2 += gj * (LD(xr[j]) - mu); } \
             }                                                                                             \
-            sg += (double)a1; sgd += (double)a2; ssign += (double)a3; sgt += (double)a4; seq += (double)a5;\
+            sg += (double)a1; sgd += (double)a2; ssign += (double)a3; sgt += (double)a4; seq += (double)a5; \
             cgt += k1; ceq += k2;                                                                         \
         }                                                                                                 \
         const double wc = (double)w[c];                                                                   \
@@ -224,35 +281,35 @@ void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx,
         const T At = (T)A, Bt = (T)(-A * sg / n - ebar), Kt = (T)K, Kbt = (T)Kb, weqt = (T)weq;           \
         for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                      \
             const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                          \
-            const T *xr = x + (i * C + c) * S + j0;                                                       \
-            const T *gr = g + (i * C + c) * S + j0;                                                       \
-            T *out = stream ? buf : gx + (i * C + c) * S + j0;                                            \
+            const TS *xr = x + (i * C + c) * S + j0;                                                      \
+            const TS *gr = g + (i * C + c) * S + j0;                                                      \
+            TS *out = stream ? buf : gx + (i * C + c) * S + j0;                                           \
             if (norm == NM_L2) {                                                                          \
                 _Pragma("omp simd")                                                                       \
-                for (int64_t j = 0; j < L; ++j) out[j] = At * gr[j] + Bt + Kt * (xr[j] - mu);             \
+                for (int64_t j = 0; j < L; ++j) out[j] = ST(At * LD(gr[j]) + Bt + Kt * (LD(xr[j]) - mu)); \
             } else if (norm == NM_L1) {                                                                   \
                 _Pragma("omp simd")                                                                       \
                 for (int64_t j = 0; j < L; ++j) {                                                         \
-                    T d = xr[j] - mu;                                                                     \
-                    out[j] = At * gr[j] + Bt + Kt * ((T)(d > 0) - (T)(d < 0));                            \
+                    T d = LD(xr[j]) - mu;                                                                 \
+                    out[j] = ST(At * LD(gr[j]) + Bt + Kt * ((T)(d > 0) - (T)(d < 0)));                    \
                 }                                                                                         \
             } else if (norm == NM_LINF) {                                                                 \
                 _Pragma("omp simd")                                                                       \
                 for (int64_t j = 0; j < L; ++j) {                                                         \
-                    T d = xr[j] - mu, a = ABS(d);                                                        \
+                    T d = LD(xr[j]) - mu, a = ABS(d);                                                     \
                     T sd = (T)(d > 0) - (T)(d < 0);                                                       \
                     T e = a > tau ? sd : (a == tau ? sd * weqt : (T)0);                                   \
-                    out[j] = At * gr[j] + Bt + Kt * e;                                                    \
+                    out[j] = ST(At * LD(gr[j]) + Bt + Kt * e);                                            \
                 }                                                                                         \
             } else if (norm == NM_RANGE) {                                                                \
                 _Pragma("omp simd")                                                                       \
                 for (int64_t j = 0; j < L; ++j) {                                                         \
-                    T v = xr[j];                                                                          \
-                    out[j] = At * gr[j] + Bt + (v == tau ? Kt : (T)0) - (v == lo ? Kbt : (T)0);           \
+                    T v = LD(xr[j]);                                                                      \
+                    out[j] = ST(At * LD(gr[j]) + Bt + (v == tau ? Kt : (T)0) - (v == lo ? Kbt : (T)0));   \
                 }                                                                                         \
             } else {                                                                                      \
                 _Pragma("omp simd")                                                                       \
-                for (int64_t j = 0; j < L; ++j) out[j] = At * gr[j] + Bt;                                 \
+                for (int64_t j = 0; j < L; ++j) out[j] = ST(At * LD(gr[j]) + Bt);                         \
             }                                                                                             \
             if (stream) nm_stream_##SFX(gx + (i * C + c) * S + j0, buf, L);                               \
         }                                                                                                 \
@@ -260,6 +317,7 @@ void nm_backward_##SFX(const T *restrict g, const T *restrict x, T *restrict gx,
     }                                                                                                     \
 }
 
-NM_DEFINE(float, f32, fabsf)
-NM_DEFINE(double, f64, fabs)
+NM_DEFINE(float, float, f32, fabsf, NM_ID, NM_ID)
+NM_DEFINE(double, double, f64, fabs, NM_ID, NM_ID)
+NM_DEFINE(uint16_t, float, bf16, fabsf, nm_ld_bf16, nm_st_bf16)
 """
