@@ -105,7 +105,39 @@ static int nm_update_running_bf16buf(const float *restrict mean, const float *re
     return 1;
 }
 
-#define NM_DEFINE(TS, T, SFX, ABS, LD, ST)                                                                            \
+#define NM_DEFINE(TS, T, SFX, ABS, LD, ST)                                                               \
+/* forward: the per-channel multiplier w / sqrt(σ̂² + eps), σ̂ = cn · raw (mean-only: w) */                  \
+static inline T nm_scale_##SFX(int norm, double cn, double eps, T w, T raw) {                             \
+    if (norm == NM_MEAN) return w;                                                                        \
+    const double sigma = cn * (double)raw;                                                                \
+    return (T)((double)w / sqrt(sigma * sigma + eps));                                                    \
+}                                                                                                         \
+/* backward: from one channel's sums (Σg, Σg·d, Σsign d; linf: Σ sign over |d| > τ and = τ, and their       \
+   counts; range: counts of x = max and x = min) the gradients of w and b and the coefficients of           \
+   ∂L/∂x = A·g + B + K·e(x) (e: l2 d, l1 sign d, linf the extreme signs, range ±1 at max/min) */            \
+static inline void nm_coefs_##SFX(int norm, double n, double cn, double eps, double wc, double rawc,       \
+                                  double sg, double sgd, double ssign, double sgt, double seq, double cgt,  \
+                                  double ceq, T *gw, T *gb, T *At, T *Bt, T *Kt, T *Kbt, T *weqt) {        \
+    double A, sum_gx, K = 0.0, Kb = 0.0, weq = 0.0, ebar = 0.0, sigma = 0.0;                              \
+    if (norm == NM_MEAN) {                                                                                \
+        A = wc; sum_gx = sgd;                                                                             \
+    } else {                                                                                              \
+        sigma = cn * rawc;                                                                                \
+        const double r = 1.0 / sqrt(sigma * sigma + eps);                                                 \
+        A = wc * r; sum_gx = sgd * r;                                                                     \
+        const double coef = -sigma * r * r * wc * sum_gx;                                                 \
+        if (norm == NM_L2) { K = coef / (n * sigma); }                                                    \
+        else if (norm == NM_L1) { K = coef * cn / n; ebar = ssign * cn / n / n; }                         \
+        else if (norm == NM_LINF) {                                                                       \
+            weq = (1.0 - cgt) / ceq;                                                                      \
+            K = coef * cn; ebar = (sgt + weq * seq) * cn / n;                                             \
+        } else if (norm == NM_RANGE) { K = coef * cn / cgt; Kb = coef * cn / ceq; }                       \
+        ebar *= coef;                                                                                     \
+    }                                                                                                     \
+    if (gw) *gw = (T)sum_gx;                                                                              \
+    if (gb) *gb = (T)sg;                                                                                  \
+    *At = (T)A; *Bt = (T)(-A * sg / n - ebar); *Kt = (T)K; *Kbt = (T)Kb; *weqt = (T)weq;                  \
+}                                                                                                         \
 /* functional.update_running_stats for one group, in T like the reference: returns the "statistics are    \
    finite" flag and leaves every buffer (NULL: absent) unchanged when it is 0. σ̂ = (T)cn · raw. */       \
 static int nm_update_running_##SFX(const T *restrict mean, const T *restrict raw, int64_t C, int norm,    \
@@ -187,11 +219,7 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
         }                                                                                                 \
         mean_out[c] = mu;                                                                                 \
         raw_out[c] = norm == NM_MEAN ? mu : (T)raw;                                                       \
-        T scale = w[c];                                                                                   \
-        if (norm != NM_MEAN) {                                                                            \
-            double sigma = cn * (double)(T)raw;                                                           \
-            scale = (T)((double)w[c] / sqrt(sigma * sigma + eps));                                        \
-        }                                                                                                 \
+        const T scale = nm_scale_##SFX(norm, cn, eps, w[c], (T)raw);                                      \
         const T shift = b[c];                                                                             \
         for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                      \
             const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                          \
@@ -258,27 +286,11 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
             sg += (double)a1; sgd += (double)a2; ssign += (double)a3; sgt += (double)a4; seq += (double)a5; \
             cgt += k1; ceq += k2;                                                                         \
         }                                                                                                 \
-        const double wc = (double)w[c];                                                                   \
-        double A, sum_gx, K = 0.0, Kb = 0.0, weq = 0.0, ebar = 0.0, sigma = 0.0;                          \
-        if (norm == NM_MEAN) {                                                                            \
-            A = wc; sum_gx = sgd;                                                                         \
-        } else {                                                                                          \
-            sigma = cn * (double)rawv[c];                                                                 \
-            const double r = 1.0 / sqrt(sigma * sigma + eps);                                             \
-            A = wc * r; sum_gx = sgd * r;                                                                 \
-            const double coef = -sigma * r * r * wc * sum_gx;                                             \
-            if (norm == NM_L2) { K = coef / (n * sigma); }                                                \
-            else if (norm == NM_L1) { K = coef * cn / n; ebar = ssign * cn / n / n; }                     \
-            else if (norm == NM_LINF) {                                                                   \
-                weq = (1.0 - (double)cgt) / (double)ceq;                                                  \
-                K = coef * cn; ebar = (sgt + weq * seq) * cn / n;                                         \
-            } else if (norm == NM_RANGE) { K = coef * cn / (double)cgt; Kb = coef * cn / (double)ceq; }   \
-            ebar *= coef;                                                                                 \
-        }                                                                                                 \
-        if (gw) gw[c] = (T)sum_gx;                                                                        \
-        if (gb) gb[c] = (T)sg;                                                                            \
+        T At, Bt, Kt, Kbt, weqt;                                                                          \
+        nm_coefs_##SFX(norm, n, cn, eps, (double)w[c], (double)rawv[c], sg, sgd, ssign, sgt, seq,         \
+                       (double)cgt, (double)ceq, gw ? gw + c : NULL, gb ? gb + c : NULL,                  \
+                       &At, &Bt, &Kt, &Kbt, &weqt);                                                       \
         if (!gx) continue;                                                                                \
-        const T At = (T)A, Bt = (T)(-A * sg / n - ebar), Kt = (T)K, Kbt = (T)Kb, weqt = (T)weq;           \
         for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                      \
             const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                          \
             const TS *xr = x + (i * C + c) * S + j0;                                                      \
