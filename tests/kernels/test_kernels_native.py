@@ -56,13 +56,34 @@ def test_native_matches_reference(norm, dtype, shape):
     _compare(torch.randn(shape, dtype=dtype) * 2 + 1, norm)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "rows", "spatial_1", "many_rows"])
+def test_native_rows_kernels_match_reference(norm, dtype, layout):
+    """Channels-innermost inputs go to the rows kernels: channels_last 4-d / 5-d, (N, C), (N, C, 1), and more
+    rows than one block per thread (several partial sums to combine)."""
+    x = torch.randn({"channels_last": (6, 5, 4, 3), "channels_last_3d": (4, 3, 2, 3, 5), "rows": (20, 7),
+                     "spatial_1": (9, 6, 1), "many_rows": (1000, 9)}[layout], dtype=dtype) * 2 + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        x = x.to(memory_format=torch.channels_last_3d)
+    assert native.channels_innermost(x) and native.eligible(x, torch.ones(x.shape[1], dtype=dtype),
+                                                            torch.zeros(x.shape[1], dtype=dtype), norm, 1, 1)
+    _compare(x, norm)
+
+
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("shape", [(8, 3, 5, 6), (6, 3, 37)])
+@pytest.mark.parametrize("shape", [(8, 3, 5, 6), (6, 3, 37), "channels_last"])
 def test_native_bfloat16_matches_reference(norm, shape, param_dtype, monkeypatch):
     """bfloat16 elements computed in float32 (statistics and buffers too): output and gradients within
     bfloat16 rounding of the reference (2e-2), also through the streamed-store path."""
+    cl = shape == "channels_last"
+    shape = (6, 5, 4, 3) if cl else shape
     x0 = (torch.randn(shape) * 2 + 1).bfloat16()
+    if cl:
+        x0 = x0.to(memory_format=torch.channels_last)
     C = shape[1]
     w0 = (torch.rand(C) + 0.5).to(param_dtype)
     b0 = torch.randn(C).to(param_dtype)
@@ -113,12 +134,17 @@ def test_ties_share_the_gradient_like_the_reference(norm):
         x[n, 1, h, w] = -4.0
     _compare(x, norm)
     _compare(x.float(), norm)
+    _compare(x.to(memory_format=torch.channels_last), norm)  # the rows kernels
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("norm", NORMS)
-def test_gradcheck_native(norm):
+def test_gradcheck_native(norm, layout):
     torch.manual_seed(1)
-    x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    if layout == "channels_last":  # the rows kernels
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     layer = nm.LpBatchNorm2d(2, norm=norm, impl="native", dtype=torch.float64).train()
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
@@ -133,7 +159,8 @@ def test_ineligible_cases_are_recognised():
     x = torch.randn(4, 3, 5, 5)
     w, b = torch.ones(3), torch.zeros(3)
     assert native.eligible(x, w, b, "l1", 1, 1)
-    assert not native.eligible(x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
+    assert native.eligible(x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
+    assert not native.eligible(x.transpose(2, 3), w, b, "l1", 1, 1)
     assert not native.eligible(x, w, b, "l1", 2, 1)  # ghost batches
     assert not native.eligible(x, w, b, "range", 1, 2)  # range chunks
     assert not native.eligible(x, w, b, "topk", 1, 1)
@@ -142,10 +169,12 @@ def test_ineligible_cases_are_recognised():
     assert not native.eligible(x.bfloat16(), w.bfloat16(), b, "l1", 1, 1)  # weight and bias must agree
     assert not native.eligible(x.half(), w.half(), b.half(), "l1", 1, 1)
     assert not native.eligible(x, w.double(), b.double(), "l1", 1, 1)  # mixed parameter dtype
-    # "auto" prefers native only for rows of AUTO_MIN_ROW or more contiguous elements
+    # "auto" prefers native for rows of AUTO_MIN_ROW or more contiguous elements, and channels-innermost input
     assert lean._use_native("auto", x, w, b, "l1", 1, 1)
-    assert not lean._use_native("auto", torch.randn(16, 3), w, b, "l1", 1, 1)
-    assert lean._use_native("native", torch.randn(16, 3), w, b, "l1", 1, 1)
+    assert lean._use_native("auto", torch.randn(16, 3), w, b, "l1", 1, 1)
+    assert lean._use_native("auto", x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
+    assert not lean._use_native("auto", torch.randn(16, 3, 4), w, b, "l1", 1, 1)
+    assert lean._use_native("native", torch.randn(16, 3, 4), w, b, "l1", 1, 1)
     assert not lean._use_native("compiled", x, w, b, "l1", 1, 1)
 
 
@@ -156,11 +185,11 @@ def _eager_fallback(monkeypatch):
     monkeypatch.setattr(compiled, "_failed", {"cpu"})
 
 
-@pytest.mark.parametrize("case", ["channels_last", "ghost", "topk", "float16"])
+@pytest.mark.parametrize("case", ["strided", "ghost", "topk", "float16"])
 def test_ineligible_cases_fall_back_and_match(case, _eager_fallback):
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    if case == "channels_last":
-        _compare(x.to(memory_format=torch.channels_last), "l1", expect="LeanBatchNormFunctionBackward")
+    if case == "strided":  # neither contiguous nor channels-innermost
+        _compare(x.transpose(2, 3), "l1", expect="LeanBatchNormFunctionBackward")
     elif case == "ghost":
         _compare(x, "l1", expect="LeanBatchNormFunctionBackward", ghost_batch_size=4)
     elif case == "topk":

@@ -116,6 +116,12 @@ def _build() -> ctypes.CDLL:
         bwd = getattr(lib, f"nm_backward_{sfx}")
         bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint]
         bwd.restype = None
+        fwd_rows = getattr(lib, f"nm_forward_rows_{sfx}")
+        fwd_rows.argtypes = [ptr] * 8 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 5 + [dbl, dbl, cint]
+        fwd_rows.restype = cint
+        bwd_rows = getattr(lib, f"nm_backward_rows_{sfx}")
+        bwd_rows.argtypes = [ptr] * 10 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 2
+        bwd_rows.restype = None
     return lib
 
 
@@ -147,9 +153,16 @@ def available() -> bool:
 AUTO_MIN_ROW = 16
 
 
+def channels_innermost(x: Tensor) -> bool:
+    """Whether x is (N, C, *) stored as (N·spatial, C) rows with the C channels contiguous: channels_last
+    (3-d), channels_last_3d, and (N, C) or any spatial size 1. The rows kernels take this layout."""
+    return x.stride(1) == 1 and x.movedim(1, -1).is_contiguous()
+
+
 def auto_prefers(x: Tensor) -> bool:
-    """Whether "auto" should take the native kernels for an eligible ``x`` (see :data:`AUTO_MIN_ROW`)."""
-    return x.numel() // (x.shape[0] * x.shape[1]) >= AUTO_MIN_ROW
+    """Whether "auto" should take the native kernels for an eligible ``x``: the rows kernels for
+    channels-innermost layouts; the channel kernels from :data:`AUTO_MIN_ROW` contiguous elements per row."""
+    return channels_innermost(x) or x.numel() // (x.shape[0] * x.shape[1]) >= AUTO_MIN_ROW
 
 
 def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int) -> bool:
@@ -159,8 +172,13 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m:
     params = (x.dtype, _COMPUTE[x.dtype])  # bfloat16 elements: bfloat16 or float32 parameters
     return (weight.dtype in params and bias.dtype == weight.dtype
             and x.dim() >= 2 and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) < 2**31
-            and x.is_contiguous() and weight.is_contiguous()
+            and (x.is_contiguous() or channels_innermost(x)) and weight.is_contiguous()
             and bias.is_contiguous() and not torch.compiler.is_compiling())
+
+
+def _scratch(x: Tensor, C: int, doubles: int, compute: int) -> tuple[Tensor, Tensor]:
+    """Per-call scratch of the rows kernels: ``doubles``·C float64 and ``compute``·C in the compute dtype."""
+    return (torch.empty(doubles * C, dtype=torch.float64), torch.empty(compute * C, dtype=_COMPUTE[x.dtype]))
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -217,11 +235,19 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
         rm, rv, nbt, momentum, n = running
         momentum = float(momentum)
         unbias = n / (n - 1)
-    ok = getattr(lib, f"nm_forward_{_SUFFIX[x.dtype]}")(
-        x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
-        _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x), torch.get_num_threads(),
-        _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias,
-        int(any(t is not None and t.dtype == torch.bfloat16 for t in (rm, rv))))
+    buf_bf16 = int(any(t is not None and t.dtype == torch.bfloat16 for t in (rm, rv)))
+    nt = torch.get_num_threads()
+    if S > 1 and x.is_contiguous():
+        ok = getattr(lib, f"nm_forward_{_SUFFIX[x.dtype]}")(
+            x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+            _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x), nt,
+            _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16)
+    else:  # channels innermost: (N·S, C) rows
+        scratch, tscratch = _scratch(x, C, 4 * nt, 1 + 3 * nt)
+        ok = getattr(lib, f"nm_forward_rows_{_SUFFIX[x.dtype]}")(
+            x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+            _ptr(hi), _ptr(lo), N * S, C, NORM_CODES[norm], float(c), float(eps), nt, scratch.data_ptr(),
+            tscratch.data_ptr(), _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16)
     return y, mean, raw, ((hi, lo) if norm == "range" else ()), bool(ok)
 
 
@@ -230,7 +256,8 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
              need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(∂L/∂x, ∂L/∂w, ∂L/∂b) from the saved input and per-channel statistics of :func:`forward`."""
     lib = _lib
-    gy = gy.to(x.dtype).contiguous()
+    if gy.dtype != x.dtype or gy.stride() != x.stride():  # the kernels read gy in x's layout
+        gy = torch.empty_like(x).copy_(gy)
     N, C, S = _dims(x)
     acc = _COMPUTE[x.dtype]
     gx = torch.empty_like(x) if need_x else None
@@ -238,10 +265,18 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
     gb = x.new_empty(C, dtype=acc) if need_b else None
     hi, lo = aux if norm == "range" else (None, None)
     w = weight.to(acc)  # held until the call returns
-    getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
-        gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
-        _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x),
-        torch.get_num_threads())
+    nt = torch.get_num_threads()
+    if S > 1 and x.is_contiguous():
+        getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
+            gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+            _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps),
+            _stream(x), nt)
+    else:  # channels innermost: (N·S, C) rows
+        scratch, tscratch = _scratch(x, C, 6 * nt, 6 + 6 * nt)
+        getattr(lib, f"nm_backward_rows_{_SUFFIX[x.dtype]}")(
+            gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+            _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N * S, C, NORM_CODES[norm], float(c), float(eps), nt,
+            scratch.data_ptr(), tscratch.data_ptr())
     if gw is not None:
         gw = gw.to(weight.dtype)
     if gb is not None:
