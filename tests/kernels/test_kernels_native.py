@@ -10,7 +10,9 @@ import normmatters as nm
 from normmatters.kernels import compiled, lean, native
 from normmatters.kernels.lean import lean_batch_norm
 
-NORMS = ("mean", "l2", "l1", "linf", "range")
+NORMS = ("mean", "l2", "l1", "linf", "range", "topk")
+#: the rows kernels (channels-innermost input) have no top-k
+ROW_NORMS = NORMS[:-1]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
@@ -35,13 +37,13 @@ def _run(x0, norm, impl, w0, b0, g, **kw):
     return y, (y.detach(), x.grad, w.grad, b.grad, rm, rv), type(y.grad_fn).__name__
 
 
-def _compare(x0, norm, impl="native", expect="NativeBatchNormFunctionBackward", **kw):
+def _compare(x0, norm, impl="native", expect="NativeBatchNormFunctionBackward", against="reference", **kw):
     C = x0.shape[1]
     w0 = torch.rand(C, dtype=x0.dtype) + 0.5
     b0 = torch.randn(C, dtype=x0.dtype)
     g = torch.randn_like(x0)
     _, got, fn = _run(x0, norm, impl, w0, b0, g, **kw)
-    _, ref, _ = _run(x0, norm, "reference", w0, b0, g, **kw)
+    _, ref, _ = _run(x0, norm, against, w0, b0, g, **kw)
     assert fn == expect
     tol = TOL.get(x0.dtype, dict(rtol=2e-2, atol=2e-2))
     for name, a, r in zip(("y", "grad x", "grad w", "grad b", "running_mean", "running_var"), got, ref):
@@ -51,13 +53,15 @@ def _compare(x0, norm, impl="native", expect="NativeBatchNormFunctionBackward", 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("shape", [(8, 3, 5, 6), (16, 4), (6, 3, 7)])
+@pytest.mark.parametrize("shape", [(8, 3, 5, 6), (16, 4), (6, 3, 7), (4, 3, 150)])
 def test_native_matches_reference(norm, dtype, shape):
-    _compare(torch.randn(shape, dtype=dtype) * 2 + 1, norm)
+    rows_topk = norm == "topk" and len(shape) == 2  # (N, C) is the rows layout: no native top-k
+    _compare(torch.randn(shape, dtype=dtype) * 2 + 1, norm,
+             expect="LeanBatchNormFunctionBackward" if rows_topk else "NativeBatchNormFunctionBackward")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", ROW_NORMS)
 @pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "rows", "spatial_1", "many_rows"])
 def test_native_rows_kernels_match_reference(norm, dtype, layout):
     """Channels-innermost inputs go to the rows kernels: channels_last 4-d / 5-d, (N, C), (N, C, 1), and more
@@ -92,7 +96,8 @@ def test_native_bfloat16_matches_reference(norm, shape, param_dtype, monkeypatch
         monkeypatch.setattr(native, "STREAM_BYTES", stream)
         _, got, fn = _run(x0, norm, "native", w0, b0, g)
         _, ref, _ = _run(x0, norm, "reference", w0, b0, g)
-        assert fn == "NativeBatchNormFunctionBackward"
+        assert fn == ("LeanBatchNormFunctionBackward" if cl and norm == "topk"
+                      else "NativeBatchNormFunctionBackward")
         for name, a, r in zip(("y", "grad x", "grad w", "grad b", "running_mean", "running_var"), got, ref):
             if r is not None:
                 assert a.dtype == r.dtype, name
@@ -121,7 +126,7 @@ def test_native_matches_reference_streamed_output(norm, monkeypatch):
     _compare(torch.randn(5, 3, 37, dtype=torch.float64), norm)
 
 
-@pytest.mark.parametrize("norm", ["linf", "range"])
+@pytest.mark.parametrize("norm", ["linf", "range", "topk"])
 def test_ties_share_the_gradient_like_the_reference(norm):
     x = torch.randn(6, 2, 4, 4, dtype=torch.float64)
     for n, h, w in ((0, 1, 1), (2, 3, 0), (5, 2, 2)):
@@ -132,13 +137,18 @@ def test_ties_share_the_gradient_like_the_reference(norm):
         x[n, 1, h, w] = 4.0
     for n, h, w in ((1, 1, 1), (2, 2, 2), (5, 0, 3)):
         x[n, 1, h, w] = -4.0
-    _compare(x, norm)
-    _compare(x.float(), norm)
-    _compare(x.to(memory_format=torch.channels_last), norm)  # the rows kernels
+    # top-4 of channel 0: the two |d| ≈ 7 and two of the three ≈ 5. Autograd through torch.topk gives the
+    # two slots to two of the tied elements; the lean kernels share them among all three (the average over
+    # tie-breaks, as amax does for linf), so top-k ties are checked against the eager lean formulas
+    kw = {"k": 4, "against": "eager"} if norm == "topk" else {}
+    _compare(x, norm, **kw)
+    _compare(x.float(), norm, **kw)
+    if norm != "topk":
+        _compare(x.to(memory_format=torch.channels_last), norm)  # the rows kernels
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize(("norm", "layout"), [(n, "contiguous") for n in NORMS]
+                         + [(n, "channels_last") for n in ROW_NORMS])
 def test_gradcheck_native(norm, layout):
     torch.manual_seed(1)
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
@@ -155,6 +165,12 @@ def test_gradcheck_native(norm, layout):
                                     (x, layer.weight, layer.bias), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_native_topk_matches_reference_for_every_k(k):
+    """The top-k kept per channel (skipping 64-element blocks that cannot enter it) for k up to TOPK_MAX."""
+    _compare(torch.randn(5, 2, 9, 31, dtype=torch.float64), "topk", k=k)
+
+
 def test_ineligible_cases_are_recognised():
     x = torch.randn(4, 3, 5, 5)
     w, b = torch.ones(3), torch.zeros(3)
@@ -163,7 +179,9 @@ def test_ineligible_cases_are_recognised():
     assert not native.eligible(x.transpose(2, 3), w, b, "l1", 1, 1)
     assert not native.eligible(x, w, b, "l1", 2, 1)  # ghost batches
     assert not native.eligible(x, w, b, "range", 1, 2)  # range chunks
-    assert not native.eligible(x, w, b, "topk", 1, 1)
+    assert native.eligible(x, w, b, "topk", 1, 1)
+    assert not native.eligible(x, w, b, "topk", 1, 1, k=native.TOPK_MAX + 1)
+    assert not native.eligible(x.to(memory_format=torch.channels_last), w, b, "topk", 1, 1)
     assert native.eligible(x.bfloat16(), w.bfloat16(), b.bfloat16(), "l1", 1, 1)
     assert native.eligible(x.bfloat16(), w, b, "l1", 1, 1)  # float32 parameters with bfloat16 elements
     assert not native.eligible(x.bfloat16(), w.bfloat16(), b, "l1", 1, 1)  # weight and bias must agree
@@ -193,7 +211,7 @@ def test_ineligible_cases_fall_back_and_match(case, _eager_fallback):
     elif case == "ghost":
         _compare(x, "l1", expect="LeanBatchNormFunctionBackward", ghost_batch_size=4)
     elif case == "topk":
-        _compare(x, "topk", expect="LeanBatchNormFunctionBackward", k=3)
+        _compare(x, "topk", expect="LeanBatchNormFunctionBackward", k=native.TOPK_MAX + 1)
     else:
         _compare(x.half(), "l1", expect="LeanBatchNormFunctionBackward")
 

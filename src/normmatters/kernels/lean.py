@@ -144,10 +144,10 @@ class NativeBatchNormFunction(torch.autograd.Function):
     the per-channel max and min), as the Inductor path does."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, c, eps, norm, running):
-        y, mean, raw, aux, ok = native.forward(x, weight, bias, c, eps, norm, running)
+    def forward(ctx, x, weight, bias, c, eps, norm, running, k=10):
+        y, mean, raw, aux, ok = native.forward(x, weight, bias, c, eps, norm, running, k)
         _save_for_backward(ctx, x, weight, norm, mean, raw, aux)
-        ctx.meta = (c, eps, norm)
+        ctx.meta = (c, eps, norm, k)
         mean_gc, raw_gc = mean.view(1, -1), raw.view(1, -1)
         ctx.mark_non_differentiable(mean_gc, raw_gc)
         return y, mean_gc, raw_gc, ok
@@ -155,11 +155,11 @@ class NativeBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the C backward builds no graph: double backward raises
     def backward(ctx, gy, _gmean, _graw, _gok):
-        c, eps, norm = ctx.meta
+        c, eps, norm, k = ctx.meta
         x, weight, mean, raw, aux = _saved(ctx)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = native.backward(gy, x, weight, mean, raw, aux, c, eps, norm, need_x, need_w, need_b)
-        return gx, gw, gb, None, None, None, None
+        gx, gw, gb = native.backward(gy, x, weight, mean, raw, aux, c, eps, norm, need_x, need_w, need_b, k)
+        return gx, gw, gb, None, None, None, None, None
 
 
 class LeanBatchNormInplaceFunction(torch.autograd.Function):
@@ -198,10 +198,10 @@ class LeanBatchNormInplaceFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
-def _use_native(impl: str, x: Tensor, w: Tensor, b: Tensor, norm: str, groups: int, m: int) -> bool:
+def _use_native(impl: str, x: Tensor, w: Tensor, b: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
     """"native" runs the native kernels where eligible and the library builds (else Inductor); "auto" too, where
     they measured faster (:func:`.native.auto_prefers`)."""
-    if impl not in ("auto", "native") or not native.eligible(x, w, b, norm, groups, m):
+    if impl not in ("auto", "native") or not native.eligible(x, w, b, norm, groups, m, k):
         return False
     return (impl == "native" or native.auto_prefers(x)) and native.available()
 
@@ -242,7 +242,7 @@ def _native_training(input: Tensor, running_mean: Tensor | None, running_var: Te
     through every cache, where each small helper call costs 10-40 µs. None where it does not apply — the
     general path then runs (and raises what it raises)."""
     if not (isinstance(input, Tensor) and weight is not None and bias is not None and nonfinite in NONFINITE_MODES
-            and native.eligible(input, weight, bias, norm, 1, 1)
+            and native.eligible(input, weight, bias, norm, 1, 1, k)
             and (impl == "native" or native.auto_prefers(input))):
         return None
     est = get_estimator(norm)
@@ -252,7 +252,7 @@ def _native_training(input: Tensor, running_mean: Tensor | None, running_var: Te
     n = training_groups(input, where, norm, k, None, None)[2]  # validates n as every path does
     c = est.constant(n, k=k) if est.divides else 1.0
     y, _, _, ok = NativeBatchNormFunction.apply(input, weight, bias, c, eps, norm,
-                                                (running_mean, rv, num_batches_tracked, momentum, n))
+                                                (running_mean, rv, num_batches_tracked, momentum, n), k)
     if nonfinite != "ignore":
         report_nonfinite(ok, nonfinite, where)
     return y
@@ -332,10 +332,10 @@ def lean_batch_norm(
             _view5(input.detach(), groups, m, _is_channels_last(input)), norm, k)
         y = LeanBatchNormInplaceFunction.apply(input, w, b, mean, raw, c, eps, norm, k, groups, m, impl)
         mean, raw = mean.reshape(groups, C), raw.reshape(groups, C)
-    elif _use_native(impl, input, w, b, norm, groups, m):
+    elif _use_native(impl, input, w, b, norm, groups, m, k):
         # not covered by _native_training (no affine parameters, or buffers of another dtype): the kernel's
         # statistics feed the separate update below
-        y, mean, raw, _ = NativeBatchNormFunction.apply(input, w, b, float(c), eps, norm, None)
+        y, mean, raw, _ = NativeBatchNormFunction.apply(input, w, b, float(c), eps, norm, None, k)
     else:
         y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, m, impl)
     if running_mean is None and running_var is None and num_batches_tracked is None \

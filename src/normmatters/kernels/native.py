@@ -2,11 +2,20 @@
 
 The Inductor kernels of :mod:`.compiled` run every pass (mean, dispersion, output; backward sums, then the
 gradient) as its own parallel loop over all channels, so each pass streams the whole tensor from DRAM.
-Here one channel (its N×S elements: 256 KB at 64×64×32×32 float32) goes through all passes while it sits
-in the core's L2: forward reads the input from DRAM once and writes y, backward reads (g, x) once and
-writes ∂L/∂x. Outputs of at least :data:`STREAM_BYTES` (half the L3) are written with non-temporal stores
-(no read-for-ownership of the written lines). Channels are split over OpenMP threads (``torch.get_num_threads()``
-of them; the library links the libgomp that torch has already loaded). Backward is once-differentiable.
+Two native layouts:
+
+* channel kernels, for contiguous (N, C, S) input with S > 1: one channel (its N×S elements: 256 KB at
+  64×64×32×32 float32) goes through all passes while it sits in the core's L2: forward reads the input
+  from DRAM once and writes y, backward reads (g, x) once and writes ∂L/∂x. Outputs of at least
+  :data:`STREAM_BYTES` (half the L3) are written with non-temporal stores (no read-for-ownership of the
+  written lines). Channels are handed to OpenMP threads one at a time;
+* rows kernels, for channels-innermost input (:func:`channels_innermost`: channels_last, channels_last_3d,
+  (N, C)): each pass walks the (N·S, C) rows in memory order, vectorized across channels, one row range
+  per thread, per-thread partial sums combined between passes.
+
+Both use ``torch.get_num_threads()`` OpenMP threads (the library links the libgomp that torch has already
+loaded), compute bfloat16 in float32, update the running buffers inside the forward call
+(:func:`update_fusable`), and are once-differentiable.
 
 The source is compiled on first use with ``gcc -O3 -march=native -fopenmp -shared -fPIC`` (no fast-math)
 into ``$NORMMATTERS_CACHE`` (default ``~/.cache/normmatters``), named by a hash of source + command, and
@@ -14,8 +23,9 @@ written atomically (temporary file + rename), so concurrent processes are safe. 
 or fails, :func:`available` is False after one warning and callers keep the Inductor path.
 
 Scope (:func:`eligible`): CPU, float32/float64 with parameters of the same dtype, or bfloat16 with bfloat16
-or float32 parameters (computed in float32, statistics kept in float32, as nn.BatchNorm), contiguous (N, C, *),
-one group (no ghost batches), one range chunk, norms mean, l2, l1, linf, range; not under torch.compile.
+or float32 parameters (computed in float32, statistics kept in float32, as nn.BatchNorm), contiguous or
+channels-innermost (N, C, *), one group (no ghost batches), one range chunk, norms mean, l2, l1, linf, range;
+not under torch.compile.
 """
 
 from __future__ import annotations
@@ -38,10 +48,13 @@ from .native_src import SOURCE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NORM_CODES", "available", "eligible", "update_fusable", "forward", "backward", "load"]
+__all__ = ["NORM_CODES", "available", "channels_innermost", "eligible", "update_fusable", "forward", "backward",
+           "load"]
 
 #: norm name → code in the C source
-NORM_CODES = {"mean": 0, "l2": 1, "l1": 2, "linf": 3, "range": 4}
+NORM_CODES = {"mean": 0, "l2": 1, "l1": 2, "linf": 3, "range": 4, "topk": 5}
+#: largest k of norm="topk" (channel kernels only: contiguous input with spatial size > 1)
+TOPK_MAX = 64
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 #: the dtype the kernel computes in and keeps per-channel vectors (weight, bias, statistics, buffers) in:
 #: float32 for bfloat16 elements (as nn.BatchNorm and the reference), else the element dtype
@@ -111,10 +124,10 @@ def _build() -> ctypes.CDLL:
     i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for sfx in _SUFFIX.values():
         fwd = getattr(lib, f"nm_forward_{sfx}")
-        fwd.argtypes = [ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint, cint] + [ptr] * 3 + [dbl, dbl, cint]
+        fwd.argtypes = [ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint, cint] + [ptr] * 3 + [dbl, dbl, cint, cint]
         fwd.restype = cint
         bwd = getattr(lib, f"nm_backward_{sfx}")
-        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint]
+        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint, cint]
         bwd.restype = None
         fwd_rows = getattr(lib, f"nm_forward_rows_{sfx}")
         fwd_rows.argtypes = [ptr] * 8 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 5 + [dbl, dbl, cint]
@@ -165,9 +178,12 @@ def auto_prefers(x: Tensor) -> bool:
     return channels_innermost(x) or x.numel() // (x.shape[0] * x.shape[1]) >= AUTO_MIN_ROW
 
 
-def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int) -> bool:
+def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
     """Whether the native kernels cover this call (see the module docstring); does not build anything."""
     if not (norm in NORM_CODES and groups == 1 and m == 1 and x.device.type == "cpu" and x.dtype in _SUFFIX):
+        return False
+    if norm == "topk" and not (1 <= k <= TOPK_MAX and x.is_contiguous() and x.dim() > 2
+                               and x.numel() > x.shape[0] * x.shape[1]):
         return False
     params = (x.dtype, _COMPUTE[x.dtype])  # bfloat16 elements: bfloat16 or float32 parameters
     return (weight.dtype in params and bias.dtype == weight.dtype
@@ -209,8 +225,9 @@ def update_fusable(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm: str,
-            running: tuple | None = None) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
-    """(y, μ (C,), raw (C,), aux, ok) — aux = (hi, lo) per channel for range, else ().
+            running: tuple | None = None, k: int = 10) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
+    """(y, μ (C,), raw (C,), aux, ok) — aux = (hi, lo) per channel for range, (τ,) for topk (the k-th
+    largest |d|), else ().
 
     ``running`` = (running_mean, running_var, num_batches_tracked, momentum, n), each buffer possibly None
     and all :func:`update_fusable`: the kernel then also applies
@@ -226,7 +243,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     y = torch.empty_like(x)
     mean = x.new_empty(C, dtype=acc)
     raw = x.new_empty(C, dtype=acc)
-    hi = x.new_empty(C, dtype=acc) if norm == "range" else None
+    hi = x.new_empty(C, dtype=acc) if norm in ("range", "topk") else None
     lo = x.new_empty(C, dtype=acc) if norm == "range" else None
     weight, bias = weight.to(acc), bias.to(acc)  # no-ops unless bfloat16 parameters
     rm = rv = nbt = None
@@ -241,19 +258,20 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
         ok = getattr(lib, f"nm_forward_{_SUFFIX[x.dtype]}")(
             x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x), nt,
-            _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16)
+            _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16, k)
     else:  # channels innermost: (N·S, C) rows
         scratch, tscratch = _scratch(x, C, 4 * nt, 1 + 3 * nt)
         ok = getattr(lib, f"nm_forward_rows_{_SUFFIX[x.dtype]}")(
             x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), N * S, C, NORM_CODES[norm], float(c), float(eps), nt, scratch.data_ptr(),
             tscratch.data_ptr(), _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16)
-    return y, mean, raw, ((hi, lo) if norm == "range" else ()), bool(ok)
+    aux = (hi, lo) if norm == "range" else (hi,) if norm == "topk" else ()
+    return y, mean, raw, aux, bool(ok)
 
 
 def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, aux: tuple[Tensor, ...],
-             c: float, eps: float, norm: str, need_x: bool, need_w: bool,
-             need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+             c: float, eps: float, norm: str, need_x: bool, need_w: bool, need_b: bool,
+             k: int = 10) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(∂L/∂x, ∂L/∂w, ∂L/∂b) from the saved input and per-channel statistics of :func:`forward`."""
     lib = _lib
     if gy.dtype != x.dtype or gy.stride() != x.stride():  # the kernels read gy in x's layout
@@ -263,14 +281,14 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
     gx = torch.empty_like(x) if need_x else None
     gw = x.new_empty(C, dtype=acc) if need_w else None
     gb = x.new_empty(C, dtype=acc) if need_b else None
-    hi, lo = aux if norm == "range" else (None, None)
+    hi, lo = aux if norm == "range" else (aux[0], None) if norm == "topk" else (None, None)
     w = weight.to(acc)  # held until the call returns
     nt = torch.get_num_threads()
     if S > 1 and x.is_contiguous():
         getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
             gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps),
-            _stream(x), nt)
+            _stream(x), nt, k)
     else:  # channels innermost: (N·S, C) rows
         scratch, tscratch = _scratch(x, C, 6 * nt, 6 + 6 * nt)
         getattr(lib, f"nm_backward_rows_{_SUFFIX[x.dtype]}")(

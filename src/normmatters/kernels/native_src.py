@@ -24,6 +24,8 @@ SOURCE = r"""
 #define NM_L1 2
 #define NM_LINF 3
 #define NM_RANGE 4
+#define NM_TOPK 5 /* channel kernels only; k <= NM_KMAX */
+#define NM_KMAX 64
 #define NM_BLK 1024
 
 /* non-temporal stores of a finished block: the output is not read again by this kernel, so streaming it
@@ -107,18 +109,18 @@ static int nm_update_running_bf16buf(const float *restrict mean, const float *re
 }
 
 #define NM_DEFINE(TS, T, SFX, ABS, LD, ST)                                                               \
-/* forward: the per-channel multiplier w / sqrt(σ̂² + eps), σ̂ = cn · raw (mean-only: w) */                  \
+/* forward: the per-channel multiplier w / sqrt(σ̂² + eps), σ̂ = cn · raw (mean-only: w) */               \
 static inline T nm_scale_##SFX(int norm, double cn, double eps, T w, T raw) {                             \
     if (norm == NM_MEAN) return w;                                                                        \
     const double sigma = cn * (double)raw;                                                                \
     return (T)((double)w / sqrt(sigma * sigma + eps));                                                    \
 }                                                                                                         \
-/* backward: from one channel's sums (Σg, Σg·d, Σsign d; linf: Σ sign over |d| > τ and = τ, and their       \
-   counts; range: counts of x = max and x = min) the gradients of w and b and the coefficients of           \
-   ∂L/∂x = A·g + B + K·e(x) (e: l2 d, l1 sign d, linf the extreme signs, range ±1 at max/min) */            \
-static inline void nm_coefs_##SFX(int norm, double n, double cn, double eps, double wc, double rawc,       \
-                                  double sg, double sgd, double ssign, double sgt, double seq, double cgt,  \
-                                  double ceq, T *gw, T *gb, T *At, T *Bt, T *Kt, T *Kbt, T *weqt) {        \
+/* backward: from one channel's sums (Σg, Σg·d, Σsign d; linf: Σ sign over |d| > τ and = τ, and their     \
+   counts; range: counts of x = max and x = min) the gradients of w and b and the coefficients of         \
+   ∂L/∂x = A·g + B + K·e(x) (e: l2 d, l1 sign d, linf the extreme signs, range ±1 at max/min) */          \
+static inline void nm_coefs_##SFX(int norm, int k, double n, double cn, double eps, double wc, double rawc, \
+                                  double sg, double sgd, double ssign, double sgt, double seq, double cgt, \
+                                  double ceq, T *gw, T *gb, T *At, T *Bt, T *Kt, T *Kbt, T *weqt) {       \
     double A, sum_gx, K = 0.0, Kb = 0.0, weq = 0.0, ebar = 0.0, sigma = 0.0;                              \
     if (norm == NM_MEAN) {                                                                                \
         A = wc; sum_gx = sgd;                                                                             \
@@ -129,9 +131,10 @@ static inline void nm_coefs_##SFX(int norm, double n, double cn, double eps, dou
         const double coef = -sigma * r * r * wc * sum_gx;                                                 \
         if (norm == NM_L2) { K = coef / (n * sigma); }                                                    \
         else if (norm == NM_L1) { K = coef * cn / n; ebar = ssign * cn / n / n; }                         \
-        else if (norm == NM_LINF) {                                                                       \
-            weq = (1.0 - cgt) / ceq;                                                                      \
-            K = coef * cn; ebar = (sgt + weq * seq) * cn / n;                                             \
+        else if (norm == NM_LINF || norm == NM_TOPK) { /* linf is top-1 */                                \
+            const double kk = norm == NM_TOPK ? (double)k : 1.0;                                          \
+            weq = (kk - cgt) / ceq;                                                                       \
+            K = coef * cn / kk; ebar = (sgt + weq * seq) * cn / (n * kk);                                 \
         } else if (norm == NM_RANGE) { K = coef * cn / cgt; Kb = coef * cn / ceq; }                       \
         ebar *= coef;                                                                                     \
     }                                                                                                     \
@@ -167,7 +170,7 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
                      T *restrict mean_out, T *restrict raw_out, T *restrict hi_out, T *restrict lo_out,   \
                      int64_t N, int64_t C, int64_t S, int norm, double cn, double eps, int stream,        \
                      int nthreads, T *restrict run_mean, T *restrict run_var, int64_t *restrict nbt,      \
-                     double momentum, double unbias, int buf_bf16)                                        \
+                     double momentum, double unbias, int buf_bf16, int topk)                              \
 {                                                                                                         \
     const double n = (double)N * (double)S;                                                               \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                \
@@ -202,6 +205,35 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
                 for (int64_t j = 0; j < S; ++j) { T a = ABS(LD(xr[j]) - mu); m = a > m ? a : m; }         \
             }                                                                                             \
             raw = (double)m;                                                                              \
+        } else if (norm == NM_TOPK) {                                                                     \
+            /* the k largest |d| in a small array; a block whose max |d| does not beat the k-th largest  \
+               so far (thr) is skipped after one vectorized pass; ties at thr change no sum */            \
+            T top[NM_KMAX];                                                                               \
+            int cnt = 0, at = 0;                                                                          \
+            T thr = 0;                                                                                    \
+            for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += 64) {                      \
+                const TS *xr = x + (i * C + c) * S + j0;                                                  \
+                const int64_t L = S - j0 < 64 ? S - j0 : 64;                                              \
+                if (cnt == topk) {                                                                        \
+                    T m = 0;                                                                              \
+                    _Pragma("omp simd reduction(max:m)")                                                  \
+                    for (int64_t j = 0; j < L; ++j) { T a = ABS(LD(xr[j]) - mu); m = a > m ? a : m; }     \
+                    if (!(m > thr)) continue;                                                             \
+                }                                                                                         \
+                for (int64_t j = 0; j < L; ++j) {                                                         \
+                    const T a = ABS(LD(xr[j]) - mu);                                                      \
+                    if (cnt < topk) { top[cnt++] = a; if (cnt < topk) continue; }                         \
+                    else if (a > thr) top[at] = a;                                                        \
+                    else continue;                                                                        \
+                    at = 0; /* (re)locate the smallest kept value: the new threshold */                   \
+                    for (int u = 1; u < topk; ++u) if (top[u] < top[at]) at = u;                          \
+                    thr = top[at];                                                                        \
+                }                                                                                         \
+            }                                                                                             \
+            double acc = 0.0;                                                                             \
+            for (int u = 0; u < topk; ++u) acc += (double)top[u];                                         \
+            raw = acc / topk;                                                                             \
+            hi_out[c] = thr; /* τ, the k-th largest |d|: backward compares against it */                  \
         } else if (norm == NM_L1 || norm == NM_L2) {                                                      \
             double acc = 0.0;                                                                             \
             for (int64_t i = 0; i < N; ++i) {                                                             \
@@ -232,7 +264,7 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
         }                                                                                                 \
         if (stream) NM_SFENCE();                                                                          \
     }                                                                                                     \
-    if (buf_bf16) /* bfloat16 buffers (with float32 statistics: only the bf16 variant passes this) */        \
+    if (buf_bf16) /* bfloat16 buffers (with float32 statistics: only the bf16 variant passes this) */     \
         return nm_update_running_bf16buf((const float *)mean_out, (const float *)raw_out, C, norm, cn,    \
                                          (uint16_t *)run_mean, (uint16_t *)run_var, nbt, momentum,       \
                                          unbias);                                                         \
@@ -243,14 +275,14 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
 void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict gx, const T *restrict w,  \
                        const T *restrict mean, const T *restrict rawv, const T *restrict hiv,             \
                        const T *restrict lov, T *restrict gw, T *restrict gb, int64_t N, int64_t C,       \
-                       int64_t S, int norm, double cn, double eps, int stream, int nthreads)              \
+                       int64_t S, int norm, double cn, double eps, int stream, int nthreads, int topk)    \
 {                                                                                                         \
     const double n = (double)N * (double)S;                                                               \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                \
     for (int64_t c = 0; c < C; ++c) {                                                                     \
         TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
         const T mu = mean[c];                                                                             \
-        const T tau = norm == NM_RANGE ? hiv[c] : rawv[c];                                                \
+        const T tau = norm == NM_RANGE || norm == NM_TOPK ? hiv[c] : rawv[c];                             \
         const T lo = norm == NM_RANGE ? lov[c] : 0;                                                       \
         double sg = 0.0, sgd = 0.0, ssign = 0.0, sgt = 0.0, seq = 0.0;                                    \
         int64_t cgt = 0, ceq = 0;                                                                         \
@@ -265,7 +297,7 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
                     T d = LD(xr[j]) - mu, gj = LD(gr[j]);                                                 \
                     a1 += gj; a2 += gj * d; a3 += (T)(d > 0) - (T)(d < 0);                                \
                 }                                                                                         \
-            } else if (norm == NM_LINF) {                                                                 \
+            } else if (norm == NM_LINF || norm == NM_TOPK) {                                              \
                 _Pragma("omp simd reduction(+:a1,a2,a4,a5,k1,k2)")                                        \
                 for (int64_t j = 0; j < S; ++j) {                                                         \
                     T d = LD(xr[j]) - mu, gj = LD(gr[j]), a = ABS(d);                                     \
@@ -288,7 +320,7 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
             cgt += k1; ceq += k2;                                                                         \
         }                                                                                                 \
         T At, Bt, Kt, Kbt, weqt;                                                                          \
-        nm_coefs_##SFX(norm, n, cn, eps, (double)w[c], (double)rawv[c], sg, sgd, ssign, sgt, seq,         \
+        nm_coefs_##SFX(norm, topk, n, cn, eps, (double)w[c], (double)rawv[c], sg, sgd, ssign, sgt, seq,  \
                        (double)cgt, (double)ceq, gw ? gw + c : NULL, gb ? gb + c : NULL,                  \
                        &At, &Bt, &Kt, &Kbt, &weqt);                                                       \
         if (!gx) continue;                                                                                \
@@ -306,7 +338,7 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
                     T d = LD(xr[j]) - mu;                                                                 \
                     out[j] = ST(At * LD(gr[j]) + Bt + Kt * ((T)(d > 0) - (T)(d < 0)));                    \
                 }                                                                                         \
-            } else if (norm == NM_LINF) {                                                                 \
+            } else if (norm == NM_LINF || norm == NM_TOPK) {                                              \
                 _Pragma("omp simd")                                                                       \
                 for (int64_t j = 0; j < L; ++j) {                                                         \
                     T d = LD(xr[j]) - mu, a = ABS(d);                                                     \
@@ -447,7 +479,7 @@ int nm_forward_rows_##SFX(const TS *restrict x, TS *restrict y, const T *restric
 void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict gx,                  \
                             const T *restrict w, const T *restrict mean, const T *restrict rawv,          \
                             const T *restrict hiv, const T *restrict lov, T *restrict gw, T *restrict gb, \
-                            int64_t R, int64_t C, int norm, double cn, double eps, int nthreads,           \
+                            int64_t R, int64_t C, int norm, double cn, double eps, int nthreads,          \
                             double *restrict scratch, T *restrict tscratch)                               \
 {                                                                                                         \
     const double n = (double)R;                                                                           \
@@ -459,7 +491,7 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
     {                                                                                                     \
         NM_ROWS_RANGE(R)                                                                                  \
         /* per thread, per channel: Σg, Σg·d, then l1: Σ sign d; linf: Σ sign and # over |d| > τ and over \
-           |d| = τ; range: # (x = max), # (x = min) */                                                     \
+           |d| = τ; range: # (x = max), # (x = min) */                                                    \
         double *restrict p = scratch + (int64_t)t_ * 6 * C;                                               \
         T *restrict b1 = tscratch + (int64_t)(6 + 6 * t_) * C, *restrict b2 = b1 + C, *restrict b3 = b2 + C, \
           *restrict b4 = b3 + C, *restrict b5 = b4 + C, *restrict b6 = b5 + C;                            \
@@ -507,7 +539,7 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
             for (int u = 0; u < nt_; ++u)                                                                 \
                 for (int k = 0; k < 6; ++k) q[k] += scratch[(int64_t)u * 6 * C + k * C + c];             \
             const int linf = norm == NM_LINF, rng = norm == NM_RANGE;                                     \
-            nm_coefs_##SFX(norm, n, cn, eps, (double)w[c], (double)rawv[c], q[0], q[1],                   \
+            nm_coefs_##SFX(norm, 1, n, cn, eps, (double)w[c], (double)rawv[c], q[0], q[1],                \
                            norm == NM_L1 ? q[2] : 0.0, linf ? q[2] : 0.0, linf ? q[3] : 0.0,              \
                            linf ? q[4] : rng ? q[2] : 0.0, linf ? q[5] : rng ? q[3] : 0.0,                \
                            gw ? gw + c : NULL, gb ? gb + c : NULL, At + c, Bt + c, Kt + c, Kbt + c, Wq + c); \
