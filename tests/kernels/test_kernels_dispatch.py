@@ -4,6 +4,7 @@ batches, saved memory, the impl switch and the compile fallback."""
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import pytest
@@ -128,10 +129,27 @@ def test_output_can_be_modified_in_place(impl):
     torch.testing.assert_close(grads[impl], grads["reference"], rtol=2e-4, atol=1e-5)
 
 
-def test_compiled_copy_per_dtype():
+def test_compiled_copy_per_dtype_and_layout():
     # separate Dynamo caches: mixing dtypes and layouts must not exhaust one shared recompile budget
     x = torch.randn(4, 3, 5, 5)
     for t in (x, x.to(memory_format=torch.channels_last), x.double()):
         lean_batch_norm(t.requires_grad_(), None, None, training=True, norm="linf", impl="compiled")
     keys = {k for k in compiled._compiled if k[:2] == ("forward", "linf")}
-    assert {("forward", "linf", "float32"), ("forward", "linf", "float64")} <= keys
+    assert {("forward", "linf", "float32", "channels"), ("forward", "linf", "float32", "rows"),
+            ("forward", "linf", "float64", "channels")} <= keys
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_many_channel_counts_stay_compiled(caplog, inplace):
+    """Layers with many distinct channel counts (DenseNet has dozens), contiguous and channels_last, through
+    the compiled kernels: weight and bias are nn.Parameters, whose shapes Dynamo would keep static — one
+    recompile per channel count, past the limit (8) silently eager. They are passed to the kernels as plain
+    tensors, so one dynamic kernel serves every count: no recompile-limit message."""
+    caplog.set_level(logging.WARNING, logger="torch._dynamo")
+    for cl in (False, True):
+        for C in range(3, 14):
+            layer = nm.LpBatchNorm2d(C, norm="l1", impl="compiled", inplace=inplace)
+            base = torch.randn(4, C, 3, 3, requires_grad=True)
+            x = base.to(memory_format=torch.channels_last) if cl else base * 1.0  # non-leaf: in place allowed
+            layer(x).sum().backward()
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]

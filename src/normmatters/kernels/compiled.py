@@ -54,14 +54,17 @@ def get(direction: str, norm: str, device: torch.device) -> Callable[..., Any]:
 def _variant(base: Callable[..., Any], direction: str, norm: str, lead: Any) -> Callable[..., Any]:
     """One compiled copy per (direction, norm, dtype of the first argument): each has its own Dynamo cache, so
     a model mixing dtypes, layouts and sizes never exhausts a shared recompile budget (past it Dynamo silently
-    runs the formulas eagerly, several times slower). Layouts need no key of their own: both contiguous and
-    channels-last inputs reach the formulas as contiguous (G, m, q, C, S) views (S = 1 for channels-last,
-    which Dynamo specializes as its own graph)."""
+    runs the formulas eagerly, several times slower). Both contiguous and channels-last inputs reach the
+    formulas as contiguous (G, m, q, C, S) views; S = 1 (channels-last, (N, C)) is specialized by Dynamo, so
+    it gets a copy of its own ("rows")."""
     dtype = str(lead.dtype).replace("torch.", "") if isinstance(lead, torch.Tensor) else "any"
-    key = (direction, norm, dtype)
+    # channels-last (and (N, C)) inputs arrive with S = 1, which Dynamo specializes: their own cache, so the
+    # two layouts do not share one recompile budget
+    rows = isinstance(lead, torch.Tensor) and lead.dim() == 5 and lead.shape[-1] == 1
+    key = (direction, norm, dtype, "rows" if rows else "channels")
     fn = _compiled.get(key)
     if fn is None:
-        fn = _compiled[key] = torch.compile(_copy(base, f"{norm}_{dtype}".replace("-", "_")))
+        fn = _compiled[key] = torch.compile(_copy(base, f"{norm}_{dtype}{'_rows' if rows else ''}"))
     return fn
 
 
@@ -70,6 +73,10 @@ def _guarded(base: Callable[..., Any], direction: str, norm: str,
     def call(*args: Any, **kwargs: Any) -> Any:
         key = (direction, norm, str(args[0].dtype), device.type)
         first = key not in compile_seconds
+        # nn.Parameters (weight, bias) as plain tensors: Dynamo keeps a Parameter's shape static, so every
+        # channel count would recompile, and past the recompile limit run eagerly (the kernels run under
+        # no-grad inside the autograd Functions: detaching changes nothing else)
+        args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
         t0 = time.perf_counter()
         try:
             out = _variant(base, direction, norm, args[0])(*args, **kwargs)
