@@ -296,19 +296,6 @@ def test_fused_update_is_masked_and_reported_like_the_reference(norm):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
 
 
-def test_stream_threshold_is_half_the_last_level_cache(tmp_path, monkeypatch):
-    """Outputs that fit in half the L3 are written with cached stores (the next layer reads them back from
-    the cache); the size comes from sysfs, with a default where it cannot be read."""
-    assert native.STREAM_BYTES > 0
-    monkeypatch.setattr(native, "Path", lambda _p: tmp_path / "no-such-dir")
-    assert native._last_level_cache_bytes(default=123) == 123
-    cache = tmp_path / "cache"
-    for i, size in enumerate(["32K", "16384K", "1024K"]):  # L1, L3, L2: the largest is the L3
-        (cache / f"index{i}").mkdir(parents=True)
-        (cache / f"index{i}" / "size").write_text(size + "\n")
-    monkeypatch.setattr(native, "Path", lambda _p: cache)
-    assert native._last_level_cache_bytes() == 16 << 20
-
 
 @pytest.mark.parametrize("buf_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("norm", ["mean", "l1", "range"])
