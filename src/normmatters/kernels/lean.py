@@ -4,7 +4,7 @@
 reference path, which it calls for eval mode and for ``impl="reference"``) plus ``impl``:
 
 * ``"auto"`` (default): ``"native"`` where it is eligible (see :func:`.native.eligible`) and measured faster
-  (rows of at least :data:`.native.AUTO_MIN_ROW` contiguous elements), else ``"compiled"``;
+  (channels-innermost input, or rows long enough: :data:`.native.AUTO_MIN_ROW_BYTES`), else ``"compiled"``;
 * ``"native"``: cache-blocked C/OpenMP CPU kernels (:mod:`.native`; built with gcc on first use, about a
   second), for CPU float32/float64 contiguous inputs, norms mean, l2, l1, linf, range, no ghost batches or
   range chunks; other cases (and a missing compiler, after one warning) run ``"compiled"``;

@@ -146,10 +146,14 @@ def available() -> bool:
     return load() is not None
 
 
-#: "auto" uses the native kernels only from this many contiguous elements per (sample, channel) row on: a
-#: channel's rows are then long enough to stream (measured faster than Inductor at S = 64 and above; at S = 1,
-#: e.g. (N, C) inputs, the channel-at-a-time walk is strided and several times slower)
-AUTO_MIN_ROW = 16
+#: "auto" takes the channel kernels for contiguous input whose (sample, channel) rows have at least
+#: AUTO_MIN_ROW_BYTES, or at least AUTO_SHORT_ROW_BYTES in a tensor of at most AUTO_SHORT_ROW_TENSOR_BYTES; else
+#: the Inductor kernels. Measured fwd+bwd, native / compiled, interleaved: 64×64×32×32 fp32 (4 KB rows) ~0.4;
+#: 128×128×16×16 bf16 (512 B) 0.81; 64×128×12×12 fp32 (576 B) 0.64; 128×64×8×8 fp32 (256 B, 2 MB) 0.66; but
+#: 256×256×8×8 fp32 (256 B, 16 MB) 1.24 and 32×512×7×7 bf16 (98 B) 1.4-2.1: short rows spread over DRAM pages.
+AUTO_MIN_ROW_BYTES = 512
+AUTO_SHORT_ROW_BYTES = 192
+AUTO_SHORT_ROW_TENSOR_BYTES = 4 << 20
 
 
 def channels_innermost(x: Tensor) -> bool:
@@ -160,8 +164,12 @@ def channels_innermost(x: Tensor) -> bool:
 
 def auto_prefers(x: Tensor) -> bool:
     """Whether "auto" should take the native kernels for an eligible ``x``: the rows kernels for
-    channels-innermost layouts; the channel kernels from :data:`AUTO_MIN_ROW` contiguous elements per row."""
-    return channels_innermost(x) or x.numel() // (x.shape[0] * x.shape[1]) >= AUTO_MIN_ROW
+    channels-innermost layouts; the channel kernels by row length and size (:data:`AUTO_MIN_ROW_BYTES`)."""
+    if channels_innermost(x):
+        return True
+    row = x.numel() // (x.shape[0] * x.shape[1]) * x.element_size()
+    return row >= AUTO_MIN_ROW_BYTES or (row >= AUTO_SHORT_ROW_BYTES
+                                         and x.numel() * x.element_size() <= AUTO_SHORT_ROW_TENSOR_BYTES)
 
 
 def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
@@ -188,7 +196,11 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _stream(x: Tensor) -> int:
-    return int(x.numel() * x.element_size() >= STREAM_BYTES)
+    """Non-temporal stores for outputs of :data:`STREAM_BYTES` or more whose (sample, channel) rows are whole
+    64-byte lines: a row that starts or ends inside a line leaves partial lines to the write-combining
+    buffers, which memory then merges line by line (32×512×7×7 float32, 196-byte rows: 2x slower streamed)."""
+    row_bytes = x.numel() // (x.shape[0] * x.shape[1]) * x.element_size()
+    return int(x.numel() * x.element_size() >= STREAM_BYTES and row_bytes % 64 == 0)
 
 
 def _dims(x: Tensor) -> tuple[int, int, int]:
