@@ -193,6 +193,7 @@ def test_ineligible_cases_are_recognised():
     assert lean._use_native("auto", torch.randn(4, 3, 7, 7), w, b, "l1", 1, 1)  # 196 B rows, small tensor
     assert not lean._use_native("auto", torch.randn(4, 3, 7, 7).bfloat16(), w, b, "l1", 1, 1)  # 98 B rows
     assert not lean._use_native("auto", torch.randn(8192, 3, 8, 8), w, b, "l1", 1, 1)  # 256 B rows, 6 MB
+    assert lean._use_native("auto", torch.randn(8192, 3, 8, 8), w, b, "topk", 1, 1)  # top-k: native wherever eligible
     assert lean._use_native("auto", torch.randn(16, 3), w, b, "l1", 1, 1)
     assert lean._use_native("auto", x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
     assert not lean._use_native("auto", torch.randn(16, 3, 4), w, b, "l1", 1, 1)

@@ -203,7 +203,7 @@ def _use_native(impl: str, x: Tensor, w: Tensor, b: Tensor, norm: str, groups: i
     they measured faster (:func:`.native.auto_prefers`)."""
     if impl not in ("auto", "native") or not native.eligible(x, w, b, norm, groups, m, k):
         return False
-    return (impl == "native" or native.auto_prefers(x)) and native.available()
+    return (impl == "native" or native.auto_prefers(x, norm)) and native.available()
 
 
 def check_inplace_weight(weight: Tensor | None, where: str) -> None:
@@ -243,7 +243,7 @@ def _native_training(input: Tensor, running_mean: Tensor | None, running_var: Te
     general path then runs (and raises what it raises)."""
     if not (isinstance(input, Tensor) and weight is not None and bias is not None and nonfinite in NONFINITE_MODES
             and native.eligible(input, weight, bias, norm, 1, 1, k)
-            and (impl == "native" or native.auto_prefers(input))):
+            and (impl == "native" or native.auto_prefers(input, norm))):
         return None
     est = get_estimator(norm)
     rv = running_var if est.divides else None

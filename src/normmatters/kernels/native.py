@@ -162,10 +162,11 @@ def channels_innermost(x: Tensor) -> bool:
     return x.stride(1) == 1 and x.movedim(1, -1).is_contiguous()
 
 
-def auto_prefers(x: Tensor) -> bool:
+def auto_prefers(x: Tensor, norm: str | None = None) -> bool:
     """Whether "auto" should take the native kernels for an eligible ``x``: the rows kernels for
-    channels-innermost layouts; the channel kernels by row length and size (:data:`AUTO_MIN_ROW_BYTES`)."""
-    if channels_innermost(x):
+    channels-innermost layouts; the channel kernels by row length and size (:data:`AUTO_MIN_ROW_BYTES`), and
+    always for top-k (the Inductor top-k is 3-5x slower than the native one at every benchmark shape)."""
+    if channels_innermost(x) or norm == "topk":
         return True
     row = x.numel() // (x.shape[0] * x.shape[1]) * x.element_size()
     return row >= AUTO_MIN_ROW_BYTES or (row >= AUTO_SHORT_ROW_BYTES
