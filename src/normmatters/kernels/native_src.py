@@ -166,6 +166,19 @@ static int nm_update_running_##SFX(const T *restrict mean, const T *restrict raw
     return 1;                                                                                             \
 }                                                                                                         \
                                                                                                           \
+/* the running-buffer update of both forward kernels: T buffers, or bfloat16 buffers with float32 statistics   \
+   (buf_bf16: only the bf16 variant passes it) */                                                           \
+static int nm_update_##SFX(const T *restrict mean, const T *restrict raw, int64_t C, int norm, double cn,   \
+                           T *restrict run_mean, T *restrict run_var, int64_t *restrict nbt,              \
+                           double momentum, double unbias, int buf_bf16)                                  \
+{                                                                                                         \
+    if (buf_bf16)                                                                                         \
+        return nm_update_running_bf16buf((const float *)mean, (const float *)raw, C, norm, cn,            \
+                                         (uint16_t *)run_mean, (uint16_t *)run_var, nbt, momentum,       \
+                                         unbias);                                                         \
+    return nm_update_running_##SFX(mean, raw, C, norm, cn, run_mean, run_var, nbt, momentum, unbias);     \
+}                                                                                                         \
+                                                                                                          \
 int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, const T *restrict b,      \
                      T *restrict mean_out, T *restrict raw_out, T *restrict hi_out, T *restrict lo_out,   \
                      int64_t N, int64_t C, int64_t S, int norm, double cn, double eps, int stream,        \
@@ -264,12 +277,8 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
         }                                                                                                 \
         if (stream) NM_SFENCE();                                                                          \
     }                                                                                                     \
-    if (buf_bf16) /* bfloat16 buffers (with float32 statistics: only the bf16 variant passes this) */     \
-        return nm_update_running_bf16buf((const float *)mean_out, (const float *)raw_out, C, norm, cn,    \
-                                         (uint16_t *)run_mean, (uint16_t *)run_var, nbt, momentum,       \
-                                         unbias);                                                         \
-    return nm_update_running_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum,      \
-                                   unbias);                                                               \
+    return nm_update_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum, unbias,      \
+                           buf_bf16);                                                                     \
 }                                                                                                         \
                                                                                                           \
 void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict gx, const T *restrict w,  \
@@ -468,12 +477,8 @@ int nm_forward_rows_##SFX(const TS *restrict x, TS *restrict y, const T *restric
             for (int64_t c = 0; c < C; ++c) yr[c] = ST((LD(xr[c]) - mean_out[c]) * scale[c] + b[c]);      \
         }                                                                                                 \
     }                                                                                                     \
-    if (buf_bf16) /* bfloat16 buffers (with float32 statistics: only the bf16 variant passes this) */     \
-        return nm_update_running_bf16buf((const float *)mean_out, (const float *)raw_out, C, norm, cn,    \
-                                         (uint16_t *)run_mean, (uint16_t *)run_var, nbt, momentum,       \
-                                         unbias);                                                         \
-    return nm_update_running_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum,      \
-                                   unbias);                                                               \
+    return nm_update_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum, unbias,      \
+                           buf_bf16);                                                                     \
 }                                                                                                         \
                                                                                                           \
 void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict gx,                  \
