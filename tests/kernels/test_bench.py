@@ -1,5 +1,6 @@
 """The benchmark's machinery (not its timings): rows, ratios, saved-bytes accounting, the ResNet-20 variants."""
 
+import json
 import math
 
 import torch
@@ -58,3 +59,23 @@ def test_resnet20_variants_and_ratios():
     norms = {getattr(m, "norm", None) for m in model.modules()}
     assert "mean" in norms and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_bench_command_prints_table_first_call_costs_and_json(tmp_path, capsys, monkeypatch):
+    """`normmatters bench`: the table, the native library's first-call cost, the compile seconds and --json."""
+    from normmatters.cli import main
+    from normmatters.kernels import native
+
+    real = bench.run_benchmark
+    monkeypatch.setattr(bench, "run_benchmark",
+                        lambda **kw: real(**{**kw, "shapes": ((4, 3, 4, 4),), "rounds": 1}))
+    have_native = native.available()  # False only on a machine without a C compiler
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--quick", "--no-resnet", "--norms", "l1", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| 4x3x4x4 | float32 | contiguous | l1 |" in text
+    assert "first-call (compile) seconds" in text
+    assert ("native kernels: library" in text) == have_native
+    res = json.loads(out.read_text())
+    assert res["rows"] and (res["native_first_call"][1] in ("compiled", "cached") if have_native else True)

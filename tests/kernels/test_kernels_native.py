@@ -239,14 +239,18 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch, _eager_fallback
 
 
 def test_build_is_cached_by_source_hash(monkeypatch, tmp_path):
+    """The library is compiled once per source + command into the cache; the first call's cost is reported."""
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(native, "first_call", None)
     native._build()
+    assert native.first_call[1] == "compiled" and native.first_call[0] > 0
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 1 and files[0].startswith("normmatters_native_") and files[0].endswith(".so")
     calls = []
     monkeypatch.setattr(native, "_compile", lambda *a: calls.append(a))
     native._build()  # cached: no second compile, no temporary files left
     assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == files
+    assert native.first_call[1] == "cached"
 
 
 def test_double_backward_raises_instead_of_silently_wrong():

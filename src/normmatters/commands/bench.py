@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
         print("| model | step time /bn | activations saved /bn |\n|---|---|---|")
         for k in r["step"]:
             print(f"| {k} | {r['step'][k]:.2f} | {r['saved'][k]:.2f} |")
+    if res.get("native_first_call"):
+        secs, how = res["native_first_call"]
+        print(f"native kernels: library {how} and loaded in {secs:.2f} s at first use")
     if res["compile_seconds"]:
         print("first-call (compile) seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                           res["compile_seconds"].items()))

@@ -349,7 +349,7 @@ def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str]
                   shapes: Iterable[tuple[int, ...]] | None = None, rounds: int | None = None,
                   resnet: bool = True) -> dict[str, Any]:
     """Run the benchmark; returns a dict with rows, ResNet-20 ratios, bandwidth and compile seconds."""
-    from . import compiled
+    from . import compiled, native
 
     dev = torch.device(device)
     norms = tuple(norms)
@@ -372,6 +372,7 @@ def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str]
             "copy_bandwidth_GBps": bw / 1e9, "rows": [dataclasses.asdict(r) for r in rows],
             "table": format_table(rows), "resnet20_step_ratio": res,
             "compile_seconds": {"/".join(k): v for k, v in compiled.compile_seconds.items()},
+            "native_first_call": native.first_call,
             "seconds": time.perf_counter() - t0}
 
 

@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -98,14 +99,22 @@ def _compile(cc: str, out: Path) -> None:
                 os.unlink(p)
 
 
+#: the first call's cost: (seconds, "compiled" | "cached") of building/loading the library, None before it
+first_call: tuple[float, str] | None = None
+
+
 def _build() -> ctypes.CDLL:
+    global first_call
+    t0 = time.perf_counter()
     cc = os.environ.get(CC_ENV) or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
     key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS]).encode()).hexdigest()[:20]
     path = cache_dir() / f"normmatters_native_{key}.so"
+    how = "cached"
     if not path.exists():
         _compile(cc, path)
+        how = "compiled"
     lib = ctypes.CDLL(str(path))
     i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for sfx in _SUFFIX.values():
@@ -121,6 +130,8 @@ def _build() -> ctypes.CDLL:
         bwd_rows = getattr(lib, f"nm_backward_rows_{sfx}")
         bwd_rows.argtypes = [ptr] * 10 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 2
         bwd_rows.restype = None
+    first_call = (time.perf_counter() - t0, how)
+    log.debug("normmatters.kernels.native: %s library loaded in %.2f s", how, first_call[0])
     return lib
 
 
