@@ -5,9 +5,11 @@ reference path, which it calls for eval mode and for ``impl="reference"``) plus 
 
 * ``"auto"`` (default): ``"native"`` where it is eligible (see :func:`.native.eligible`) and measured faster
   (channels-innermost input, or rows long enough: :data:`.native.AUTO_MIN_ROW_BYTES`), else ``"compiled"``;
-* ``"native"``: cache-blocked C/OpenMP CPU kernels (:mod:`.native`; built with gcc on first use, about a
-  second), for CPU float32/float64 contiguous inputs, norms mean, l2, l1, linf, range, no ghost batches or
-  range chunks; other cases (and a missing compiler, after one warning) run ``"compiled"``;
+* ``"native"``: C/OpenMP CPU kernels (:mod:`.native`; built with gcc on first use, a few seconds) for
+  float32/float64/bfloat16 input, contiguous (one channel at a time, cache-blocked) or channels-innermost
+  (row kernels), norms mean, l2, l1, linf, range and top-k (k ≤ 64, contiguous only), no ghost batches or
+  range chunks; the running buffers are updated in the same call (:func:`_native_training`); other cases
+  (and a missing compiler, after one warning) run ``"compiled"``;
 * ``"compiled"``: the formulas of :mod:`.formulas` compiled by ``torch.compile`` (first call
   costs seconds per norm; see :data:`.compiled.compile_seconds`), eager fallback with one warning;
 * ``"eager"``: the same formulas run op by op (still lean in memory);
@@ -138,10 +140,11 @@ class LeanBatchNormFunction(torch.autograd.Function):
 
 class NativeBatchNormFunction(torch.autograd.Function):
     """:class:`LeanBatchNormFunction` on the native CPU kernels (:mod:`.native`): one group, one chunk,
-    contiguous input. forward(x, weight, bias, c, eps, norm, running) → (y, μ (1, C), raw (1, C), ok):
+    contiguous or channels-innermost input. forward(x, weight, bias, c, eps, norm, running, k) → (y, μ (1, C),
+    raw (1, C), ok):
     ``running`` as in :func:`.native.forward` (the kernel then updates those buffers in the same call) or
     None; ``ok`` is the Python bool "statistics are finite". Saves x, w and the (C,) statistics (range: also
-    the per-channel max and min), as the Inductor path does."""
+    the per-channel max and min; top-k: the k-th largest |d|), as the Inductor path does."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, c, eps, norm, running, k=10):
