@@ -4,7 +4,8 @@ The per-element arithmetic here is the one :mod:`.formulas` composes from the es
 :mod:`normmatters.estimators` (``lean_raw``, ``lean_sums``, ``lean_dstat``, ``_extreme_pieces``) — read those
 for the math; this file only reorders it for the cache: one channel (its N×S elements) at a time through
 every pass, so only the first pass of each direction streams from DRAM. The constant c(n) is an argument
-(``cn``), taken from the estimator registry; no statistic's constant is written here.
+(``cn``), taken from the estimator registry; no statistic's constant is written here. The rows kernels for
+channels-innermost input live in :mod:`.native_rows_src` and share this file's helpers.
 
 Layout: x is (N, C, S) contiguous; per-channel vectors are (C,). Norm codes: 0 mean-only, 1 l2, 2 l1,
 3 linf, 4 range (one chunk). Row sums accumulate in the element type (vectorized, ``omp simd reduction``)
@@ -14,6 +15,10 @@ Channels are handed to the threads one at a time (dynamic schedule), so a thread
 the call by a whole static share.
 """
 
+from .native_rows_src import ROWS_SOURCE
+
+#: the channel kernels below, then the rows kernels of :mod:`.native_rows_src`, then one instance of each per
+#: element type
 SOURCE = r"""
 #include <math.h>
 #include <omp.h>
@@ -370,222 +375,7 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
         if (stream) NM_SFENCE();                                                                          \
     }                                                                                                     \
 }
-
-/* Channels-innermost layout (channels_last 4-d/5-d, or (N, C)): x is (R, C) contiguous, R = N·spatial rows.
-   Every pass walks the rows in memory order, one contiguous range per thread, vectorized across the C
-   channels of a row; per-thread partials (summed in T over blocks of NM_ROWBLK rows, then in double) go to
-   ``scratch`` and are combined per channel between passes. Forward: Σx (range: max, min) → μ; l1/l2/linf:
-   Σ|d|, Σd², max|d| → raw; then y. Backward: the channel sums → nm_coefs → ∂L/∂x. Stores are cached.
-   Scratch sizes (set by native.py): forward 4·nt·C doubles and (1 + 3·nt)·C T; backward 6·nt·C doubles and
-   (6 + 6·nt)·C T, nt = nthreads. */
-#define NM_ROWBLK 64
-#define NM_ROWS_RANGE(R)                                                                                  \
-    const int t_ = omp_get_thread_num(), nt_ = omp_get_num_threads();                                     \
-    const int64_t r0 = (R) * t_ / nt_, r1 = (R) * (t_ + 1) / nt_;
-
-#define NM_DEFINE_ROWS(TS, T, SFX, ABS, LD, ST)                                                           \
-int nm_forward_rows_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, const T *restrict b, \
-                          T *restrict mean_out, T *restrict raw_out, T *restrict hi_out,                  \
-                          T *restrict lo_out, int64_t R, int64_t C, int norm, double cn, double eps,      \
-                          int nthreads, double *restrict scratch, T *restrict tscratch,                   \
-                          T *restrict run_mean, T *restrict run_var, int64_t *restrict nbt,               \
-                          double momentum, double unbias, int buf_bf16)                                   \
-{                                                                                                         \
-    const double n = (double)R;                                                                           \
-    T *restrict scale = tscratch;                                                                         \
-    _Pragma("omp parallel num_threads(nthreads)")                                                         \
-    {                                                                                                     \
-        NM_ROWS_RANGE(R)                                                                                  \
-        double *restrict ps = scratch + (int64_t)t_ * 4 * C;                                              \
-        T *restrict blk = tscratch + (int64_t)(1 + 3 * t_) * C, *restrict th = blk + C, *restrict tl = th + C; \
-        for (int64_t c = 0; c < C; ++c) { ps[c] = 0.0; th[c] = -INFINITY; tl[c] = INFINITY; }             \
-        for (int64_t rb = r0; rb < r1; rb += NM_ROWBLK) {                                                 \
-            const int64_t re = rb + NM_ROWBLK < r1 ? rb + NM_ROWBLK : r1;                                 \
-            for (int64_t c = 0; c < C; ++c) blk[c] = 0;                                                   \
-            for (int64_t r = rb; r < re; ++r) {                                                           \
-                const TS *xr = x + r * C;                                                                 \
-                if (norm == NM_RANGE) {                                                                   \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T v = LD(xr[c]);                                                            \
-                        blk[c] += v; th[c] = v > th[c] ? v : th[c]; tl[c] = v < tl[c] ? v : tl[c];        \
-                    }                                                                                     \
-                } else {                                                                                  \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) blk[c] += LD(xr[c]);                                  \
-                }                                                                                         \
-            }                                                                                             \
-            for (int64_t c = 0; c < C; ++c) ps[c] += (double)blk[c];                                      \
-        }                                                                                                 \
-        _Pragma("omp barrier")                                                                            \
-        _Pragma("omp for schedule(static)")                                                               \
-        for (int64_t c = 0; c < C; ++c) {                                                                 \
-            double sum = 0.0;                                                                             \
-            T hi = -INFINITY, lo = INFINITY;                                                              \
-            for (int u = 0; u < nt_; ++u) {                                                               \
-                const T *q = tscratch + (int64_t)(1 + 3 * u) * C;                                         \
-                sum += scratch[(int64_t)u * 4 * C + c];                                                   \
-                hi = q[C + c] > hi ? q[C + c] : hi; lo = q[2 * C + c] < lo ? q[2 * C + c] : lo;           \
-            }                                                                                             \
-            mean_out[c] = (T)(sum / n);                                                                   \
-            if (norm == NM_RANGE) { hi_out[c] = hi; lo_out[c] = lo; raw_out[c] = hi - lo; }               \
-            else if (norm == NM_MEAN) raw_out[c] = mean_out[c];                                           \
-        }                                                                                                 \
-        if (norm == NM_L1 || norm == NM_L2 || norm == NM_LINF) {                                          \
-            for (int64_t c = 0; c < C; ++c) ps[c] = 0.0;                                                  \
-            for (int64_t rb = r0; rb < r1; rb += NM_ROWBLK) {                                             \
-                const int64_t re = rb + NM_ROWBLK < r1 ? rb + NM_ROWBLK : r1;                             \
-                for (int64_t c = 0; c < C; ++c) blk[c] = 0;                                               \
-                for (int64_t r = rb; r < re; ++r) {                                                       \
-                    const TS *xr = x + r * C;                                                             \
-                    if (norm == NM_L1) {                                                                  \
-                        _Pragma("omp simd")                                                               \
-                        for (int64_t c = 0; c < C; ++c) blk[c] += ABS(LD(xr[c]) - mean_out[c]);          \
-                    } else if (norm == NM_L2) {                                                           \
-                        _Pragma("omp simd")                                                               \
-                        for (int64_t c = 0; c < C; ++c) {                                                 \
-                            const T d = LD(xr[c]) - mean_out[c]; blk[c] += d * d;                         \
-                        }                                                                                 \
-                    } else {                                                                              \
-                        _Pragma("omp simd")                                                               \
-                        for (int64_t c = 0; c < C; ++c) {                                                 \
-                            const T a = ABS(LD(xr[c]) - mean_out[c]); blk[c] = a > blk[c] ? a : blk[c];   \
-                        }                                                                                 \
-                    }                                                                                     \
-                }                                                                                         \
-                for (int64_t c = 0; c < C; ++c)                                                           \
-                    ps[c] = norm != NM_LINF ? ps[c] + (double)blk[c]                                      \
-                                            : ((double)blk[c] > ps[c] ? (double)blk[c] : ps[c]);          \
-            }                                                                                             \
-            _Pragma("omp barrier")                                                                        \
-            _Pragma("omp for schedule(static)")                                                           \
-            for (int64_t c = 0; c < C; ++c) {                                                             \
-                double acc = 0.0;                                                                         \
-                for (int u = 0; u < nt_; ++u) {                                                           \
-                    const double v = scratch[(int64_t)u * 4 * C + c];                                     \
-                    acc = norm == NM_LINF ? (v > acc ? v : acc) : acc + v;                                \
-                }                                                                                         \
-                raw_out[c] = (T)(norm == NM_L1 ? acc / n : norm == NM_L2 ? sqrt(acc / n) : acc);          \
-            }                                                                                             \
-        }                                                                                                 \
-        _Pragma("omp for schedule(static)")                                                               \
-        for (int64_t c = 0; c < C; ++c) scale[c] = nm_scale_##SFX(norm, cn, eps, w[c], raw_out[c]);      \
-        for (int64_t r = r0; r < r1; ++r) {                                                               \
-            const TS *xr = x + r * C;                                                                     \
-            TS *yr = y + r * C;                                                                           \
-            _Pragma("omp simd")                                                                           \
-            for (int64_t c = 0; c < C; ++c) yr[c] = ST((LD(xr[c]) - mean_out[c]) * scale[c] + b[c]);      \
-        }                                                                                                 \
-    }                                                                                                     \
-    return nm_update_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum, unbias,      \
-                           buf_bf16);                                                                     \
-}                                                                                                         \
-                                                                                                          \
-void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict gx,                  \
-                            const T *restrict w, const T *restrict mean, const T *restrict rawv,          \
-                            const T *restrict hiv, const T *restrict lov, T *restrict gw, T *restrict gb, \
-                            int64_t R, int64_t C, int norm, double cn, double eps, int nthreads,          \
-                            double *restrict scratch, T *restrict tscratch)                               \
-{                                                                                                         \
-    const double n = (double)R;                                                                           \
-    /* shared per channel: the coefficients of nm_coefs and τ (linf: max|d|; range: max x) */             \
-    T *restrict At = tscratch, *restrict Bt = At + C, *restrict Kt = Bt + C, *restrict Kbt = Kt + C,     \
-      *restrict Wq = Kbt + C, *restrict tau = Wq + C;                                                     \
-    for (int64_t c = 0; c < C; ++c) tau[c] = norm == NM_RANGE ? hiv[c] : rawv[c];                         \
-    _Pragma("omp parallel num_threads(nthreads)")                                                         \
-    {                                                                                                     \
-        NM_ROWS_RANGE(R)                                                                                  \
-        /* per thread, per channel: Σg, Σg·d, then l1: Σ sign d; linf: Σ sign and # over |d| > τ and over \
-           |d| = τ; range: # (x = max), # (x = min) */                                                    \
-        double *restrict p = scratch + (int64_t)t_ * 6 * C;                                               \
-        T *restrict b1 = tscratch + (int64_t)(6 + 6 * t_) * C, *restrict b2 = b1 + C, *restrict b3 = b2 + C, \
-          *restrict b4 = b3 + C, *restrict b5 = b4 + C, *restrict b6 = b5 + C;                            \
-        for (int64_t c = 0; c < 6 * C; ++c) p[c] = 0.0;                                                   \
-        for (int64_t rb = r0; rb < r1; rb += NM_ROWBLK) {                                                 \
-            const int64_t re = rb + NM_ROWBLK < r1 ? rb + NM_ROWBLK : r1;                                 \
-            for (int64_t c = 0; c < 6 * C; ++c) b1[c] = 0;                                                \
-            for (int64_t r = rb; r < re; ++r) {                                                           \
-                const TS *xr = x + r * C, *gr = g + r * C;                                                \
-                if (norm == NM_L1) {                                                                      \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T d = LD(xr[c]) - mean[c], gj = LD(gr[c]);                                  \
-                        b1[c] += gj; b2[c] += gj * d; b3[c] += (T)(d > 0) - (T)(d < 0);                   \
-                    }                                                                                     \
-                } else if (norm == NM_LINF) {                                                             \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T d = LD(xr[c]) - mean[c], gj = LD(gr[c]), a = ABS(d);                      \
-                        const T sd = (T)(d > 0) - (T)(d < 0);                                             \
-                        b1[c] += gj; b2[c] += gj * d;                                                     \
-                        b3[c] += a > tau[c] ? sd : (T)0; b4[c] += a == tau[c] ? sd : (T)0;                \
-                        b5[c] += (T)(a > tau[c]); b6[c] += (T)(a == tau[c]);                              \
-                    }                                                                                     \
-                } else if (norm == NM_RANGE) {                                                            \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T v = LD(xr[c]), gj = LD(gr[c]);                                            \
-                        b1[c] += gj; b2[c] += gj * (v - mean[c]);                                         \
-                        b3[c] += (T)(v == tau[c]); b4[c] += (T)(v == lov[c]);                             \
-                    }                                                                                     \
-                } else {                                                                                  \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T gj = LD(gr[c]); b1[c] += gj; b2[c] += gj * (LD(xr[c]) - mean[c]);         \
-                    }                                                                                     \
-                }                                                                                         \
-            }                                                                                             \
-            for (int64_t c = 0; c < 6 * C; ++c) p[c] += (double)b1[c];                                    \
-        }                                                                                                 \
-        _Pragma("omp barrier")                                                                            \
-        _Pragma("omp for schedule(static)")                                                               \
-        for (int64_t c = 0; c < C; ++c) {                                                                 \
-            double q[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                                 \
-            for (int u = 0; u < nt_; ++u)                                                                 \
-                for (int k = 0; k < 6; ++k) q[k] += scratch[(int64_t)u * 6 * C + k * C + c];             \
-            const int linf = norm == NM_LINF, rng = norm == NM_RANGE;                                     \
-            nm_coefs_##SFX(norm, 1, n, cn, eps, (double)w[c], (double)rawv[c], q[0], q[1],                \
-                           norm == NM_L1 ? q[2] : 0.0, linf ? q[2] : 0.0, linf ? q[3] : 0.0,              \
-                           linf ? q[4] : rng ? q[2] : 0.0, linf ? q[5] : rng ? q[3] : 0.0,                \
-                           gw ? gw + c : NULL, gb ? gb + c : NULL, At + c, Bt + c, Kt + c, Kbt + c, Wq + c); \
-        }                                                                                                 \
-        if (gx) for (int64_t r = r0; r < r1; ++r) {                                                       \
-            const TS *xr = x + r * C, *gr = g + r * C;                                                    \
-            TS *out = gx + r * C;                                                                         \
-            if (norm == NM_L2) {                                                                          \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c)                                                           \
-                    out[c] = ST(At[c] * LD(gr[c]) + Bt[c] + Kt[c] * (LD(xr[c]) - mean[c]));               \
-            } else if (norm == NM_L1) {                                                                   \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c) {                                                         \
-                    const T d = LD(xr[c]) - mean[c];                                                      \
-                    out[c] = ST(At[c] * LD(gr[c]) + Bt[c] + Kt[c] * ((T)(d > 0) - (T)(d < 0)));           \
-                }                                                                                         \
-            } else if (norm == NM_LINF) {                                                                 \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c) {                                                         \
-                    const T d = LD(xr[c]) - mean[c], a = ABS(d);                                          \
-                    const T sd = (T)(d > 0) - (T)(d < 0);                                                 \
-                    const T e = a > tau[c] ? sd : (a == tau[c] ? sd * Wq[c] : (T)0);                      \
-                    out[c] = ST(At[c] * LD(gr[c]) + Bt[c] + Kt[c] * e);                                   \
-                }                                                                                         \
-            } else if (norm == NM_RANGE) {                                                                \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c) {                                                         \
-                    const T v = LD(xr[c]);                                                                \
-                    out[c] = ST(At[c] * LD(gr[c]) + Bt[c] + (v == tau[c] ? Kt[c] : (T)0)                  \
-                                - (v == lov[c] ? Kbt[c] : (T)0));                                         \
-                }                                                                                         \
-            } else {                                                                                      \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c) out[c] = ST(At[c] * LD(gr[c]) + Bt[c]);                   \
-            }                                                                                             \
-        }                                                                                                 \
-    }                                                                                                     \
-}
-
-
+""" + ROWS_SOURCE + r"""
 NM_DEFINE(float, float, f32, fabsf, NM_ID, NM_ID)
 NM_DEFINE(double, double, f64, fabs, NM_ID, NM_ID)
 NM_DEFINE(uint16_t, float, bf16, fabsf, nm_ld_bf16, nm_st_bf16)
