@@ -24,8 +24,8 @@ or fails, :func:`available` is False after one warning and callers keep the Indu
 
 Scope (:func:`eligible`): CPU, float32/float64 with parameters of the same dtype, or bfloat16 with bfloat16
 or float32 parameters (computed in float32, statistics kept in float32, as nn.BatchNorm), contiguous or
-channels-innermost (N, C, *), one group (no ghost batches), one range chunk, norms mean, l2, l1, linf, range;
-not under torch.compile.
+channels-innermost (N, C, *), one group (no ghost batches), one range chunk, norms mean, l2, l1, linf, range
+and top-k (k ≤ :data:`TOPK_MAX`, channel kernels only); not under torch.compile.
 """
 
 from __future__ import annotations
@@ -173,13 +173,23 @@ def channels_innermost(x: Tensor) -> bool:
     return x.stride(1) == 1 and x.movedim(1, -1).is_contiguous()
 
 
+def _row_bytes(x: Tensor) -> int:
+    """Bytes of one (sample, channel) row of a contiguous (N, C, *) tensor."""
+    return x.numel() // (x.shape[0] * x.shape[1]) * x.element_size()
+
+
+def _channel_layout(x: Tensor) -> bool:
+    """Whether the channel kernels take x (contiguous, spatial size > 1); else the rows kernels do."""
+    return x.is_contiguous() and x.numel() > x.shape[0] * x.shape[1]
+
+
 def auto_prefers(x: Tensor, norm: str | None = None) -> bool:
     """Whether "auto" should take the native kernels for an eligible ``x``: the rows kernels for
     channels-innermost layouts; the channel kernels by row length and size (:data:`AUTO_MIN_ROW_BYTES`), and
     always for top-k (the Inductor top-k is 3-5x slower than the native one at every benchmark shape)."""
     if channels_innermost(x) or norm == "topk":
         return True
-    row = x.numel() // (x.shape[0] * x.shape[1]) * x.element_size()
+    row = _row_bytes(x)
     return row >= AUTO_MIN_ROW_BYTES or (row >= AUTO_SHORT_ROW_BYTES
                                          and x.numel() * x.element_size() <= AUTO_SHORT_ROW_TENSOR_BYTES)
 
@@ -188,8 +198,7 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m:
     """Whether the native kernels cover this call (see the module docstring); does not build anything."""
     if not (norm in NORM_CODES and groups == 1 and m == 1 and x.device.type == "cpu" and x.dtype in _SUFFIX):
         return False
-    if norm == "topk" and not (1 <= k <= TOPK_MAX and x.is_contiguous() and x.dim() > 2
-                               and x.numel() > x.shape[0] * x.shape[1]):
+    if norm == "topk" and not (1 <= k <= TOPK_MAX and x.dim() > 2 and _channel_layout(x)):
         return False
     params = (x.dtype, _COMPUTE[x.dtype])  # bfloat16 elements: bfloat16 or float32 parameters
     return (weight.dtype in params and bias.dtype == weight.dtype
@@ -211,8 +220,7 @@ def _stream(x: Tensor) -> int:
     """Non-temporal stores for outputs of :data:`STREAM_BYTES` or more whose (sample, channel) rows are whole
     64-byte lines: a row that starts or ends inside a line leaves partial lines to the write-combining
     buffers, which memory then merges line by line (32×512×7×7 float32, 196-byte rows: 2x slower streamed)."""
-    row_bytes = x.numel() // (x.shape[0] * x.shape[1]) * x.element_size()
-    return int(x.numel() * x.element_size() >= STREAM_BYTES and row_bytes % 64 == 0)
+    return int(x.numel() * x.element_size() >= STREAM_BYTES and _row_bytes(x) % 64 == 0)
 
 
 def _dims(x: Tensor) -> tuple[int, int, int]:
@@ -264,7 +272,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
         unbias = n / (n - 1)
     buf_bf16 = int(any(t is not None and t.dtype == torch.bfloat16 for t in (rm, rv)))
     nt = torch.get_num_threads()
-    if S > 1 and x.is_contiguous():
+    if _channel_layout(x):
         ok = getattr(lib, f"nm_forward_{_SUFFIX[x.dtype]}")(
             x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x), nt,
@@ -294,7 +302,7 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
     hi, lo = aux if norm == "range" else (aux[0], None) if norm == "topk" else (None, None)
     w = weight.to(acc)  # held until the call returns
     nt = torch.get_num_threads()
-    if S > 1 and x.is_contiguous():
+    if _channel_layout(x):
         getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
             gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps),
