@@ -15,7 +15,9 @@ Two native layouts:
 
 Both use ``torch.get_num_threads()`` OpenMP threads (the library links the libgomp that torch has already
 loaded), compute bfloat16 in float32, update the running buffers inside the forward call
-(:func:`update_fusable`), and are once-differentiable.
+(:func:`update_fusable`), and are once-differentiable. Their outputs (y, ∂L/∂x) come from :mod:`.pool`,
+which reuses a freed buffer rather than letting the allocator map fresh pages (the faults cost more than the
+kernel).
 
 The source is compiled on first use with ``gcc -O3 -march=native -fopenmp -shared -fPIC`` (no fast-math)
 into ``$NORMMATTERS_CACHE`` (default ``~/.cache/normmatters``), named by a hash of source + command, and
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import pool
 from .native_src import SOURCE
 
 log = logging.getLogger(__name__)
@@ -258,7 +261,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     lib = _lib
     N, C, S = _dims(x)
     acc = _COMPUTE[x.dtype]
-    y = torch.empty_like(x)
+    y = pool.empty_like(x)
     mean = x.new_empty(C, dtype=acc)
     raw = x.new_empty(C, dtype=acc)
     hi = x.new_empty(C, dtype=acc) if norm in ("range", "topk") else None
@@ -296,7 +299,7 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
         gy = torch.empty_like(x).copy_(gy)
     N, C, S = _dims(x)
     acc = _COMPUTE[x.dtype]
-    gx = torch.empty_like(x) if need_x else None
+    gx = pool.empty_like(x) if need_x else None
     gw = x.new_empty(C, dtype=acc) if need_w else None
     gb = x.new_empty(C, dtype=acc) if need_b else None
     hi, lo = aux if norm == "range" else (aux[0], None) if norm == "topk" else (None, None)
