@@ -332,3 +332,36 @@ def test_bfloat16_running_buffers_updated_in_kernel_like_the_reference(norm, buf
         if r is not None:
             assert a.dtype == r.dtype
             torch.testing.assert_close(a.float(), r.float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 1 << 30])
+@pytest.mark.parametrize("norm", NORMS)
+def test_channel_blocks_match_reference(norm, block_bytes, monkeypatch):
+    """One channel per task, and blocks of several channels with a ragged last block (C = 5: 3 + 2)."""
+    monkeypatch.setattr(native, "BLOCK_BYTES", block_bytes)
+    x = torch.randn(6, 5, 7, 9, dtype=torch.float64) * 2 + 1
+    assert native._channel_block(x, 2) == (1 if block_bytes == 1 else 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    _compare(x, norm)
+    _compare(x.float(), norm)
+
+
+def test_range_positions_mark_unique_and_tied_extremes():
+    """pos[0, c] / pos[1, c]: sample·S + spatial index of channel c's max / min, or -(first + 1) when tied;
+    backward skips the comparisons for channels whose max and min are both unique and patches those two."""
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+    S = 6
+    x[0, 1, 0, 1] = x[2, 1, 1, 0] = 9.0  # channel 1: tied max (first at 0·S + 1)
+    x[1, 2, 0, 0] = x[1, 2, 1, 2] = -9.0  # channel 2: tied min (first at 1·S + 0)
+    x[2, 3, 1, 2] = 9.0  # channel 3: unique max at the very last element
+    w, b = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    _, _, _, (pos,), _ = native.forward(x, w, b, 1.0, 1e-5, "range")
+    flat = x.transpose(0, 1).reshape(4, -1)
+    expect_hi = [int(flat[c].argmax()) for c in range(4)]
+    expect_lo = [int(flat[c].argmin()) for c in range(4)]
+    expect_hi[1] = -(0 * S + 1) - 1
+    expect_lo[2] = -(1 * S + 0) - 1
+    assert pos.dtype == torch.int32 and pos.shape == (2, 4)
+    assert pos[0].tolist() == expect_hi and pos[1].tolist() == expect_lo
+    assert expect_hi[3] == 2 * S + 5
+    _compare(x, "range")  # unique and tied channels in one call

@@ -144,7 +144,8 @@ class NativeBatchNormFunction(torch.autograd.Function):
     raw (1, C), ok):
     ``running`` as in :func:`.native.forward` (the kernel then updates those buffers in the same call) or
     None; ``ok`` is the Python bool "statistics are finite". Saves x, w and the (C,) statistics (range: also
-    the per-channel max and min; top-k: the k-th largest |d|), as the Inductor path does."""
+    the positions of the per-channel max and min, see :func:`.native.forward`; top-k: the k-th largest
+    |d|), as many bytes as the Inductor path saves."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, c, eps, norm, running, k=10):

@@ -73,6 +73,13 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 #: layers; ResNet-20 step (2-8 MB activations, read back by the next conv) 1.02x streamed, 1.03-1.07x cached.
 STREAM_BYTES = int(os.environ.get("NORMMATTERS_NATIVE_STREAM_BYTES", 0) or 1 << 20)
 
+#: bytes of input per task of the channel kernels ($NORMMATTERS_NATIVE_BLOCK_BYTES overrides): a task takes
+#: that many bytes' worth of adjacent channels, so its first pass reads each sample's channels as one
+#: contiguous run (4 KB → 64 KB at 64×64×32×32 float32) and the later passes find them in L2/L3. Measured on
+#: this VM (64×64×32×32 float32, range, interleaved): forward 1.25-1.29 ms with one channel per task,
+#: 1.01-1.05 ms with 16 (4 MB); backward 1.99-2.05 → 1.81-2.02 ms.
+BLOCK_BYTES = int(os.environ.get("NORMMATTERS_NATIVE_BLOCK_BYTES", 0) or 4 << 20)
+
 _lib: ctypes.CDLL | None = None
 _failed = False
 _lock = threading.Lock()
@@ -122,10 +129,11 @@ def _build() -> ctypes.CDLL:
     i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for sfx in _SUFFIX.values():
         fwd = getattr(lib, f"nm_forward_{sfx}")
-        fwd.argtypes = [ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint, cint] + [ptr] * 3 + [dbl, dbl, cint, cint]
+        fwd.argtypes = ([ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint, cint] + [ptr] * 3
+                        + [dbl, dbl, cint, cint, i64, ptr])
         fwd.restype = cint
         bwd = getattr(lib, f"nm_backward_{sfx}")
-        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint, cint]
+        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint, cint, i64, ptr]
         bwd.restype = None
         fwd_rows = getattr(lib, f"nm_forward_rows_{sfx}")
         fwd_rows.argtypes = [ptr] * 8 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 5 + [dbl, dbl, cint]
@@ -203,6 +211,8 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m:
         return False
     if norm == "topk" and not (1 <= k <= TOPK_MAX and x.dim() > 2 and _channel_layout(x)):
         return False
+    if norm == "range" and _channel_layout(x) and x.numel() // x.shape[1] >= 2**31:
+        return False  # the max/min positions are int32
     params = (x.dtype, _COMPUTE[x.dtype])  # bfloat16 elements: bfloat16 or float32 parameters
     return (weight.dtype in params and bias.dtype == weight.dtype
             and x.dim() >= 2 and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) < 2**31
@@ -226,6 +236,14 @@ def _stream(x: Tensor) -> int:
     return int(x.numel() * x.element_size() >= STREAM_BYTES and _row_bytes(x) % 64 == 0)
 
 
+def _channel_block(x: Tensor, nt: int) -> int:
+    """Channels per task of the channel kernels: as many as fit :data:`BLOCK_BYTES` (at least 1, at most
+    NM_CBMAX = 64), but no more than an even share of the C channels per thread."""
+    N, C, S = _dims(x)
+    fit = BLOCK_BYTES // max(1, N * S * x.element_size())
+    return int(max(1, min(fit, 64, -(-C // max(1, nt)))))
+
+
 def _dims(x: Tensor) -> tuple[int, int, int]:
     N, C = x.shape[0], x.shape[1]
     return N, C, x.numel() // (N * C)
@@ -247,8 +265,10 @@ def update_fusable(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm: str,
             running: tuple | None = None, k: int = 10) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
-    """(y, μ (C,), raw (C,), aux, ok) — aux = (hi, lo) per channel for range, (τ,) for topk (the k-th
-    largest |d|), else ().
+    """(y, μ (C,), raw (C,), aux, ok) — aux for range: (pos,) from the channel kernels, pos (2, C) int32 the
+    per-channel position (sample·S + spatial index) of the max (row 0) and min (row 1), p if that element is
+    the only one equal to it, -(p + 1) for the first of several; (hi, lo) per channel from the rows kernels;
+    (τ,) for topk (the k-th largest |d|); else ().
 
     ``running`` = (running_mean, running_var, num_batches_tracked, momentum, n), each buffer possibly None
     and all :func:`update_fusable`: the kernel then also applies
@@ -264,8 +284,10 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     y = pool.empty_like(x)
     mean = x.new_empty(C, dtype=acc)
     raw = x.new_empty(C, dtype=acc)
-    hi = x.new_empty(C, dtype=acc) if norm in ("range", "topk") else None
-    lo = x.new_empty(C, dtype=acc) if norm == "range" else None
+    channel = _channel_layout(x)
+    pos = x.new_empty(2, C, dtype=torch.int32) if channel and norm == "range" else None
+    hi = x.new_empty(C, dtype=acc) if norm == "topk" or (norm == "range" and pos is None) else None
+    lo = x.new_empty(C, dtype=acc) if norm == "range" and pos is None else None
     weight, bias = weight.to(acc), bias.to(acc)  # no-ops unless bfloat16 parameters
     rm = rv = nbt = None
     momentum = unbias = 0.0
@@ -275,18 +297,18 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
         unbias = n / (n - 1)
     buf_bf16 = int(any(t is not None and t.dtype == torch.bfloat16 for t in (rm, rv)))
     nt = torch.get_num_threads()
-    if _channel_layout(x):
+    if channel:
         ok = getattr(lib, f"nm_forward_{_SUFFIX[x.dtype]}")(
             x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x), nt,
-            _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16, k)
+            _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16, k, _channel_block(x, nt), _ptr(pos))
     else:  # channels innermost: (N·S, C) rows
         scratch, tscratch = _scratch(x, C, 4 * nt, 1 + 3 * nt)
         ok = getattr(lib, f"nm_forward_rows_{_SUFFIX[x.dtype]}")(
             x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), N * S, C, NORM_CODES[norm], float(c), float(eps), nt, scratch.data_ptr(),
             tscratch.data_ptr(), _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16)
-    aux = (hi, lo) if norm == "range" else (hi,) if norm == "topk" else ()
+    aux = ((pos,) if pos is not None else (hi, lo)) if norm == "range" else (hi,) if norm == "topk" else ()
     return y, mean, raw, aux, bool(ok)
 
 
@@ -302,14 +324,16 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
     gx = pool.empty_like(x) if need_x else None
     gw = x.new_empty(C, dtype=acc) if need_w else None
     gb = x.new_empty(C, dtype=acc) if need_b else None
-    hi, lo = aux if norm == "range" else (aux[0], None) if norm == "topk" else (None, None)
+    pos = aux[0] if norm == "range" and len(aux) == 1 else None
+    hi, lo = (None, None) if pos is not None or norm not in ("range", "topk") else \
+        (aux[0], None) if norm == "topk" else aux
     w = weight.to(acc)  # held until the call returns
     nt = torch.get_num_threads()
     if _channel_layout(x):
         getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
             gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps),
-            _stream(x), nt, k)
+            _stream(x), nt, k, _channel_block(x, nt), _ptr(pos))
     else:  # channels innermost: (N·S, C) rows
         scratch, tscratch = _scratch(x, C, 6 * nt, 6 + 6 * nt)
         getattr(lib, f"nm_backward_rows_{_SUFFIX[x.dtype]}")(

@@ -32,6 +32,7 @@ SOURCE = r"""
 #define NM_TOPK 5 /* channel kernels only; k <= NM_KMAX */
 #define NM_KMAX 64
 #define NM_BLK 1024
+#define NM_CBMAX 64 /* most channels in one block of the channel kernels */
 
 /* non-temporal stores of a finished block: the output is not read again by this kernel, so streaming it
    skips the read-for-ownership of every written line (a third of the DRAM traffic of a pass) */
@@ -188,99 +189,142 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
                      T *restrict mean_out, T *restrict raw_out, T *restrict hi_out, T *restrict lo_out,   \
                      int64_t N, int64_t C, int64_t S, int norm, double cn, double eps, int stream,        \
                      int nthreads, T *restrict run_mean, T *restrict run_var, int64_t *restrict nbt,      \
-                     double momentum, double unbias, int buf_bf16, int topk)                              \
+                     double momentum, double unbias, int buf_bf16, int topk, int64_t cb,                  \
+                     int32_t *restrict pos_out)                                                           \
 {                                                                                                         \
     const double n = (double)N * (double)S;                                                               \
+    const int64_t nblocks = (C + cb - 1) / cb;                                                            \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                \
-    for (int64_t c = 0; c < C; ++c) {                                                                     \
+    for (int64_t blk = 0; blk < nblocks; ++blk) {                                                         \
         TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
-        double sum = 0.0;                                                                                 \
-        T hi = LD(x[c * S]), lo = LD(x[c * S]);                                                           \
-        for (int64_t i = 0; i < N; ++i) {                                                                 \
-            const TS *xr = x + (i * C + c) * S;                                                           \
+        const int64_t c0 = blk * cb, nb = C - c0 < cb ? C - c0 : cb;                                      \
+        double sum[NM_CBMAX], acc[NM_CBMAX];                                                              \
+        T hi[NM_CBMAX], lo[NM_CBMAX], mu[NM_CBMAX], mx[NM_CBMAX], scale[NM_CBMAX];                        \
+        for (int64_t q = 0; q < nb; ++q) {                                                                \
+            sum[q] = 0.0; acc[q] = 0.0; mx[q] = 0; hi[q] = lo[q] = LD(x[(c0 + q) * S]);                   \
+        }                                                                                                 \
+        /* pass 1, from DRAM: Σx (range: and max, min), the block's channels of one sample in a row */    \
+        for (int64_t i = 0; i < N; ++i) for (int64_t q = 0; q < nb; ++q) {                                \
+            const TS *xr = x + (i * C + c0 + q) * S;                                                      \
             T s = 0;                                                                                      \
             if (norm == NM_RANGE) {                                                                       \
-                T h = hi, l = lo;                                                                         \
+                T h = hi[q], l = lo[q];                                                                   \
                 _Pragma("omp simd reduction(+:s) reduction(max:h) reduction(min:l)")                      \
                 for (int64_t j = 0; j < S; ++j) { T v = LD(xr[j]); s += v; h = v > h ? v : h; l = v < l ? v : l; } \
-                hi = h; lo = l;                                                                           \
+                hi[q] = h; lo[q] = l;                                                                     \
             } else {                                                                                      \
                 _Pragma("omp simd reduction(+:s)")                                                        \
                 for (int64_t j = 0; j < S; ++j) s += LD(xr[j]);                                           \
             }                                                                                             \
-            sum += (double)s;                                                                             \
+            sum[q] += (double)s;                                                                          \
         }                                                                                                 \
-        const T mu = (T)(sum / n);                                                                        \
-        double raw = 0.0;                                                                                 \
-        if (norm == NM_RANGE) {                                                                           \
-            raw = (double)(hi - lo);                                                                      \
-            hi_out[c] = hi; lo_out[c] = lo;                                                               \
-        } else if (norm == NM_LINF) {                                                                     \
-            T m = 0;                                                                                      \
-            for (int64_t i = 0; i < N; ++i) {                                                             \
-                const TS *xr = x + (i * C + c) * S;                                                       \
-                _Pragma("omp simd reduction(max:m)")                                                      \
-                for (int64_t j = 0; j < S; ++j) { T a = ABS(LD(xr[j]) - mu); m = a > m ? a : m; }         \
-            }                                                                                             \
-            raw = (double)m;                                                                              \
-        } else if (norm == NM_TOPK) {                                                                     \
-            /* the k largest |d| in a small array; a block whose max |d| does not beat the k-th largest  \
-               so far (thr) is skipped after one vectorized pass; ties at thr change no sum */            \
-            T top[NM_KMAX];                                                                               \
-            int cnt = 0, at = 0;                                                                          \
-            T thr = 0;                                                                                    \
-            for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += 64) {                      \
-                const TS *xr = x + (i * C + c) * S + j0;                                                  \
-                const int64_t L = S - j0 < 64 ? S - j0 : 64;                                              \
-                if (cnt == topk) {                                                                        \
-                    T m = 0;                                                                              \
-                    _Pragma("omp simd reduction(max:m)")                                                  \
-                    for (int64_t j = 0; j < L; ++j) { T a = ABS(LD(xr[j]) - mu); m = a > m ? a : m; }     \
-                    if (!(m > thr)) continue;                                                             \
-                }                                                                                         \
-                for (int64_t j = 0; j < L; ++j) {                                                         \
-                    const T a = ABS(LD(xr[j]) - mu);                                                      \
-                    if (cnt < topk) { top[cnt++] = a; if (cnt < topk) continue; }                         \
-                    else if (a > thr) top[at] = a;                                                        \
-                    else continue;                                                                        \
-                    at = 0; /* (re)locate the smallest kept value: the new threshold */                   \
-                    for (int u = 1; u < topk; ++u) if (top[u] < top[at]) at = u;                          \
-                    thr = top[at];                                                                        \
-                }                                                                                         \
-            }                                                                                             \
-            double acc = 0.0;                                                                             \
-            for (int u = 0; u < topk; ++u) acc += (double)top[u];                                         \
-            raw = acc / topk;                                                                             \
-            hi_out[c] = thr; /* τ, the k-th largest |d|: backward compares against it */                  \
-        } else if (norm == NM_L1 || norm == NM_L2) {                                                      \
-            double acc = 0.0;                                                                             \
-            for (int64_t i = 0; i < N; ++i) {                                                             \
-                const TS *xr = x + (i * C + c) * S;                                                       \
+        for (int64_t q = 0; q < nb; ++q) mu[q] = (T)(sum[q] / n);                                         \
+        /* pass 2, from the cache (l2, l1, linf): the dispersion around μ */                              \
+        if (norm == NM_L1 || norm == NM_L2 || norm == NM_LINF) {                                          \
+            for (int64_t i = 0; i < N; ++i) for (int64_t q = 0; q < nb; ++q) {                            \
+                const TS *xr = x + (i * C + c0 + q) * S;                                                  \
+                const T m = mu[q];                                                                        \
                 T s = 0;                                                                                  \
                 if (norm == NM_L1) {                                                                      \
                     _Pragma("omp simd reduction(+:s)")                                                    \
-                    for (int64_t j = 0; j < S; ++j) s += ABS(LD(xr[j]) - mu);                             \
-                } else {                                                                                  \
+                    for (int64_t j = 0; j < S; ++j) s += ABS(LD(xr[j]) - m);                              \
+                    acc[q] += (double)s;                                                                  \
+                } else if (norm == NM_L2) {                                                               \
                     _Pragma("omp simd reduction(+:s)")                                                    \
-                    for (int64_t j = 0; j < S; ++j) { T d = LD(xr[j]) - mu; s += d * d; }                 \
+                    for (int64_t j = 0; j < S; ++j) { T d = LD(xr[j]) - m; s += d * d; }                  \
+                    acc[q] += (double)s;                                                                  \
+                } else {                                                                                  \
+                    T a = mx[q];                                                                          \
+                    _Pragma("omp simd reduction(max:a)")                                                  \
+                    for (int64_t j = 0; j < S; ++j) { T v = ABS(LD(xr[j]) - m); a = v > a ? v : a; }      \
+                    mx[q] = a;                                                                            \
                 }                                                                                         \
-                acc += (double)s;                                                                         \
             }                                                                                             \
-            raw = norm == NM_L1 ? acc / n : sqrt(acc / n);                                                \
         }                                                                                                 \
-        mean_out[c] = mu;                                                                                 \
-        raw_out[c] = norm == NM_MEAN ? mu : (T)raw;                                                       \
-        const T scale = nm_scale_##SFX(norm, cn, eps, w[c], (T)raw);                                      \
-        const T shift = b[c];                                                                             \
-        for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                      \
-            const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                          \
-            const TS *xr = x + (i * C + c) * S + j0;                                                      \
-            TS *yr = stream ? buf : y + (i * C + c) * S + j0;                                             \
-            _Pragma("omp simd")                                                                           \
-            for (int64_t j = 0; j < L; ++j) yr[j] = ST((LD(xr[j]) - mu) * scale + shift);                 \
-            if (stream) nm_stream_##SFX(y + (i * C + c) * S + j0, buf, L);                                \
+        for (int64_t q = 0; q < nb; ++q) {                                                                \
+            const int64_t c = c0 + q;                                                                     \
+            const T m = mu[q];                                                                            \
+            double raw = 0.0;                                                                             \
+            if (norm == NM_RANGE) {                                                                       \
+                raw = (double)(hi[q] - lo[q]);                                                            \
+                if (hi_out) hi_out[c] = hi[q];                                                            \
+                if (lo_out) lo_out[c] = lo[q];                                                            \
+            } else if (norm == NM_LINF) {                                                                 \
+                raw = (double)mx[q];                                                                      \
+            } else if (norm == NM_L1) {                                                                   \
+                raw = acc[q] / n;                                                                         \
+            } else if (norm == NM_L2) {                                                                   \
+                raw = sqrt(acc[q] / n);                                                                   \
+            } else if (norm == NM_TOPK) {                                                                 \
+                /* the k largest |d| of channel c in a small array, from the cache; a 64-element block whose max \
+                   |d| does not beat the k-th largest so far (thr) is skipped after one vectorized pass; ties at \
+                   thr change no sum */                                                                   \
+                T top[NM_KMAX];                                                                           \
+                int cnt = 0, at = 0;                                                                      \
+                T thr = 0;                                                                                \
+                for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += 64) {                  \
+                    const TS *xr = x + (i * C + c) * S + j0;                                              \
+                    const int64_t L = S - j0 < 64 ? S - j0 : 64;                                          \
+                    if (cnt == topk) {                                                                    \
+                        T a = 0;                                                                          \
+                        _Pragma("omp simd reduction(max:a)")                                              \
+                        for (int64_t j = 0; j < L; ++j) { T v = ABS(LD(xr[j]) - m); a = v > a ? v : a; }  \
+                        if (!(a > thr)) continue;                                                         \
+                    }                                                                                     \
+                    for (int64_t j = 0; j < L; ++j) {                                                     \
+                        const T a = ABS(LD(xr[j]) - m);                                                   \
+                        if (cnt < topk) { top[cnt++] = a; if (cnt < topk) continue; }                     \
+                        else if (a > thr) top[at] = a;                                                    \
+                        else continue;                                                                    \
+                        at = 0; /* (re)locate the smallest kept value: the new threshold */               \
+                        for (int u = 1; u < topk; ++u) if (top[u] < top[at]) at = u;                      \
+                        thr = top[at];                                                                    \
+                    }                                                                                     \
+                }                                                                                         \
+                double s = 0.0;                                                                           \
+                for (int u = 0; u < topk; ++u) s += (double)top[u];                                       \
+                raw = s / topk;                                                                           \
+                hi_out[c] = thr; /* τ, the k-th largest |d|: backward compares against it */              \
+            }                                                                                             \
+            mean_out[c] = m;                                                                              \
+            raw_out[c] = norm == NM_MEAN ? m : (T)raw;                                                    \
+            scale[q] = nm_scale_##SFX(norm, cn, eps, w[c], (T)raw);                                       \
+        }                                                                                                 \
+        /* output pass, from the cache; range: also where the max and min are and whether they are tied */ \
+        int64_t nhi[NM_CBMAX], nlo[NM_CBMAX], phi[NM_CBMAX], plo[NM_CBMAX];                               \
+        for (int64_t q = 0; q < nb; ++q) { nhi[q] = nlo[q] = 0; phi[q] = plo[q] = -1; }                   \
+        for (int64_t i = 0; i < N; ++i) for (int64_t q = 0; q < nb; ++q) {                                \
+            const int64_t c = c0 + q;                                                                     \
+            const T m = mu[q], sc = scale[q], shift = b[c], h = hi[q], l = lo[q];                         \
+            for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                                                  \
+                const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                      \
+                const TS *xr = x + (i * C + c) * S + j0;                                                  \
+                TS *yr = stream ? buf : y + (i * C + c) * S + j0;                                         \
+                if (norm == NM_RANGE && pos_out) {                                                        \
+                    int kh = 0, kl = 0;                                                                   \
+                    _Pragma("omp simd reduction(+:kh,kl)")                                                \
+                    for (int64_t j = 0; j < L; ++j) {                                                     \
+                        const T v = LD(xr[j]);                                                            \
+                        yr[j] = ST((v - m) * sc + shift); kh += v == h; kl += v == l;                     \
+                    }                                                                                     \
+                    if (kh && phi[q] < 0)                                                                 \
+                        for (int64_t j = 0; j < L; ++j) if (LD(xr[j]) == h) { phi[q] = i * S + j0 + j; break; } \
+                    if (kl && plo[q] < 0)                                                                 \
+                        for (int64_t j = 0; j < L; ++j) if (LD(xr[j]) == l) { plo[q] = i * S + j0 + j; break; } \
+                    nhi[q] += kh; nlo[q] += kl;                                                           \
+                } else {                                                                                  \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t j = 0; j < L; ++j) yr[j] = ST((LD(xr[j]) - m) * sc + shift);             \
+                }                                                                                         \
+                if (stream) nm_stream_##SFX(y + (i * C + c) * S + j0, buf, L);                            \
+            }                                                                                             \
         }                                                                                                 \
         if (stream) NM_SFENCE();                                                                          \
+        if (norm == NM_RANGE && pos_out) for (int64_t q = 0; q < nb; ++q) {                               \
+            /* p: the only element equal to the max (min); -(p + 1): the first of several, or -1 (none: NaN) */ \
+            pos_out[c0 + q] = nhi[q] == 1 ? (int32_t)phi[q] : (int32_t)(-(phi[q] < 0 ? 0 : phi[q]) - 1);  \
+            pos_out[C + c0 + q] = nlo[q] == 1 ? (int32_t)plo[q] : (int32_t)(-(plo[q] < 0 ? 0 : plo[q]) - 1); \
+        }                                                                                                 \
     }                                                                                                     \
     return nm_update_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum, unbias,      \
                            buf_bf16);                                                                     \
@@ -289,18 +333,44 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
 void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict gx, const T *restrict w,  \
                        const T *restrict mean, const T *restrict rawv, const T *restrict hiv,             \
                        const T *restrict lov, T *restrict gw, T *restrict gb, int64_t N, int64_t C,       \
-                       int64_t S, int norm, double cn, double eps, int stream, int nthreads, int topk)    \
+                       int64_t S, int norm, double cn, double eps, int stream, int nthreads, int topk,    \
+                       int64_t cb, const int32_t *restrict posv)                                          \
 {                                                                                                         \
     const double n = (double)N * (double)S;                                                               \
+    const int64_t nblocks = (C + cb - 1) / cb;                                                            \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                \
-    for (int64_t c = 0; c < C; ++c) {                                                                     \
+    for (int64_t blk = 0; blk < nblocks; ++blk) {                                                         \
         TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
-        const T mu = mean[c];                                                                             \
-        const T tau = norm == NM_RANGE || norm == NM_TOPK ? hiv[c] : rawv[c];                             \
-        const T lo = norm == NM_RANGE ? lov[c] : 0;                                                       \
-        double sg = 0.0, sgd = 0.0, ssign = 0.0, sgt = 0.0, seq = 0.0;                                    \
-        int64_t cgt = 0, ceq = 0;                                                                         \
-        for (int64_t i = 0; i < N; ++i) {                                                                 \
+        const int64_t c0 = blk * cb, nb = C - c0 < cb ? C - c0 : cb;                                      \
+        double sg[NM_CBMAX], sgd[NM_CBMAX], ssign[NM_CBMAX], sgt[NM_CBMAX], seq[NM_CBMAX];                \
+        int64_t cgt[NM_CBMAX], ceq[NM_CBMAX];                                                             \
+        T At[NM_CBMAX], Bt[NM_CBMAX], Kt[NM_CBMAX], Kbt[NM_CBMAX], weqt[NM_CBMAX];                        \
+        /* range with the forward's positions (posv): the max and min values read from x there; a channel whose \
+           max and min are both unique (fast[q]) needs no comparisons: its ∂L/∂x is A·g + B except at those two \
+           elements, patched after pass 2, which then does not read x */                                  \
+        T hiq[NM_CBMAX], loq[NM_CBMAX];                                                                   \
+        int64_t phi[NM_CBMAX], plo[NM_CBMAX];                                                             \
+        int fast[NM_CBMAX];                                                                               \
+        for (int64_t q = 0; q < nb; ++q) {                                                                \
+            const int64_t c = c0 + q;                                                                     \
+            sg[q] = sgd[q] = ssign[q] = sgt[q] = seq[q] = 0.0; cgt[q] = ceq[q] = 0;                       \
+            fast[q] = 0;                                                                                  \
+            hiq[q] = norm == NM_RANGE || norm == NM_TOPK ? (hiv ? hiv[c] : 0) : rawv[c];                  \
+            loq[q] = norm == NM_RANGE && lov ? lov[c] : 0;                                                \
+            if (norm == NM_RANGE && posv) {                                                               \
+                const int32_t eh = posv[c], el = posv[C + c];                                             \
+                phi[q] = eh >= 0 ? eh : -(int64_t)eh - 1;                                                 \
+                plo[q] = el >= 0 ? el : -(int64_t)el - 1;                                                 \
+                hiq[q] = LD(x[(phi[q] / S * C + c) * S + phi[q] % S]);                                    \
+                loq[q] = LD(x[(plo[q] / S * C + c) * S + plo[q] % S]);                                    \
+                fast[q] = eh >= 0 && el >= 0;                                                             \
+                if (fast[q]) cgt[q] = ceq[q] = 1;                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        /* pass 1, from DRAM: the per-channel sums of (g, x), the block's channels of one sample in a row */ \
+        for (int64_t i = 0; i < N; ++i) for (int64_t q = 0; q < nb; ++q) {                                \
+            const int64_t c = c0 + q;                                                                     \
+            const T mu = mean[c], tau = hiq[q], lo = loq[q];                                              \
             const TS *xr = x + (i * C + c) * S;                                                           \
             const TS *gr = g + (i * C + c) * S;                                                           \
             T a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;                                                     \
@@ -320,7 +390,7 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
                     k1 += a > tau; k2 += a == tau;                                                        \
                     a4 += a > tau ? sd : 0; a5 += a == tau ? sd : 0;                                      \
                 }                                                                                         \
-            } else if (norm == NM_RANGE) {                                                                \
+            } else if (norm == NM_RANGE && !fast[q]) {                                                    \
                 _Pragma("omp simd reduction(+:a1,a2,k1,k2)")                                              \
                 for (int64_t j = 0; j < S; ++j) {                                                         \
                     T v = LD(xr[j]), gj = LD(gr[j]);                                                      \
@@ -330,49 +400,64 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
                 _Pragma("omp simd reduction(+:a1,a2)")                                                    \
                 for (int64_t j = 0; j < S; ++j) { T gj = LD(gr[j]); a1 += gj; a2 += gj * (LD(xr[j]) - mu); } \
             }                                                                                             \
-            sg += (double)a1; sgd += (double)a2; ssign += (double)a3; sgt += (double)a4; seq += (double)a5; \
-            cgt += k1; ceq += k2;                                                                         \
+            sg[q] += (double)a1; sgd[q] += (double)a2; ssign[q] += (double)a3; sgt[q] += (double)a4;      \
+            seq[q] += (double)a5; cgt[q] += k1; ceq[q] += k2;                                             \
         }                                                                                                 \
-        T At, Bt, Kt, Kbt, weqt;                                                                          \
-        nm_coefs_##SFX(norm, topk, n, cn, eps, (double)w[c], (double)rawv[c], sg, sgd, ssign, sgt, seq,  \
-                       (double)cgt, (double)ceq, gw ? gw + c : NULL, gb ? gb + c : NULL,                  \
-                       &At, &Bt, &Kt, &Kbt, &weqt);                                                       \
+        for (int64_t q = 0; q < nb; ++q) {                                                                \
+            const int64_t c = c0 + q;                                                                     \
+            nm_coefs_##SFX(norm, topk, n, cn, eps, (double)w[c], (double)rawv[c], sg[q], sgd[q], ssign[q], \
+                           sgt[q], seq[q], (double)cgt[q], (double)ceq[q], gw ? gw + c : NULL,            \
+                           gb ? gb + c : NULL, At + q, Bt + q, Kt + q, Kbt + q, weqt + q);                \
+        }                                                                                                 \
         if (!gx) continue;                                                                                \
-        for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                      \
-            const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                          \
-            const TS *xr = x + (i * C + c) * S + j0;                                                      \
-            const TS *gr = g + (i * C + c) * S + j0;                                                      \
-            TS *out = stream ? buf : gx + (i * C + c) * S + j0;                                           \
-            if (norm == NM_L2) {                                                                          \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t j = 0; j < L; ++j) out[j] = ST(At * LD(gr[j]) + Bt + Kt * (LD(xr[j]) - mu)); \
-            } else if (norm == NM_L1) {                                                                   \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t j = 0; j < L; ++j) {                                                         \
-                    T d = LD(xr[j]) - mu;                                                                 \
-                    out[j] = ST(At * LD(gr[j]) + Bt + Kt * ((T)(d > 0) - (T)(d < 0)));                    \
+        /* pass 2, from the cache: ∂L/∂x */                                                               \
+        for (int64_t i = 0; i < N; ++i) for (int64_t q = 0; q < nb; ++q) {                                \
+            const int64_t c = c0 + q;                                                                     \
+            const T mu = mean[c], tau = hiq[q], lo = loq[q];                                              \
+            const T A = At[q], B = Bt[q], K = Kt[q], Kb = Kbt[q], weq = weqt[q];                          \
+            for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                                                  \
+                const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                      \
+                const TS *xr = x + (i * C + c) * S + j0;                                                  \
+                const TS *gr = g + (i * C + c) * S + j0;                                                  \
+                TS *out = stream ? buf : gx + (i * C + c) * S + j0;                                       \
+                if (norm == NM_L2) {                                                                      \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t j = 0; j < L; ++j) out[j] = ST(A * LD(gr[j]) + B + K * (LD(xr[j]) - mu)); \
+                } else if (norm == NM_L1) {                                                               \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t j = 0; j < L; ++j) {                                                     \
+                        T d = LD(xr[j]) - mu;                                                             \
+                        out[j] = ST(A * LD(gr[j]) + B + K * ((T)(d > 0) - (T)(d < 0)));                   \
+                    }                                                                                     \
+                } else if (norm == NM_LINF || norm == NM_TOPK) {                                          \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t j = 0; j < L; ++j) {                                                     \
+                        T d = LD(xr[j]) - mu, a = ABS(d);                                                 \
+                        T sd = (T)(d > 0) - (T)(d < 0);                                                   \
+                        T e = a > tau ? sd : (a == tau ? sd * weq : (T)0);                                \
+                        out[j] = ST(A * LD(gr[j]) + B + K * e);                                           \
+                    }                                                                                     \
+                } else if (norm == NM_RANGE && !fast[q]) {                                                \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t j = 0; j < L; ++j) {                                                     \
+                        T v = LD(xr[j]);                                                                  \
+                        out[j] = ST(A * LD(gr[j]) + B + (v == tau ? K : (T)0) - (v == lo ? Kb : (T)0));   \
+                    }                                                                                     \
+                } else { /* mean-only, and range with a unique max and min (patched below) */             \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t j = 0; j < L; ++j) out[j] = ST(A * LD(gr[j]) + B);                       \
                 }                                                                                         \
-            } else if (norm == NM_LINF || norm == NM_TOPK) {                                              \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t j = 0; j < L; ++j) {                                                         \
-                    T d = LD(xr[j]) - mu, a = ABS(d);                                                     \
-                    T sd = (T)(d > 0) - (T)(d < 0);                                                       \
-                    T e = a > tau ? sd : (a == tau ? sd * weqt : (T)0);                                   \
-                    out[j] = ST(At * LD(gr[j]) + Bt + Kt * e);                                            \
-                }                                                                                         \
-            } else if (norm == NM_RANGE) {                                                                \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t j = 0; j < L; ++j) {                                                         \
-                    T v = LD(xr[j]);                                                                      \
-                    out[j] = ST(At * LD(gr[j]) + Bt + (v == tau ? Kt : (T)0) - (v == lo ? Kbt : (T)0));   \
-                }                                                                                         \
-            } else {                                                                                      \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t j = 0; j < L; ++j) out[j] = ST(At * LD(gr[j]) + Bt);                         \
+                if (stream) nm_stream_##SFX(gx + (i * C + c) * S + j0, buf, L);                           \
             }                                                                                             \
-            if (stream) nm_stream_##SFX(gx + (i * C + c) * S + j0, buf, L);                               \
         }                                                                                                 \
         if (stream) NM_SFENCE();                                                                          \
+        for (int64_t q = 0; q < nb; ++q) if (fast[q]) {                                                   \
+            const int64_t c = c0 + q;                                                                     \
+            const int64_t ah = (phi[q] / S * C + c) * S + phi[q] % S;                                     \
+            const int64_t al = (plo[q] / S * C + c) * S + plo[q] % S;                                     \
+            gx[ah] = ST(At[q] * LD(g[ah]) + Bt[q] + Kt[q]);                                               \
+            gx[al] = ST(At[q] * LD(g[al]) + Bt[q] - Kbt[q]);                                              \
+        }                                                                                                 \
     }                                                                                                     \
 }
 """ + ROWS_SOURCE + r"""
