@@ -13,8 +13,11 @@ BIG = (4, 8, 64, 64)  # 512 KB float32: pooled
 @pytest.fixture(autouse=True)
 def _clean_pool(monkeypatch):
     monkeypatch.delenv(pool.ENV, raising=False)
+    before = pool.limit()
+    pool.set_limit(None)
     pool.empty_cache()
     yield
+    pool.set_limit(before)
     pool.empty_cache()
 
 
@@ -50,6 +53,7 @@ def test_small_buffers_and_limit_zero_are_not_pooled(monkeypatch):
     pool.empty_like(small)
     assert pool.pooled_bytes() == before
     monkeypatch.setenv(pool.ENV, "0")
+    assert pool.set_limit(None) == 0
     pool.empty_like(torch.randn(BIG))
     assert pool.pooled_bytes() == before
 
@@ -57,7 +61,7 @@ def test_small_buffers_and_limit_zero_are_not_pooled(monkeypatch):
 def test_limit_caps_pooled_bytes(monkeypatch):
     x = torch.randn(BIG)
     nbytes = x.numel() * x.element_size()
-    monkeypatch.setenv(pool.ENV, str(pool.pooled_bytes() + nbytes))
+    pool.set_limit(pool.pooled_bytes() + nbytes)
     held = [pool.empty_like(x) for _ in range(3)]  # all in use: only the first fits under the limit
     assert pool.pooled_bytes() <= int(pool.limit())
     assert len({t.data_ptr() for t in held}) == 3
@@ -67,7 +71,9 @@ def test_limit_caps_pooled_bytes(monkeypatch):
 def test_bad_limit_names_the_variable(monkeypatch, value):
     monkeypatch.setenv(pool.ENV, value)
     with pytest.raises(ValueError, match=pool.ENV):
-        pool.empty_like(torch.randn(BIG))
+        pool.set_limit(None)
+    with pytest.raises(ValueError, match="set_limit"):
+        pool.set_limit(-1)
 
 
 def test_empty_cache_releases_only_idle_buffers():

@@ -14,8 +14,9 @@ Rules:
 * a pooled buffer is handed out again only while the pool holds the **sole** reference to its storage — no
   tensor, view, saved tensor or storage object elsewhere refers to it (``UntypedStorage`` use count 1), so a
   buffer a user still holds is never overwritten;
-* the pool keeps at most :func:`limit` bytes (``$NORMMATTERS_POOL_BYTES``, default 1 GiB; ``0`` turns the
-  pool off); past it, buffers come from ``torch.empty_like`` as without the pool;
+* the pool keeps at most :func:`limit` bytes (``$NORMMATTERS_POOL_BYTES`` at import, default 1 GiB, or
+  :func:`set_limit`; ``0`` turns the pool off); past it, buffers come from ``torch.empty_like`` as without
+  the pool;
 * :func:`empty_cache` drops the idle buffers (memory held by the pool is not visible to the user as tensors;
   call it after training, as ``torch.cuda.empty_cache``).
 """
@@ -29,7 +30,7 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_BYTES", "ENV", "empty_like", "empty_cache", "limit", "pooled_bytes", "idle_bytes"]
+__all__ = ["MIN_BYTES", "ENV", "empty_like", "empty_cache", "limit", "set_limit", "pooled_bytes", "idle_bytes"]
 
 #: buffers smaller than this are not pooled
 MIN_BYTES = 128 << 10
@@ -45,8 +46,7 @@ _free: dict[tuple[int, torch.dtype], list[torch.UntypedStorage]] = {}
 _total = 0
 
 
-def limit() -> int:
-    """The most bytes the pool keeps: ``$NORMMATTERS_POOL_BYTES`` (read on every call), default 1 GiB."""
+def _limit_from_env() -> int:
     raw = os.environ.get(ENV, "")
     if not raw:
         return _DEFAULT_LIMIT
@@ -57,6 +57,28 @@ def limit() -> int:
     if value < 0:
         raise ValueError(f"normmatters.kernels.pool: ${ENV} must be >= 0, got {value}")
     return value
+
+
+#: the most bytes the pool keeps; read from ``$NORMMATTERS_POOL_BYTES`` at import (default 1 GiB), changed with
+#: :func:`set_limit` (reading the environment on every call cost ~10 µs, a tenth of a small layer's step)
+_limit = _limit_from_env()
+
+
+def limit() -> int:
+    """The most bytes the pool keeps (0: the pool is off)."""
+    return _limit
+
+
+def set_limit(nbytes: int | None = None) -> int:
+    """Set the most bytes the pool keeps (0 turns it off; already pooled buffers stay until
+    :func:`empty_cache`); None: read ``$NORMMATTERS_POOL_BYTES`` again. Returns the new limit."""
+    global _limit
+    if nbytes is None:
+        nbytes = _limit_from_env()
+    elif not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise ValueError(f"normmatters.kernels.pool.set_limit: expected a whole number of bytes >= 0, got {nbytes!r}")
+    _limit = nbytes
+    return _limit
 
 
 def _idle(s: torch.UntypedStorage) -> bool:
@@ -70,7 +92,7 @@ def empty_like(x: Tensor) -> Tensor:
     """An uninitialised tensor with x's shape, strides, dtype and device (x dense: contiguous or a permutation
     of it, as the native kernels require), from the pool when an idle buffer of the same size is there."""
     nbytes = x.numel() * x.element_size()
-    cap = limit()
+    cap = _limit
     if _use_count is None or nbytes < MIN_BYTES or cap == 0 or x.device.type != "cpu":
         return torch.empty_like(x)
     global _total
