@@ -103,3 +103,18 @@ def test_training_steps_never_overwrite_outputs_the_user_keeps():
     for y, gx, y_copy, gx_copy in kept:
         assert torch.equal(y, y_copy) and torch.equal(gx, gx_copy)
     assert pool.idle_bytes() > 0  # the dropped steps' buffers came back to the pool
+
+
+def test_disabled_hands_out_nothing_and_restores_the_limit():
+    """What ``normmatters bench`` measures peak memory under: a reused buffer would be no allocation event."""
+    x = torch.randn(BIG)
+    a = pool.empty_like(x)
+    ptr = a.data_ptr()
+    del a
+    before = pool.limit()
+    with pool.disabled():
+        assert pool.limit() == 0
+        fresh = pool.empty_like(x)
+        assert fresh.data_ptr() != ptr
+    assert pool.limit() == before
+    assert pool.empty_like(x).data_ptr() == ptr

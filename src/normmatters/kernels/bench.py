@@ -9,7 +9,8 @@ Per case (shape, dtype, memory format) and norm:
   naive composition (the reference path of the same norm, ``/naive``);
 * ``saved``: bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``) / nn.BatchNorm's;
 * ``peak``: peak memory of a forward+backward above the live inputs / nn.BatchNorm's (CUDA: the caching
-  allocator's peak; CPU: allocator events recorded by the profiler);
+  allocator's peak; CPU: allocator events recorded by the profiler, with the native kernels' buffer pool
+  (:mod:`.pool`) off so that every buffer is counted);
 * ``roof``: fraction of the memory roofline reached: one read and one write of the tensor in forward and
   in backward (4 × its bytes) at the copy bandwidth measured in the same run, divided by fwd+bwd time.
 
@@ -36,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from . import pool
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,9 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # the native kernels' buffer pool off: a reused buffer is no allocation event, and would read as zero
+    with pool.disabled(), _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                                          profile_memory=True) as prof:
         fn()
     # allocations made inside an op are attributed to it (net, at its start); frees outside any op are
     # separate "[memory]" events: per-op granularity, so this is an estimate of the true peak

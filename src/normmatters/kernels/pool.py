@@ -23,14 +23,17 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_BYTES", "ENV", "empty_like", "empty_cache", "limit", "set_limit", "pooled_bytes", "idle_bytes"]
+__all__ = ["MIN_BYTES", "ENV", "empty_like", "empty_cache", "limit", "set_limit", "disabled", "pooled_bytes",
+           "idle_bytes"]
 
 #: buffers smaller than this are not pooled
 MIN_BYTES = 128 << 10
@@ -79,6 +82,19 @@ def set_limit(nbytes: int | None = None) -> int:
         raise ValueError(f"normmatters.kernels.pool.set_limit: expected a whole number of bytes >= 0, got {nbytes!r}")
     _limit = nbytes
     return _limit
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block the pool hands out nothing (every buffer is a new allocation, visible to allocator
+    statistics and profilers, as ``normmatters bench``'s peak memory needs); the limit is restored after."""
+    global _limit
+    before = _limit
+    _limit = 0
+    try:
+        yield
+    finally:
+        _limit = before
 
 
 def _idle(s: torch.UntypedStorage) -> bool:
