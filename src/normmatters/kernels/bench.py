@@ -12,7 +12,8 @@ Per case (shape, dtype, memory format) and norm:
   allocator's peak; CPU: allocator events recorded by the profiler, with the native kernels' buffer pool
   (:mod:`.pool`) off so that every buffer is counted);
 * ``roof``: fraction of the memory roofline reached: one read and one write of the tensor in forward and
-  in backward (4 × its bytes) at the copy bandwidth measured in the same run, divided by fwd+bwd time.
+  in backward (4 × its bytes) at the memory copy bandwidth measured in the same run (:func:`copy_bandwidth`,
+  256 MB buffers), divided by fwd+bwd time.
 
 Each dividing norm also gets a ``<norm>+inplace`` row (``inplace=True``, In-Place ABN style) with ``saved``
 and ``peak`` only (no timings: every call would need a fresh copy of the input). Its saved tensor is the
@@ -74,8 +75,11 @@ def _median(v: Iterable[float]) -> float:
     return statistics.median(list(v))
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 16 << 20, rounds: int = 15) -> float:
-    """Bytes per second of a tensor copy (read + write counted) on ``device``, median of ``rounds``."""
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, rounds: int = 15) -> float:
+    """Bytes per second of a tensor copy (read + write counted) on ``device``, median of ``rounds``: the memory
+    (DRAM / HBM) bandwidth, so the buffers are far larger than any cache — with 16 MB buffers (32 MB in all,
+    this VM's L3) the copy partly ran from cache and read 39-64 GB/s between runs, against ~30 GB/s from
+    memory, which made the roofline fraction depend on the run."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
     times = []
