@@ -138,32 +138,43 @@ class LeanBatchNormFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None, None
 
 
+def _native_backward(ctx, gy):
+    c, eps, norm, k = ctx.meta
+    x, weight, mean, raw, aux = _saved(ctx)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx, gw, gb = native.backward(gy, x, weight, mean, raw, aux, c, eps, norm, need_x, need_w, need_b, k)
+    return gx, gw, gb, None, None, None, None, None, None
+
+
+#: the C backward builds no graph: under create_graph=True its results must refuse a second backward
+_native_backward_once = torch.autograd.function.once_differentiable(_native_backward)
+
+
 class NativeBatchNormFunction(torch.autograd.Function):
     """:class:`LeanBatchNormFunction` on the native CPU kernels (:mod:`.native`): one group, one chunk,
-    contiguous or channels-innermost input. forward(x, weight, bias, c, eps, norm, running, k) → (y, μ (1, C),
-    raw (1, C), ok):
+    contiguous or channels-innermost input. forward(x, weight, bias, c, eps, norm, running, k, stats) →
+    (y, ok):
     ``running`` as in :func:`.native.forward` (the kernel then updates those buffers in the same call) or
-    None; ``ok`` is the Python bool "statistics are finite". Saves x, w and the (C,) statistics (range: also
-    the positions of the per-channel max and min, see :func:`.native.forward`; top-k: the k-th largest
-    |d|), as many bytes as the Inductor path saves."""
+    None; ``ok`` is the Python bool "statistics are finite"; ``stats``, a list or None, receives the (1, C)
+    μ and raw statistic (plain tensors) for a caller that updates buffers itself — not outputs, because each
+    autograd output costs the common call ~10 µs on a cold cache. Saves x, w and the (C,) statistics (range:
+    also the positions of the per-channel max and min, see :func:`.native.forward`; top-k: the k-th largest
+    |d|), as many bytes as the Inductor path saves. Once differentiable (double backward raises)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, c, eps, norm, running, k=10):
+    def forward(ctx, x, weight, bias, c, eps, norm, running, k=10, stats=None):
         y, mean, raw, aux, ok = native.forward(x, weight, bias, c, eps, norm, running, k)
         _save_for_backward(ctx, x, weight, norm, mean, raw, aux)
         ctx.meta = (c, eps, norm, k)
-        mean_gc, raw_gc = mean.view(1, -1), raw.view(1, -1)
-        ctx.mark_non_differentiable(mean_gc, raw_gc)
-        return y, mean_gc, raw_gc, ok
+        if stats is not None:
+            stats.extend((mean.view(1, -1), raw.view(1, -1)))
+        return y, ok
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the C backward builds no graph: double backward raises
-    def backward(ctx, gy, _gmean, _graw, _gok):
-        c, eps, norm, k = ctx.meta
-        x, weight, mean, raw, aux = _saved(ctx)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = native.backward(gy, x, weight, mean, raw, aux, c, eps, norm, need_x, need_w, need_b, k)
-        return gx, gw, gb, None, None, None, None, None
+    def backward(ctx, gy, _gok):
+        if torch.is_grad_enabled():  # create_graph=True
+            return _native_backward_once(ctx, gy)
+        return _native_backward(ctx, gy)
 
 
 class LeanBatchNormInplaceFunction(torch.autograd.Function):
@@ -255,8 +266,8 @@ def _native_training(input: Tensor, running_mean: Tensor | None, running_var: Te
         return None
     n = training_groups(input, where, norm, k, None, None)[2]  # validates n as every path does
     c = est.constant(n, k=k) if est.divides else 1.0
-    y, _, _, ok = NativeBatchNormFunction.apply(input, weight, bias, c, eps, norm,
-                                                (running_mean, rv, num_batches_tracked, momentum, n), k)
+    y, ok = NativeBatchNormFunction.apply(input, weight, bias, c, eps, norm,
+                                          (running_mean, rv, num_batches_tracked, momentum, n), k)
     if nonfinite != "ignore":
         report_nonfinite(ok, nonfinite, where)
     return y
@@ -339,7 +350,9 @@ def lean_batch_norm(
     elif _use_native(impl, input, w, b, norm, groups, m, k):
         # not covered by _native_training (no affine parameters, or buffers of another dtype): the kernel's
         # statistics feed the separate update below
-        y, mean, raw, _ = NativeBatchNormFunction.apply(input, w, b, float(c), eps, norm, None, k)
+        stats: list[Tensor] = []
+        y, _ = NativeBatchNormFunction.apply(input, w, b, float(c), eps, norm, None, k, stats)
+        mean, raw = stats
     else:
         y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, m, impl)
     if running_mean is None and running_var is None and num_batches_tracked is None \
