@@ -187,13 +187,16 @@ def test_ineligible_cases_are_recognised():
     assert not native.eligible(x.bfloat16(), w.bfloat16(), b, "l1", 1, 1)  # weight and bias must agree
     assert not native.eligible(x.half(), w.half(), b.half(), "l1", 1, 1)
     assert not native.eligible(x, w.double(), b.double(), "l1", 1, 1)  # mixed parameter dtype
-    # "auto" prefers native for channels-innermost input and long enough rows (AUTO_MIN_ROW_BYTES, or shorter
-    # ones in a small tensor)
+    # "auto" prefers native for channels-innermost input and long enough rows (AUTO_MIN_ROW_BYTES, bfloat16:
+    # AUTO_MIN_ROW_BYTES_BF16)
     assert lean._use_native("auto", torch.randn(4, 3, 16, 16), w, b, "l1", 1, 1)  # 1 KB rows
-    assert lean._use_native("auto", torch.randn(4, 3, 7, 7), w, b, "l1", 1, 1)  # 196 B rows, small tensor
+    assert lean._use_native("auto", torch.randn(4, 3, 7, 7), w, b, "l1", 1, 1)  # 196 B rows
+    assert lean._use_native("auto", torch.randn(8192, 3, 8, 8), w, b, "l1", 1, 1)  # 256 B rows, 6 MB
+    assert lean._use_native("auto", torch.randn(4, 3, 4, 4), w, b, "l1", 1, 1)  # 64 B rows
+    assert not lean._use_native("auto", torch.randn(4, 3, 3, 3), w, b, "l1", 1, 1)  # 36 B rows
     assert not lean._use_native("auto", torch.randn(4, 3, 7, 7).bfloat16(), w, b, "l1", 1, 1)  # 98 B rows
-    assert not lean._use_native("auto", torch.randn(8192, 3, 8, 8), w, b, "l1", 1, 1)  # 256 B rows, 6 MB
-    assert lean._use_native("auto", torch.randn(8192, 3, 8, 8), w, b, "topk", 1, 1)  # top-k: native wherever eligible
+    assert lean._use_native("auto", torch.randn(4, 3, 8, 8).bfloat16(), w, b, "l1", 1, 1)  # 128 B rows
+    assert lean._use_native("auto", torch.randn(8192, 3, 3, 3), w, b, "topk", 1, 1)  # top-k: native wherever eligible
     assert lean._use_native("auto", torch.randn(16, 3), w, b, "l1", 1, 1)
     assert lean._use_native("auto", x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
     assert not lean._use_native("auto", torch.randn(16, 3, 4), w, b, "l1", 1, 1)

@@ -4,9 +4,9 @@
 reference path, which it calls for eval mode and for ``impl="reference"``) plus ``impl``:
 
 * ``"auto"`` (default): ``"native"`` where it is eligible (see :func:`.native.eligible`) and measured faster
-  (channels-innermost input, or rows long enough: :data:`.native.AUTO_MIN_ROW_BYTES`), else ``"compiled"``;
+  (channels-innermost input, or rows long enough: :func:`.native.auto_prefers`), else ``"compiled"``;
 * ``"native"``: C/OpenMP CPU kernels (:mod:`.native`; built with gcc on first use, a few seconds) for
-  float32/float64/bfloat16 input, contiguous (one channel at a time, cache-blocked) or channels-innermost
+  float32/float64/bfloat16 input, contiguous (blocks of adjacent channels, cache-blocked) or channels-innermost
   (row kernels), norms mean, l2, l1, linf, range and top-k (k ≤ 64, contiguous only), no ghost batches or
   range chunks; the running buffers are updated in the same call (:func:`_native_training`); other cases
   (and a missing compiler, after one warning) run ``"compiled"``;

@@ -4,11 +4,13 @@ The Inductor kernels of :mod:`.compiled` run every pass (mean, dispersion, outpu
 gradient) as its own parallel loop over all channels, so each pass streams the whole tensor from DRAM.
 Two native layouts:
 
-* channel kernels, for contiguous (N, C, S) input with S > 1: one channel (its N×S elements: 256 KB at
-  64×64×32×32 float32) goes through all passes while it sits in the core's L2: forward reads the input
-  from DRAM once and writes y, backward reads (g, x) once and writes ∂L/∂x. Outputs of at least
-  :data:`STREAM_BYTES` (1 MB) are written with non-temporal stores (no read-for-ownership of the written
-  lines). Channels are handed to OpenMP threads one at a time;
+* channel kernels, for contiguous (N, C, S) input with S > 1: a block of adjacent channels (about
+  :data:`BLOCK_BYTES` = 4 MB of input: 16 channels at 64×64×32×32 float32) goes through all passes while it
+  sits in the caches: forward reads the input from DRAM once (each sample's block of channels as one
+  contiguous run) and writes y, backward reads (g, x) once and writes ∂L/∂x. Range keeps the positions of
+  each channel's max and min (int32), so backward needs no comparisons and its second pass does not read x
+  where both are unique. Outputs of at least :data:`STREAM_BYTES` (1 MB) are written with non-temporal
+  stores (no read-for-ownership of the written lines). Blocks are handed to OpenMP threads one at a time;
 * rows kernels, for channels-innermost input (:func:`channels_innermost`: channels_last, channels_last_3d,
   (N, C)): each pass walks the (N·S, C) rows in memory order, vectorized across channels, one row range
   per thread, per-thread partial sums combined between passes.
@@ -169,13 +171,13 @@ def available() -> bool:
 
 
 #: "auto" takes the channel kernels for contiguous input whose (sample, channel) rows have at least
-#: AUTO_MIN_ROW_BYTES, or at least AUTO_SHORT_ROW_BYTES in a tensor of at most AUTO_SHORT_ROW_TENSOR_BYTES; else
-#: the Inductor kernels. Measured fwd+bwd, native / compiled, interleaved: 64×64×32×32 fp32 (4 KB rows) ~0.4;
-#: 128×128×16×16 bf16 (512 B) 0.81; 64×128×12×12 fp32 (576 B) 0.64; 128×64×8×8 fp32 (256 B, 2 MB) 0.66; but
-#: 256×256×8×8 fp32 (256 B, 16 MB) 1.24 and 32×512×7×7 bf16 (98 B) 1.4-2.1: short rows spread over DRAM pages.
-AUTO_MIN_ROW_BYTES = 512
-AUTO_SHORT_ROW_BYTES = 192
-AUTO_SHORT_ROW_TENSOR_BYTES = 4 << 20
+#: AUTO_MIN_ROW_BYTES (bfloat16: AUTO_MIN_ROW_BYTES_BF16); else the Inductor kernels. Measured fwd+bwd / BN,
+#: interleaved, native vs compiled (l1; range alike), since the channel kernels take blocks of channels:
+#: fp32 256×256×8×8 (256 B rows, 16 MB) 0.48 vs 0.77; 32×512×7×7 (196 B) 0.80 vs 1.11; 64×256×4×4 (64 B)
+#: 1.13 vs 1.42; but 256×64×3×3 (36 B) 2.36 vs 1.64. bf16 256×256×8×8 (128 B) 0.81 vs 1.31, 32×256×14×14
+#: 1.35 vs 1.79; but 32×512×7×7 (98 B) 2.19 vs 1.15 and 64×256×4×4 (32 B) 5.8 vs 2.7.
+AUTO_MIN_ROW_BYTES = 64
+AUTO_MIN_ROW_BYTES_BF16 = 128
 
 
 def channels_innermost(x: Tensor) -> bool:
@@ -196,13 +198,11 @@ def _channel_layout(x: Tensor) -> bool:
 
 def auto_prefers(x: Tensor, norm: str | None = None) -> bool:
     """Whether "auto" should take the native kernels for an eligible ``x``: the rows kernels for
-    channels-innermost layouts; the channel kernels by row length and size (:data:`AUTO_MIN_ROW_BYTES`), and
-    always for top-k (the Inductor top-k is 3-5x slower than the native one at every benchmark shape)."""
+    channels-innermost layouts; the channel kernels by row length (:data:`AUTO_MIN_ROW_BYTES`), and always
+    for top-k (the Inductor top-k is 3-5x slower than the native one at every benchmark shape)."""
     if channels_innermost(x) or norm == "topk":
         return True
-    row = _row_bytes(x)
-    return row >= AUTO_MIN_ROW_BYTES or (row >= AUTO_SHORT_ROW_BYTES
-                                         and x.numel() * x.element_size() <= AUTO_SHORT_ROW_TENSOR_BYTES)
+    return _row_bytes(x) >= (AUTO_MIN_ROW_BYTES_BF16 if x.dtype == torch.bfloat16 else AUTO_MIN_ROW_BYTES)
 
 
 def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:

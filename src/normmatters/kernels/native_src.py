@@ -2,8 +2,9 @@
 
 The per-element arithmetic here is the one :mod:`.formulas` composes from the estimator pieces in
 :mod:`normmatters.estimators` (``lean_raw``, ``lean_sums``, ``lean_dstat``, ``_extreme_pieces``) — read those
-for the math; this file only reorders it for the cache: one channel (its N×S elements) at a time through
-every pass, so only the first pass of each direction streams from DRAM. The constant c(n) is an argument
+for the math; this file only reorders it for the cache: a block of ``cb`` adjacent channels (chosen by
+``native._channel_block``) at a time through every pass, the first pass reading each sample's block as one
+contiguous run, so only that pass of each direction streams from DRAM. The constant c(n) is an argument
 (``cn``), taken from the estimator registry; no statistic's constant is written here. The rows kernels for
 channels-innermost input live in :mod:`.native_rows_src` and share this file's helpers.
 
@@ -11,8 +12,9 @@ Layout: x is (N, C, S) contiguous; per-channel vectors are (C,). Norm codes: 0 m
 3 linf, 4 range (one chunk). Row sums accumulate in the element type (vectorized, ``omp simd reduction``)
 and are added into double per row of S elements; counts are int32 per row (vectorized alongside the float
 sums; rows have fewer than 2**31 elements, see ``native.eligible``) added into int64 per channel.
-Channels are handed to the threads one at a time (dynamic schedule), so a thread that the OS preempts does not hold up
-the call by a whole static share.
+Blocks are handed to the threads one at a time (dynamic schedule), so a thread that the OS preempts does not
+hold up the call by a whole static share. Range: the forward also writes pos (2, C) int32, the position
+(sample·S + spatial index) of each channel's max and min, negative (-(first + 1)) when tied.
 """
 
 from .native_rows_src import ROWS_SOURCE
