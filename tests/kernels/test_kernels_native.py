@@ -124,6 +124,9 @@ def test_native_matches_reference_streamed_output(norm, monkeypatch):
     monkeypatch.setattr(native, "STREAM_BYTES", 0)  # non-temporal stores, with unaligned rows (S = 37)
     _compare(torch.randn(5, 3, 37, dtype=torch.float32), norm)
     _compare(torch.randn(5, 3, 37, dtype=torch.float64), norm)
+    if norm != "topk":  # the rows kernels: odd C, and C over one 1024-element output block
+        _compare(torch.randn(6, 7, 3, 5, dtype=torch.float32).to(memory_format=torch.channels_last), norm)
+        _compare(torch.randn(9, 1100, dtype=torch.float32), norm)
 
 
 @pytest.mark.parametrize("norm", ["linf", "range", "topk"])

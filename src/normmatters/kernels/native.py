@@ -138,10 +138,10 @@ def _build() -> ctypes.CDLL:
         bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint, cint, i64, ptr]
         bwd.restype = None
         fwd_rows = getattr(lib, f"nm_forward_rows_{sfx}")
-        fwd_rows.argtypes = [ptr] * 8 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 5 + [dbl, dbl, cint]
+        fwd_rows.argtypes = [ptr] * 8 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 5 + [dbl, dbl, cint, cint]
         fwd_rows.restype = cint
         bwd_rows = getattr(lib, f"nm_backward_rows_{sfx}")
-        bwd_rows.argtypes = [ptr] * 10 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 2
+        bwd_rows.argtypes = [ptr] * 10 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 2 + [cint]
         bwd_rows.restype = None
     first_call = (time.perf_counter() - t0, how)
     log.debug("normmatters.kernels.native: %s library loaded in %.2f s", how, first_call[0])
@@ -236,6 +236,12 @@ def _stream(x: Tensor) -> int:
     return int(x.numel() * x.element_size() >= STREAM_BYTES and _row_bytes(x) % 64 == 0)
 
 
+def _stream_rows(x: Tensor) -> int:
+    """Non-temporal stores in the rows kernels for outputs of :data:`STREAM_BYTES` or more: each thread writes
+    one contiguous range, so lines are whole except at its two ends."""
+    return int(x.numel() * x.element_size() >= STREAM_BYTES)
+
+
 def _channel_block(x: Tensor, nt: int) -> int:
     """Channels per task of the channel kernels: as many as fit :data:`BLOCK_BYTES` (at least 1, at most
     NM_CBMAX = 64), but no more than an even share of the C channels per thread."""
@@ -307,7 +313,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
         ok = getattr(lib, f"nm_forward_rows_{_SUFFIX[x.dtype]}")(
             x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), N * S, C, NORM_CODES[norm], float(c), float(eps), nt, scratch.data_ptr(),
-            tscratch.data_ptr(), _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16)
+            tscratch.data_ptr(), _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16, _stream_rows(x))
     aux = ((pos,) if pos is not None else (hi, lo)) if norm == "range" else (hi,) if norm == "topk" else ()
     return y, mean, raw, aux, bool(ok)
 
@@ -339,7 +345,7 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
         getattr(lib, f"nm_backward_rows_{_SUFFIX[x.dtype]}")(
             gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N * S, C, NORM_CODES[norm], float(c), float(eps), nt,
-            scratch.data_ptr(), tscratch.data_ptr())
+            scratch.data_ptr(), tscratch.data_ptr(), _stream_rows(x))
     if gw is not None:
         gw = gw.to(weight.dtype)
     if gb is not None:

@@ -6,9 +6,11 @@
 ROWS_SOURCE = r"""
 /* Channels-innermost layout (channels_last 4-d/5-d, or (N, C)): x is (R, C) contiguous, R = N·spatial rows.
    Every pass walks the rows in memory order, one contiguous range per thread, vectorized across the C
-   channels of a row; per-thread partials (summed in T over blocks of NM_ROWBLK rows, then in double) go to
-   ``scratch`` and are combined per channel between passes. Forward: Σx (range: max, min) → μ; l1/l2/linf:
-   Σ|d|, Σd², max|d| → raw; then y. Backward: the channel sums → nm_coefs → ∂L/∂x. Stores are cached.
+   channels of a row; outputs of native.STREAM_BYTES or more are written with non-temporal stores, row by
+   row (consecutive rows are adjacent, so the write-combining buffers see whole lines). Per-thread partials
+   (summed in T over blocks of NM_ROWBLK rows, then in double) go to ``scratch`` and are combined per
+   channel between passes. Forward: Σx (range: max, min) → μ; l1/l2/linf:
+   Σ|d|, Σd², max|d| → raw; then y. Backward: the channel sums → nm_coefs → ∂L/∂x.
    Scratch sizes (set by native.py): forward 4·nt·C doubles and (1 + 3·nt)·C T; backward 6·nt·C doubles and
    (6 + 6·nt)·C T, nt = nthreads. */
 #define NM_ROWBLK 64
@@ -22,7 +24,7 @@ int nm_forward_rows_##SFX(const TS *restrict x, TS *restrict y, const T *restric
                           T *restrict lo_out, int64_t R, int64_t C, int norm, double cn, double eps,      \
                           int nthreads, double *restrict scratch, T *restrict tscratch,                   \
                           T *restrict run_mean, T *restrict run_var, int64_t *restrict nbt,               \
-                          double momentum, double unbias, int buf_bf16)                                   \
+                          double momentum, double unbias, int buf_bf16, int stream)                       \
 {                                                                                                         \
     const double n = (double)R;                                                                           \
     T *restrict scale = tscratch;                                                                         \
@@ -73,7 +75,7 @@ int nm_forward_rows_##SFX(const TS *restrict x, TS *restrict y, const T *restric
                     const TS *xr = x + r * C;                                                             \
                     if (norm == NM_L1) {                                                                  \
                         _Pragma("omp simd")                                                               \
-                        for (int64_t c = 0; c < C; ++c) blk[c] += ABS(LD(xr[c]) - mean_out[c]);          \
+                        for (int64_t c = 0; c < C; ++c) blk[c] += ABS(LD(xr[c]) - mean_out[c]);           \
                     } else if (norm == NM_L2) {                                                           \
                         _Pragma("omp simd")                                                               \
                         for (int64_t c = 0; c < C; ++c) {                                                 \
@@ -102,13 +104,18 @@ int nm_forward_rows_##SFX(const TS *restrict x, TS *restrict y, const T *restric
             }                                                                                             \
         }                                                                                                 \
         _Pragma("omp for schedule(static)")                                                               \
-        for (int64_t c = 0; c < C; ++c) scale[c] = nm_scale_##SFX(norm, cn, eps, w[c], raw_out[c]);      \
-        for (int64_t r = r0; r < r1; ++r) {                                                               \
-            const TS *xr = x + r * C;                                                                     \
-            TS *yr = y + r * C;                                                                           \
+        for (int64_t c = 0; c < C; ++c) scale[c] = nm_scale_##SFX(norm, cn, eps, w[c], raw_out[c]);       \
+        TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
+        for (int64_t r = r0; r < r1; ++r) for (int64_t c0 = 0; c0 < C; c0 += NM_BLK) {                    \
+            const int64_t L = C - c0 < NM_BLK ? C - c0 : NM_BLK;                                          \
+            const TS *xr = x + r * C + c0;                                                                \
+            const T *mr = mean_out + c0, *sr = scale + c0, *br = b + c0;                                  \
+            TS *yr = stream ? buf : y + r * C + c0;                                                       \
             _Pragma("omp simd")                                                                           \
-            for (int64_t c = 0; c < C; ++c) yr[c] = ST((LD(xr[c]) - mean_out[c]) * scale[c] + b[c]);      \
+            for (int64_t c = 0; c < L; ++c) yr[c] = ST((LD(xr[c]) - mr[c]) * sr[c] + br[c]);              \
+            if (stream) nm_stream_##SFX(y + r * C + c0, buf, L);                                          \
         }                                                                                                 \
+        if (stream) NM_SFENCE();                                                                          \
     }                                                                                                     \
     return nm_update_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum, unbias,      \
                            buf_bf16);                                                                     \
@@ -118,11 +125,11 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
                             const T *restrict w, const T *restrict mean, const T *restrict rawv,          \
                             const T *restrict hiv, const T *restrict lov, T *restrict gw, T *restrict gb, \
                             int64_t R, int64_t C, int norm, double cn, double eps, int nthreads,          \
-                            double *restrict scratch, T *restrict tscratch)                               \
+                            double *restrict scratch, T *restrict tscratch, int stream)                   \
 {                                                                                                         \
     const double n = (double)R;                                                                           \
     /* shared per channel: the coefficients of nm_coefs and τ (linf: max|d|; range: max x) */             \
-    T *restrict At = tscratch, *restrict Bt = At + C, *restrict Kt = Bt + C, *restrict Kbt = Kt + C,     \
+    T *restrict At = tscratch, *restrict Bt = At + C, *restrict Kt = Bt + C, *restrict Kbt = Kt + C,      \
       *restrict Wq = Kbt + C, *restrict tau = Wq + C;                                                     \
     for (int64_t c = 0; c < C; ++c) tau[c] = norm == NM_RANGE ? hiv[c] : rawv[c];                         \
     _Pragma("omp parallel num_threads(nthreads)")                                                         \
@@ -175,46 +182,52 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
         for (int64_t c = 0; c < C; ++c) {                                                                 \
             double q[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                                 \
             for (int u = 0; u < nt_; ++u)                                                                 \
-                for (int k = 0; k < 6; ++k) q[k] += scratch[(int64_t)u * 6 * C + k * C + c];             \
+                for (int k = 0; k < 6; ++k) q[k] += scratch[(int64_t)u * 6 * C + k * C + c];              \
             const int linf = norm == NM_LINF, rng = norm == NM_RANGE;                                     \
             nm_coefs_##SFX(norm, 1, n, cn, eps, (double)w[c], (double)rawv[c], q[0], q[1],                \
                            norm == NM_L1 ? q[2] : 0.0, linf ? q[2] : 0.0, linf ? q[3] : 0.0,              \
                            linf ? q[4] : rng ? q[2] : 0.0, linf ? q[5] : rng ? q[3] : 0.0,                \
                            gw ? gw + c : NULL, gb ? gb + c : NULL, At + c, Bt + c, Kt + c, Kbt + c, Wq + c); \
         }                                                                                                 \
-        if (gx) for (int64_t r = r0; r < r1; ++r) {                                                       \
-            const TS *xr = x + r * C, *gr = g + r * C;                                                    \
-            TS *out = gx + r * C;                                                                         \
+        TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
+        if (gx) for (int64_t r = r0; r < r1; ++r) for (int64_t c0 = 0; c0 < C; c0 += NM_BLK) {            \
+            const int64_t L = C - c0 < NM_BLK ? C - c0 : NM_BLK;                                          \
+            const TS *xr = x + r * C + c0, *gr = g + r * C + c0;                                          \
+            const T *A = At + c0, *B = Bt + c0, *K = Kt + c0, *Kb = Kbt + c0, *W = Wq + c0, *tu = tau + c0; \
+            const T *mu = mean + c0, *lo = lov ? lov + c0 : NULL;                                         \
+            TS *out = stream ? buf : gx + r * C + c0;                                                     \
             if (norm == NM_L2) {                                                                          \
                 _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c)                                                           \
-                    out[c] = ST(At[c] * LD(gr[c]) + Bt[c] + Kt[c] * (LD(xr[c]) - mean[c]));               \
+                for (int64_t c = 0; c < L; ++c)                                                           \
+                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * (LD(xr[c]) - mu[c]));                    \
             } else if (norm == NM_L1) {                                                                   \
                 _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c) {                                                         \
-                    const T d = LD(xr[c]) - mean[c];                                                      \
-                    out[c] = ST(At[c] * LD(gr[c]) + Bt[c] + Kt[c] * ((T)(d > 0) - (T)(d < 0)));           \
+                for (int64_t c = 0; c < L; ++c) {                                                         \
+                    const T d = LD(xr[c]) - mu[c];                                                        \
+                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * ((T)(d > 0) - (T)(d < 0)));              \
                 }                                                                                         \
             } else if (norm == NM_LINF) {                                                                 \
                 _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c) {                                                         \
-                    const T d = LD(xr[c]) - mean[c], a = ABS(d);                                          \
+                for (int64_t c = 0; c < L; ++c) {                                                         \
+                    const T d = LD(xr[c]) - mu[c], a = ABS(d);                                            \
                     const T sd = (T)(d > 0) - (T)(d < 0);                                                 \
-                    const T e = a > tau[c] ? sd : (a == tau[c] ? sd * Wq[c] : (T)0);                      \
-                    out[c] = ST(At[c] * LD(gr[c]) + Bt[c] + Kt[c] * e);                                   \
+                    const T e = a > tu[c] ? sd : (a == tu[c] ? sd * W[c] : (T)0);                         \
+                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * e);                                      \
                 }                                                                                         \
             } else if (norm == NM_RANGE) {                                                                \
                 _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c) {                                                         \
+                for (int64_t c = 0; c < L; ++c) {                                                         \
                     const T v = LD(xr[c]);                                                                \
-                    out[c] = ST(At[c] * LD(gr[c]) + Bt[c] + (v == tau[c] ? Kt[c] : (T)0)                  \
-                                - (v == lov[c] ? Kbt[c] : (T)0));                                         \
+                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + (v == tu[c] ? K[c] : (T)0)                      \
+                                - (v == lo[c] ? Kb[c] : (T)0));                                           \
                 }                                                                                         \
             } else {                                                                                      \
                 _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < C; ++c) out[c] = ST(At[c] * LD(gr[c]) + Bt[c]);                   \
+                for (int64_t c = 0; c < L; ++c) out[c] = ST(A[c] * LD(gr[c]) + B[c]);                     \
             }                                                                                             \
+            if (stream) nm_stream_##SFX(gx + r * C + c0, buf, L);                                         \
         }                                                                                                 \
+        if (gx && stream) NM_SFENCE();                                                                    \
     }                                                                                                     \
 }
 """
