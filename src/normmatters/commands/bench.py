@@ -24,8 +24,10 @@ def run(args: argparse.Namespace) -> int:
 
     res = run_benchmark(quick=args.quick, device=args.device, norms=args.norms or NORMS, rounds=args.rounds,
                         resnet=not args.no_resnet)
-    print(f"device {res['device']}, torch {res['torch']}, {res['threads']} threads, copy bandwidth "
-          f"{res['copy_bandwidth_GBps']:.1f} GB/s; ratios are medians of per-round ratios "
+    readings = "/".join(f"{b:.1f}" for b in res["copy_bandwidth_samples_GBps"])
+    print(f"device {res['device']}, torch {res['torch']}, {res['threads']} threads, memory copy bandwidth "
+          f"{res['copy_bandwidth_GBps']:.1f} GB/s (readings before/after: {readings}); ratios are medians of "
+          "per-round ratios "
           "(bn: nn.BatchNorm eager, bnc: nn.BatchNorm under torch.compile, naive: reference path)")
     print(res["table"])
     if res["resnet20_step_ratio"]:
