@@ -11,8 +11,6 @@ from normmatters.kernels import compiled, lean, native
 from normmatters.kernels.lean import lean_batch_norm
 
 NORMS = ("mean", "l2", "l1", "linf", "range", "topk")
-#: the rows kernels (channels-innermost input) have no top-k
-ROW_NORMS = NORMS[:-1]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
@@ -55,13 +53,11 @@ def _compare(x0, norm, impl="native", expect="NativeBatchNormFunctionBackward", 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", [(8, 3, 5, 6), (16, 4), (6, 3, 7), (4, 3, 150)])
 def test_native_matches_reference(norm, dtype, shape):
-    rows_topk = norm == "topk" and len(shape) == 2  # (N, C) is the rows layout: no native top-k
-    _compare(torch.randn(shape, dtype=dtype) * 2 + 1, norm,
-             expect="LeanBatchNormFunctionBackward" if rows_topk else "NativeBatchNormFunctionBackward")
+    _compare(torch.randn(shape, dtype=dtype) * 2 + 1, norm)  # (16, 4) is the rows layout
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("norm", ROW_NORMS)
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "rows", "spatial_1", "many_rows"])
 def test_native_rows_kernels_match_reference(norm, dtype, layout):
     """Channels-innermost inputs go to the rows kernels: channels_last 4-d / 5-d, (N, C), (N, C, 1), and more
@@ -74,7 +70,8 @@ def test_native_rows_kernels_match_reference(norm, dtype, layout):
         x = x.to(memory_format=torch.channels_last_3d)
     assert native.channels_innermost(x) and native.eligible(x, torch.ones(x.shape[1], dtype=dtype),
                                                             torch.zeros(x.shape[1], dtype=dtype), norm, 1, 1)
-    _compare(x, norm)
+    # top-k: per-thread candidates merged per channel; k = 7 fits the 9 samples of spatial_1
+    _compare(x, norm, **({"k": 7} if norm == "topk" else {}))
 
 
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
@@ -96,8 +93,7 @@ def test_native_bfloat16_matches_reference(norm, shape, param_dtype, monkeypatch
         monkeypatch.setattr(native, "STREAM_BYTES", stream)
         _, got, fn = _run(x0, norm, "native", w0, b0, g)
         _, ref, _ = _run(x0, norm, "reference", w0, b0, g)
-        assert fn == ("LeanBatchNormFunctionBackward" if cl and norm == "topk"
-                      else "NativeBatchNormFunctionBackward")
+        assert fn == "NativeBatchNormFunctionBackward"
         for name, a, r in zip(("y", "grad x", "grad w", "grad b", "running_mean", "running_var"), got, ref):
             if r is not None:
                 assert a.dtype == r.dtype, name
@@ -124,9 +120,9 @@ def test_native_matches_reference_streamed_output(norm, monkeypatch):
     monkeypatch.setattr(native, "STREAM_BYTES", 0)  # non-temporal stores, with unaligned rows (S = 37)
     _compare(torch.randn(5, 3, 37, dtype=torch.float32), norm)
     _compare(torch.randn(5, 3, 37, dtype=torch.float64), norm)
-    if norm != "topk":  # the rows kernels: odd C, and C over one 1024-element output block
-        _compare(torch.randn(6, 7, 3, 5, dtype=torch.float32).to(memory_format=torch.channels_last), norm)
-        _compare(torch.randn(9, 1100, dtype=torch.float32), norm)
+    # the rows kernels: odd C, and C over one 1024-element output block
+    _compare(torch.randn(6, 7, 3, 5, dtype=torch.float32).to(memory_format=torch.channels_last), norm)
+    _compare(torch.randn(12, 1100, dtype=torch.float32), norm)
 
 
 @pytest.mark.parametrize("norm", ["linf", "range", "topk"])
@@ -146,12 +142,11 @@ def test_ties_share_the_gradient_like_the_reference(norm):
     kw = {"k": 4, "against": "eager"} if norm == "topk" else {}
     _compare(x, norm, **kw)
     _compare(x.float(), norm, **kw)
-    if norm != "topk":
-        _compare(x.to(memory_format=torch.channels_last), norm)  # the rows kernels
+    _compare(x.to(memory_format=torch.channels_last), norm, **kw)  # the rows kernels
 
 
 @pytest.mark.parametrize(("norm", "layout"), [(n, "contiguous") for n in NORMS]
-                         + [(n, "channels_last") for n in ROW_NORMS])
+                         + [(n, "channels_last") for n in NORMS])
 def test_gradcheck_native(norm, layout):
     torch.manual_seed(1)
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
@@ -184,7 +179,7 @@ def test_ineligible_cases_are_recognised():
     assert not native.eligible(x, w, b, "range", 1, 2)  # range chunks
     assert native.eligible(x, w, b, "topk", 1, 1)
     assert not native.eligible(x, w, b, "topk", 1, 1, k=native.TOPK_MAX + 1)
-    assert not native.eligible(x.to(memory_format=torch.channels_last), w, b, "topk", 1, 1)
+    assert native.eligible(x.to(memory_format=torch.channels_last), w, b, "topk", 1, 1)  # the rows kernels
     assert native.eligible(x.bfloat16(), w.bfloat16(), b.bfloat16(), "l1", 1, 1)
     assert native.eligible(x.bfloat16(), w, b, "l1", 1, 1)  # float32 parameters with bfloat16 elements
     assert not native.eligible(x.bfloat16(), w.bfloat16(), b, "l1", 1, 1)  # weight and bias must agree
@@ -309,6 +304,20 @@ def test_fused_update_is_masked_and_reported_like_the_reference(norm):
         nm.lp_batch_norm(x, *ref[:2], training=True, norm=norm, num_batches_tracked=ref[2], momentum=mom)
     for a, r in zip((rm, rv, nbt), ref):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("norm", NORMS)
+def test_rows_kernels_report_nonfinite_batches(norm, value):
+    """A NaN or inf in channels_last input (the rows kernels; top-k keeps NaN candidates as the channel
+    kernels do) raises and leaves the buffers untouched."""
+    C = 3
+    bad = torch.randn(6, C, 4, 4).to(memory_format=torch.channels_last)
+    bad[1, 2, 0, 0] = value
+    rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(2)
+    with pytest.raises(nm.NonFiniteBatchError):
+        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native")
+    assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C)) and nbt.item() == 2
 
 
 

@@ -13,7 +13,7 @@ Two native layouts:
   stores (no read-for-ownership of the written lines). Blocks are handed to OpenMP threads one at a time;
 * rows kernels, for channels-innermost input (:func:`channels_innermost`: channels_last, channels_last_3d,
   (N, C)): each pass walks the (N·S, C) rows in memory order, vectorized across channels, one row range
-  per thread, per-thread partial sums combined between passes.
+  per thread, per-thread partial sums (top-k: per-thread candidates) combined between passes.
 
 Both use ``torch.get_num_threads()`` OpenMP threads (the library links the libgomp that torch has already
 loaded), compute bfloat16 in float32, update the running buffers inside the forward call
@@ -29,7 +29,7 @@ or fails, :func:`available` is False after one warning and callers keep the Indu
 Scope (:func:`eligible`): CPU, float32/float64 with parameters of the same dtype, or bfloat16 with bfloat16
 or float32 parameters (computed in float32, statistics kept in float32, as nn.BatchNorm), contiguous or
 channels-innermost (N, C, *), one group (no ghost batches), one range chunk, norms mean, l2, l1, linf, range
-and top-k (k ≤ :data:`TOPK_MAX`, channel kernels only); not under torch.compile.
+and top-k (k ≤ :data:`TOPK_MAX`); not under torch.compile.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ __all__ = ["NORM_CODES", "available", "channels_innermost", "eligible", "update_
 
 #: norm name → code in the C source
 NORM_CODES = {"mean": 0, "l2": 1, "l1": 2, "linf": 3, "range": 4, "topk": 5}
-#: largest k of norm="topk" (channel kernels only: contiguous input with spatial size > 1)
+#: largest k of norm="topk"
 TOPK_MAX = 64
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 #: the dtype the kernel computes in and keeps per-channel vectors (weight, bias, statistics, buffers) in:
@@ -138,10 +138,11 @@ def _build() -> ctypes.CDLL:
         bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint, cint, i64, ptr]
         bwd.restype = None
         fwd_rows = getattr(lib, f"nm_forward_rows_{sfx}")
-        fwd_rows.argtypes = [ptr] * 8 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 5 + [dbl, dbl, cint, cint]
+        fwd_rows.argtypes = ([ptr] * 8 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 5
+                             + [dbl, dbl, cint, cint, cint, ptr, ptr])
         fwd_rows.restype = cint
         bwd_rows = getattr(lib, f"nm_backward_rows_{sfx}")
-        bwd_rows.argtypes = [ptr] * 10 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 2 + [cint]
+        bwd_rows.argtypes = [ptr] * 10 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 2 + [cint, cint]
         bwd_rows.restype = None
     first_call = (time.perf_counter() - t0, how)
     log.debug("normmatters.kernels.native: %s library loaded in %.2f s", how, first_call[0])
@@ -209,7 +210,7 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m:
     """Whether the native kernels cover this call (see the module docstring); does not build anything."""
     if not (norm in NORM_CODES and groups == 1 and m == 1 and x.device.type == "cpu" and x.dtype in _SUFFIX):
         return False
-    if norm == "topk" and not (1 <= k <= TOPK_MAX and x.dim() > 2 and _channel_layout(x)):
+    if norm == "topk" and not 1 <= k <= TOPK_MAX:
         return False
     if norm == "range" and _channel_layout(x) and x.numel() // x.shape[1] >= 2**31:
         return False  # the max/min positions are int32
@@ -310,10 +311,15 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
             _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16, k, _channel_block(x, nt), _ptr(pos))
     else:  # channels innermost: (N·S, C) rows
         scratch, tscratch = _scratch(x, C, 4 * nt, 1 + 3 * nt)
+        tops = topi = None
+        if norm == "topk":  # per thread and channel: k values and a threshold; a count and a position
+            tops = torch.empty(nt * C * (k + 1), dtype=acc)
+            topi = torch.empty(nt * 2 * C, dtype=torch.int32)
         ok = getattr(lib, f"nm_forward_rows_{_SUFFIX[x.dtype]}")(
             x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), N * S, C, NORM_CODES[norm], float(c), float(eps), nt, scratch.data_ptr(),
-            tscratch.data_ptr(), _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16, _stream_rows(x))
+            tscratch.data_ptr(), _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16, _stream_rows(x), k,
+            _ptr(tops), _ptr(topi))
     aux = ((pos,) if pos is not None else (hi, lo)) if norm == "range" else (hi,) if norm == "topk" else ()
     return y, mean, raw, aux, bool(ok)
 
@@ -345,7 +351,7 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
         getattr(lib, f"nm_backward_rows_{_SUFFIX[x.dtype]}")(
             gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
             _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N * S, C, NORM_CODES[norm], float(c), float(eps), nt,
-            scratch.data_ptr(), tscratch.data_ptr(), _stream_rows(x))
+            scratch.data_ptr(), tscratch.data_ptr(), _stream_rows(x), k)
     if gw is not None:
         gw = gw.to(weight.dtype)
     if gb is not None:

@@ -10,7 +10,7 @@ ROWS_SOURCE = r"""
    row (consecutive rows are adjacent, so the write-combining buffers see whole lines). Per-thread partials
    (summed in T over blocks of NM_ROWBLK rows, then in double) go to ``scratch`` and are combined per
    channel between passes. Forward: Σx (range: max, min) → μ; l1/l2/linf:
-   Σ|d|, Σd², max|d| → raw; then y. Backward: the channel sums → nm_coefs → ∂L/∂x.
+   Σ|d|, Σd², max|d|, the top-k |d| → raw; then y. Backward: the channel sums → nm_coefs → ∂L/∂x.
    Scratch sizes (set by native.py): forward 4·nt·C doubles and (1 + 3·nt)·C T; backward 6·nt·C doubles and
    (6 + 6·nt)·C T, nt = nthreads. */
 #define NM_ROWBLK 64
@@ -24,7 +24,8 @@ int nm_forward_rows_##SFX(const TS *restrict x, TS *restrict y, const T *restric
                           T *restrict lo_out, int64_t R, int64_t C, int norm, double cn, double eps,      \
                           int nthreads, double *restrict scratch, T *restrict tscratch,                   \
                           T *restrict run_mean, T *restrict run_var, int64_t *restrict nbt,               \
-                          double momentum, double unbias, int buf_bf16, int stream)                       \
+                          double momentum, double unbias, int buf_bf16, int stream, int topk,             \
+                          T *restrict tops, int32_t *restrict topi)                                       \
 {                                                                                                         \
     const double n = (double)R;                                                                           \
     T *restrict scale = tscratch;                                                                         \
@@ -103,6 +104,56 @@ int nm_forward_rows_##SFX(const TS *restrict x, TS *restrict y, const T *restric
                 raw_out[c] = (T)(norm == NM_L1 ? acc / n : norm == NM_L2 ? sqrt(acc / n) : acc);          \
             }                                                                                             \
         }                                                                                                 \
+        if (norm == NM_TOPK) {                                                                            \
+            /* per thread and channel, the topk largest |d| of its rows (tops: C·topk values, then C thresholds; \
+               topi: C counts, then C positions of the smallest kept); 64 channels of a row are looked at element \
+               by element only if one's |d| beats (or, NaN, does not trail) that channel's threshold */   \
+            T *restrict tv = tops + (int64_t)t_ * C * (topk + 1), *restrict thr = tv + C * topk;          \
+            int32_t *restrict cnt = topi + (int64_t)t_ * 2 * C, *restrict at = cnt + C;                   \
+            for (int64_t c = 0; c < C; ++c) { cnt[c] = 0; at[c] = 0; thr[c] = -1; }                       \
+            for (int64_t r = r0; r < r1; ++r) for (int64_t c0 = 0; c0 < C; c0 += 64) {                    \
+                const TS *xr = x + r * C;                                                                 \
+                const int64_t c1 = C - c0 < 64 ? C : c0 + 64;                                             \
+                int hit = 0;                                                                              \
+                _Pragma("omp simd reduction(|:hit)")                                                      \
+                for (int64_t c = c0; c < c1; ++c) hit |= !(ABS(LD(xr[c]) - mean_out[c]) <= thr[c]);       \
+                if (!hit) continue;                                                                       \
+                for (int64_t c = c0; c < c1; ++c) {                                                       \
+                    const T a = ABS(LD(xr[c]) - mean_out[c]);                                             \
+                    T *restrict top = tv + c * topk;                                                      \
+                    if (cnt[c] < topk) { top[cnt[c]++] = a; if (cnt[c] < topk) continue; }                \
+                    else if (a > thr[c]) top[at[c]] = a;                                                  \
+                    else continue;                                                                        \
+                    int m = 0; /* (re)locate the smallest kept value: the new threshold */                \
+                    for (int u = 1; u < topk; ++u) if (top[u] < top[m]) m = u;                            \
+                    at[c] = m; thr[c] = top[m];                                                           \
+                }                                                                                         \
+            }                                                                                             \
+            _Pragma("omp barrier")                                                                        \
+            _Pragma("omp for schedule(static)")                                                           \
+            for (int64_t c = 0; c < C; ++c) { /* merge the threads' candidates as the channel kernel keeps them */ \
+                T top[NM_KMAX];                                                                           \
+                int kept = 0, m = 0;                                                                      \
+                T th = 0;                                                                                 \
+                for (int u = 0; u < nt_; ++u) {                                                           \
+                    const T *uv = tops + (int64_t)u * C * (topk + 1) + c * topk;                          \
+                    const int32_t un = topi[(int64_t)u * 2 * C + c];                                      \
+                    for (int32_t i = 0; i < un; ++i) {                                                    \
+                        const T a = uv[i];                                                                \
+                        if (kept < topk) { top[kept++] = a; if (kept < topk) continue; }                  \
+                        else if (a > th) top[m] = a;                                                      \
+                        else continue;                                                                    \
+                        m = 0;                                                                            \
+                        for (int v = 1; v < topk; ++v) if (top[v] < top[m]) m = v;                        \
+                        th = top[m];                                                                      \
+                    }                                                                                     \
+                }                                                                                         \
+                double acc = 0.0;                                                                         \
+                for (int v = 0; v < kept; ++v) acc += (double)top[v];                                     \
+                raw_out[c] = (T)(acc / topk);                                                             \
+                hi_out[c] = th; /* τ, the k-th largest |d| */                                             \
+            }                                                                                             \
+        }                                                                                                 \
         _Pragma("omp for schedule(static)")                                                               \
         for (int64_t c = 0; c < C; ++c) scale[c] = nm_scale_##SFX(norm, cn, eps, w[c], raw_out[c]);       \
         TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
@@ -125,13 +176,13 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
                             const T *restrict w, const T *restrict mean, const T *restrict rawv,          \
                             const T *restrict hiv, const T *restrict lov, T *restrict gw, T *restrict gb, \
                             int64_t R, int64_t C, int norm, double cn, double eps, int nthreads,          \
-                            double *restrict scratch, T *restrict tscratch, int stream)                   \
+                            double *restrict scratch, T *restrict tscratch, int stream, int topk)         \
 {                                                                                                         \
     const double n = (double)R;                                                                           \
     /* shared per channel: the coefficients of nm_coefs and τ (linf: max|d|; range: max x) */             \
     T *restrict At = tscratch, *restrict Bt = At + C, *restrict Kt = Bt + C, *restrict Kbt = Kt + C,      \
       *restrict Wq = Kbt + C, *restrict tau = Wq + C;                                                     \
-    for (int64_t c = 0; c < C; ++c) tau[c] = norm == NM_RANGE ? hiv[c] : rawv[c];                         \
+    for (int64_t c = 0; c < C; ++c) tau[c] = norm == NM_RANGE || norm == NM_TOPK ? hiv[c] : rawv[c];      \
     _Pragma("omp parallel num_threads(nthreads)")                                                         \
     {                                                                                                     \
         NM_ROWS_RANGE(R)                                                                                  \
@@ -152,7 +203,7 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
                         const T d = LD(xr[c]) - mean[c], gj = LD(gr[c]);                                  \
                         b1[c] += gj; b2[c] += gj * d; b3[c] += (T)(d > 0) - (T)(d < 0);                   \
                     }                                                                                     \
-                } else if (norm == NM_LINF) {                                                             \
+                } else if (norm == NM_LINF || norm == NM_TOPK) {                                          \
                     _Pragma("omp simd")                                                                   \
                     for (int64_t c = 0; c < C; ++c) {                                                     \
                         const T d = LD(xr[c]) - mean[c], gj = LD(gr[c]), a = ABS(d);                      \
@@ -183,8 +234,8 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
             double q[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                                 \
             for (int u = 0; u < nt_; ++u)                                                                 \
                 for (int k = 0; k < 6; ++k) q[k] += scratch[(int64_t)u * 6 * C + k * C + c];              \
-            const int linf = norm == NM_LINF, rng = norm == NM_RANGE;                                     \
-            nm_coefs_##SFX(norm, 1, n, cn, eps, (double)w[c], (double)rawv[c], q[0], q[1],                \
+            const int linf = norm == NM_LINF || norm == NM_TOPK, rng = norm == NM_RANGE;                  \
+            nm_coefs_##SFX(norm, topk, n, cn, eps, (double)w[c], (double)rawv[c], q[0], q[1],             \
                            norm == NM_L1 ? q[2] : 0.0, linf ? q[2] : 0.0, linf ? q[3] : 0.0,              \
                            linf ? q[4] : rng ? q[2] : 0.0, linf ? q[5] : rng ? q[3] : 0.0,                \
                            gw ? gw + c : NULL, gb ? gb + c : NULL, At + c, Bt + c, Kt + c, Kbt + c, Wq + c); \
@@ -206,7 +257,7 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
                     const T d = LD(xr[c]) - mu[c];                                                        \
                     out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * ((T)(d > 0) - (T)(d < 0)));              \
                 }                                                                                         \
-            } else if (norm == NM_LINF) {                                                                 \
+            } else if (norm == NM_LINF || norm == NM_TOPK) {                                              \
                 _Pragma("omp simd")                                                                       \
                 for (int64_t c = 0; c < L; ++c) {                                                         \
                     const T d = LD(xr[c]) - mu[c], a = ABS(d);                                            \

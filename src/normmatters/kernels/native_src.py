@@ -31,7 +31,7 @@ SOURCE = r"""
 #define NM_L1 2
 #define NM_LINF 3
 #define NM_RANGE 4
-#define NM_TOPK 5 /* channel kernels only; k <= NM_KMAX */
+#define NM_TOPK 5 /* k <= NM_KMAX */
 #define NM_KMAX 64
 #define NM_BLK 1024
 #define NM_CBMAX 64 /* most channels in one block of the channel kernels */
