@@ -136,7 +136,54 @@ def test_gradcheck_inplace_float64(norm, opts):
                                     atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["eager", "reference"])
+NATIVE_CASES = [(n, o) for n, o in CASES if not o]  # range chunks have no native kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm,opts", NATIVE_CASES, ids=[n for n, _ in NATIVE_CASES])
+def test_native_inplace_matches_reference(norm, opts, dtype):
+    """The native channel kernels in place: y written over the input, the backward rebuilding d and the
+    thresholds from y in the kernel; channels_last input falls back to the compiled in-place kernels."""
+    x = torch.randn(8, 4, 6, 7, dtype=dtype) * 2 + 0.5
+    out, _ = _compare(x, norm, opts, "native", F64 if dtype == torch.float64 else F32)
+    assert type(out["y_obj"].grad_fn).__name__ == "NativeBatchNormInplaceFunctionBackward"
+
+
+@pytest.mark.parametrize("norm,opts", NATIVE_CASES, ids=[n for n, _ in NATIVE_CASES])
+def test_native_inplace_bfloat16_within_tolerance(norm, opts):
+    x = (torch.randn(8, 4, 6, 6) * 2 + 0.5).to(torch.bfloat16)
+    out, ref = _compare(x, norm, opts, "native", BF16, gx_tol=BF16_GX)
+    assert type(out["y_obj"].grad_fn).__name__ == "NativeBatchNormInplaceFunctionBackward"
+    gx, rgx = out["gx"].double(), ref["gx"].double()
+    assert (gx - rgx).norm() <= 0.02 * rgx.norm()
+
+
+@pytest.mark.parametrize("norm,opts", NATIVE_CASES, ids=[n for n, _ in NATIVE_CASES])
+def test_gradcheck_native_inplace_float64(norm, opts):
+    x = (torch.randn(4, 2, 3, 3, dtype=torch.float64) * 2).requires_grad_()
+    w = _weight(2, torch.float64).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        xi = x.clone()  # the in-place Function overwrites its input
+        y = lean_batch_norm(xi, None, None, w, b, True, 0.1, 1e-5, norm, k=K, impl="native", inplace=True)
+        assert y is xi and y.grad_fn.name() == "NativeBatchNormInplaceFunctionBackward"
+        return y
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+
+
+def test_native_inplace_nonfinite_batch_raises_and_keeps_buffers():
+    layer = nm.LpBatchNorm2d(3, norm="range", inplace=True, impl="native")
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 2, 0, 0] = float("nan")
+    with pytest.raises(nm.NonFiniteBatchError):
+        layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and torch.equal(layer.running_var, torch.ones(3))
+    assert layer.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("impl", ["eager", "reference", "native"])
 def test_input_that_is_a_view(impl):
     # a batch slice (contiguous view) and a channel slice (strided view) of a tensor that requires grad
     for channels, index in ((4, (slice(2, 6),)), (6, (slice(None), slice(1, 5)))):
@@ -188,7 +235,7 @@ def test_leaf_requiring_grad_raises_pytorchs_error():
         nm.LpBatchNorm2d(3, inplace=True, impl="eager")(x)
 
 
-@pytest.mark.parametrize("impl", ["eager", "reference"])
+@pytest.mark.parametrize("impl", ["eager", "reference", "native"])
 def test_input_saved_by_another_op_raises_at_backward(impl):
     # sigmoid's backward needs its output: overwriting it must be caught by autograd's version counter
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
@@ -197,16 +244,17 @@ def test_input_saved_by_another_op_raises_at_backward(impl):
         y.sum().backward()
 
 
-def test_relu_inplace_after_the_layer_raises_at_backward():
+@pytest.mark.parametrize("impl", ["eager", "native"])
+def test_relu_inplace_after_the_layer_raises_at_backward(impl):
     # the backward reconstructs from the output; ReLU(inplace=True) destroys it (In-Place ABN fuses the
     # activation for this reason): autograd reports it instead of returning wrong gradients
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), nm.LpBatchNorm2d(4, inplace=True, impl="eager"),
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), nm.LpBatchNorm2d(4, inplace=True, impl=impl),
                               torch.nn.ReLU(inplace=True))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         net(torch.randn(4, 3, 6, 6)).sum().backward()
 
 
-@pytest.mark.parametrize("impl", ["eager", "compiled", "reference"])
+@pytest.mark.parametrize("impl", ["eager", "compiled", "reference", "native"])
 def test_conv_inplace_bn_relu_trains_like_reference(impl):
     x = torch.randn(4, 3, 6, 6)
     grads = {}
@@ -222,14 +270,15 @@ def test_conv_inplace_bn_relu_trains_like_reference(impl):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["eager", "native"])
 @pytest.mark.parametrize("norm", ["l2", "l1", "linf", "topk", "range", "mean"])
-def test_saved_bytes(norm):
+def test_saved_bytes(norm, impl):
     x0 = torch.randn(16, 8, 12, 12, requires_grad=True)
     out_bytes = x0.numel() * x0.element_size()
     seen = []
 
     def layer_saved(inplace):
-        layer = nm.LpBatchNorm2d(8, norm=norm, impl="eager", inplace=inplace)
+        layer = nm.LpBatchNorm2d(8, norm=norm, impl=impl, inplace=inplace)
         return saved_bytes(lambda: seen.append(layer(x0.clone())))
 
     bn = saved_bytes(lambda: torch.nn.BatchNorm2d(8)(x0.clone()))
@@ -240,7 +289,8 @@ def test_saved_bytes(norm):
     assert layer_saved(True) - out_bytes <= 3 * 8 * 4
 
 
-def test_saved_tensor_is_the_output_storage():
+@pytest.mark.parametrize("impl", ["eager", "native"])
+def test_saved_tensor_is_the_output_storage(impl):
     x = torch.randn(8, 4, 5, 5, requires_grad=True).clone()
     ptrs = []
 
@@ -249,7 +299,7 @@ def test_saved_tensor_is_the_output_storage():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = nm.LpBatchNorm2d(4, norm="linf", impl="eager", inplace=True)(x)
+        y = nm.LpBatchNorm2d(4, norm="linf", impl=impl, inplace=True)(x)
     big = [p for p, numel in ptrs if numel == x.numel()]
     assert big == [y.untyped_storage().data_ptr()] == [x.untyped_storage().data_ptr()]
 

@@ -177,6 +177,42 @@ class NativeBatchNormFunction(torch.autograd.Function):
         return _native_backward(ctx, gy)
 
 
+def _native_inplace_backward(ctx, gy):
+    c, eps, norm, k = ctx.meta
+    y, weight, bias, raw = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx, gw, gb = native.backward(gy, y, weight, None, raw, (), c, eps, norm, need_x, need_w, need_b, k,
+                                 bias=bias)
+    return gx, gw, gb, None, None, None, None, None, None
+
+
+_native_inplace_backward_once = torch.autograd.function.once_differentiable(_native_inplace_backward)
+
+
+class NativeBatchNormInplaceFunction(torch.autograd.Function):
+    """In-place mode on the native channel kernels: forward(x, weight, bias, c, eps, norm, running, k, status)
+    → x, normalized in place (marked dirty), the running buffers updated in the same call as in
+    :class:`NativeBatchNormFunction`; ``status`` (a list) receives the "statistics are finite" flag — the only
+    output is x, as a Function that modifies a view in place must return one tensor. Saves y (the input's
+    own storage), w, b and raw; backward rebuilds d = (y − b)/scale and the thresholds from it in the kernel
+    (:func:`.native.backward`). Every weight entry must be non-zero (checked by the caller)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, c, eps, norm, running, k, status):
+        _, _, raw, _, ok = native.forward(x, weight, bias, c, eps, norm, running, k, inplace=True)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x, weight, bias, raw)
+        ctx.meta = (c, eps, norm, k)
+        status.append(ok)
+        return x
+
+    @staticmethod
+    def backward(ctx, gy):
+        if torch.is_grad_enabled():  # create_graph=True
+            return _native_inplace_backward_once(ctx, gy)
+        return _native_inplace_backward(ctx, gy)
+
+
 class LeanBatchNormInplaceFunction(torch.autograd.Function):
     """In-place mode (In-Place ABN style): y overwrites x; backward saves only y, w, b and raw.
 
@@ -251,13 +287,15 @@ def _eval_inplace(input: Tensor, running_mean: Tensor, running_var: Tensor | Non
 def _native_training(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                      weight: Tensor | None, bias: Tensor | None, momentum: float | Tensor, eps: float, norm: str,
                      k: int, num_batches_tracked: Tensor | None, nonfinite: str, where: str,
-                     impl: str) -> Tensor | None:
+                     impl: str, inplace: bool = False) -> Tensor | None:
     """The common training call (affine, one group, buffers the kernel can update) in one native call and as
     little Python as possible: it runs right after the previous layer's kernel has streamed the activations
     through every cache, where each small helper call costs 10-40 µs. None where it does not apply — the
-    general path then runs (and raises what it raises)."""
+    general path then runs (and raises what it raises). ``inplace``: :class:`NativeBatchNormInplaceFunction`
+    (channel layout only)."""
+    eligible = native.inplace_eligible if inplace else native.eligible
     if not (isinstance(input, Tensor) and weight is not None and bias is not None and nonfinite in NONFINITE_MODES
-            and native.eligible(input, weight, bias, norm, 1, 1, k)
+            and eligible(input, weight, bias, norm, 1, 1, k)
             and (impl == "native" or native.auto_prefers(input, norm))):
         return None
     est = get_estimator(norm)
@@ -266,8 +304,14 @@ def _native_training(input: Tensor, running_mean: Tensor | None, running_var: Te
         return None
     n = training_groups(input, where, norm, k, None, None)[2]  # validates n as every path does
     c = est.constant(n, k=k) if est.divides else 1.0
-    y, ok = NativeBatchNormFunction.apply(input, weight, bias, c, eps, norm,
-                                          (running_mean, rv, num_batches_tracked, momentum, n), k)
+    running = (running_mean, rv, num_batches_tracked, momentum, n)
+    if inplace:
+        check_inplace_weight(weight, where)
+        status: list[bool] = []
+        y = NativeBatchNormInplaceFunction.apply(input, weight, bias, c, eps, norm, running, k, status)
+        ok = status[0]
+    else:
+        y, ok = NativeBatchNormFunction.apply(input, weight, bias, c, eps, norm, running, k)
     if nonfinite != "ignore":
         report_nonfinite(ok, nonfinite, where)
     return y
@@ -310,9 +354,9 @@ def lean_batch_norm(
       reference within rounding); out of place (a new tensor) when it does.
     """
     impl = resolve_impl(impl, where)
-    if training and not inplace and impl in ("auto", "native") and ghost_batch_size is None and chunks is None:
+    if training and impl in ("auto", "native") and ghost_batch_size is None and chunks is None:
         y = _native_training(input, running_mean, running_var, weight, bias, momentum, eps, norm, k,
-                             num_batches_tracked, nonfinite, where, impl)
+                             num_batches_tracked, nonfinite, where, impl, inplace)
         if y is not None:
             return y
     est = get_estimator(norm)

@@ -54,8 +54,8 @@ from .native_src import SOURCE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NORM_CODES", "available", "channels_innermost", "eligible", "update_fusable", "forward", "backward",
-           "load"]
+__all__ = ["NORM_CODES", "available", "channels_innermost", "eligible", "inplace_eligible", "update_fusable",
+           "forward", "backward", "load"]
 
 #: norm name → code in the C source
 NORM_CODES = {"mean": 0, "l2": 1, "l1": 2, "linf": 3, "range": 4, "topk": 5}
@@ -135,7 +135,7 @@ def _build() -> ctypes.CDLL:
                         + [dbl, dbl, cint, cint, i64, ptr])
         fwd.restype = cint
         bwd = getattr(lib, f"nm_backward_{sfx}")
-        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint, cint, i64, ptr]
+        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint, cint, i64, ptr, ptr]
         bwd.restype = None
         fwd_rows = getattr(lib, f"nm_forward_rows_{sfx}")
         fwd_rows.argtypes = ([ptr] * 8 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 5
@@ -221,6 +221,13 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m:
             and bias.is_contiguous() and not torch.compiler.is_compiling())
 
 
+def inplace_eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int,
+                     k: int = 10) -> bool:
+    """Whether the native kernels cover this call in in-place mode: :func:`eligible` and the channel layout
+    (the rows kernels have no in-place backward)."""
+    return eligible(x, weight, bias, norm, groups, m, k) and _channel_layout(x)
+
+
 def _scratch(x: Tensor, C: int, doubles: int, compute: int) -> tuple[Tensor, Tensor]:
     """Per-call scratch of the rows kernels: ``doubles``·C float64 and ``compute``·C in the compute dtype."""
     return (torch.empty(doubles * C, dtype=torch.float64), torch.empty(compute * C, dtype=_COMPUTE[x.dtype]))
@@ -271,7 +278,8 @@ def update_fusable(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm: str,
-            running: tuple | None = None, k: int = 10) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
+            running: tuple | None = None, k: int = 10,
+            inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
     """(y, μ (C,), raw (C,), aux, ok) — aux for range: (pos,) from the channel kernels, pos (2, C) int32 the
     per-channel position (sample·S + spatial index) of the max (row 0) and min (row 1), p if that element is
     the only one equal to it, -(p + 1) for the first of several; (hi, lo) per channel from the rows kernels;
@@ -284,15 +292,21 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     flag (the kernel checks every call; no buffer is touched).
     The update is done here rather than by a separate (compiled) call because that call, coming right
     after a kernel that has streamed the activations through every cache, costs ~0.3 ms of cache misses.
+    ``inplace``: y is written over x (channel layout only) and returned as x itself.
     """
     lib = _lib
     N, C, S = _dims(x)
     acc = _COMPUTE[x.dtype]
-    y = pool.empty_like(x)
+    channel = _channel_layout(x)
+    if inplace and not channel:
+        raise ValueError("normmatters.kernels.native.forward: inplace=True needs the channel layout "
+                         f"(contiguous (N, C, *) with spatial size > 1), got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    y = x if inplace else pool.empty_like(x)
     mean = x.new_empty(C, dtype=acc)
     raw = x.new_empty(C, dtype=acc)
-    channel = _channel_layout(x)
-    pos = x.new_empty(2, C, dtype=torch.int32) if channel and norm == "range" else None
+    # in-place backward rebuilds its thresholds from y: no max/min positions
+    pos = x.new_empty(2, C, dtype=torch.int32) if channel and norm == "range" and not inplace else None
     hi = x.new_empty(C, dtype=acc) if norm == "topk" or (norm == "range" and pos is None) else None
     lo = x.new_empty(C, dtype=acc) if norm == "range" and pos is None else None
     weight, bias = weight.to(acc), bias.to(acc)  # no-ops unless bfloat16 parameters
@@ -324,10 +338,14 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     return y, mean, raw, aux, bool(ok)
 
 
-def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, aux: tuple[Tensor, ...],
+def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Tensor, aux: tuple[Tensor, ...],
              c: float, eps: float, norm: str, need_x: bool, need_w: bool, need_b: bool,
-             k: int = 10) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(∂L/∂x, ∂L/∂w, ∂L/∂b) from the saved input and per-channel statistics of :func:`forward`."""
+             k: int = 10, bias: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(∂L/∂x, ∂L/∂w, ∂L/∂b) from the saved input and per-channel statistics of :func:`forward`.
+
+    In-place mode (``bias`` given; channel layout only): ``x`` is the output y that overwrote the input,
+    ``mean`` and ``aux`` are unused; the kernel rebuilds d = (y − b)/scale and, for linf/range/top-k, the
+    thresholds it compares against from d (as :func:`.formulas.backward_inplace`)."""
     lib = _lib
     if gy.dtype != x.dtype or gy.stride() != x.stride():  # the kernels read gy in x's layout
         gy = torch.empty_like(x).copy_(gy)
@@ -337,15 +355,19 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, a
     gw = x.new_empty(C, dtype=acc) if need_w else None
     gb = x.new_empty(C, dtype=acc) if need_b else None
     pos = aux[0] if norm == "range" and len(aux) == 1 else None
-    hi, lo = (None, None) if pos is not None or norm not in ("range", "topk") else \
+    hi, lo = (None, None) if pos is not None or norm not in ("range", "topk") or bias is not None else \
         (aux[0], None) if norm == "topk" else aux
     w = weight.to(acc)  # held until the call returns
+    b = bias.to(acc) if bias is not None else None
     nt = torch.get_num_threads()
+    if bias is not None and not _channel_layout(x):
+        raise ValueError("normmatters.kernels.native.backward: in-place mode (bias given) needs the channel "
+                         f"layout, got shape {tuple(x.shape)} strides {x.stride()}")
     if _channel_layout(x):
         getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
-            gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+            gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), _ptr(mean), raw.data_ptr(),
             _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps),
-            _stream(x), nt, k, _channel_block(x, nt), _ptr(pos))
+            _stream(x), nt, k, _channel_block(x, nt), _ptr(pos), _ptr(b))
     else:  # channels innermost: (N·S, C) rows
         scratch, tscratch = _scratch(x, C, 6 * nt, 6 + 6 * nt)
         getattr(lib, f"nm_backward_rows_{_SUFFIX[x.dtype]}")(

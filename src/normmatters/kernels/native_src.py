@@ -187,7 +187,42 @@ static int nm_update_##SFX(const T *restrict mean, const T *restrict raw, int64_
     return nm_update_running_##SFX(mean, raw, C, norm, cn, run_mean, run_var, nbt, momentum, unbias);     \
 }                                                                                                         \
                                                                                                           \
-int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, const T *restrict b,      \
+/* top-k of one channel c: the k largest a = |(x − sb)·ml − mu| kept in a small array; a 64-element block \
+   whose max a does not beat the k-th largest so far (thr) is skipped after one vectorized pass; ties at thr \
+   change no sum. Returns thr (τ, the k-th largest), *sum = the sum of the k kept. Forward: sb = 0, ml = 1, \
+   mu = μ; in-place backward: the reconstruction d = (y − b)/scale, mu = 0. */                            \
+static T nm_topk_##SFX(const TS *restrict x, int64_t N, int64_t C, int64_t S, int64_t c, T sb, T ml, T mu, \
+                       int topk, double *sum)                                                             \
+{                                                                                                         \
+    T top[NM_KMAX];                                                                                       \
+    int cnt = 0, at = 0;                                                                                  \
+    T thr = 0;                                                                                            \
+    for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += 64) {                              \
+        const TS *xr = x + (i * C + c) * S + j0;                                                          \
+        const int64_t L = S - j0 < 64 ? S - j0 : 64;                                                      \
+        if (cnt == topk) {                                                                                \
+            T a = 0;                                                                                      \
+            _Pragma("omp simd reduction(max:a)")                                                          \
+            for (int64_t j = 0; j < L; ++j) { T v = ABS((LD(xr[j]) - sb) * ml - mu); a = v > a ? v : a; } \
+            if (!(a > thr)) continue;                                                                     \
+        }                                                                                                 \
+        for (int64_t j = 0; j < L; ++j) {                                                                 \
+            const T a = ABS((LD(xr[j]) - sb) * ml - mu);                                                  \
+            if (cnt < topk) { top[cnt++] = a; if (cnt < topk) continue; }                                 \
+            else if (a > thr) top[at] = a;                                                                \
+            else continue;                                                                                \
+            at = 0; /* (re)locate the smallest kept value: the new threshold */                           \
+            for (int u = 1; u < topk; ++u) if (top[u] < top[at]) at = u;                                  \
+            thr = top[at];                                                                                \
+        }                                                                                                 \
+    }                                                                                                     \
+    double acc = 0.0;                                                                                     \
+    for (int u = 0; u < cnt; ++u) acc += (double)top[u];                                                  \
+    *sum = acc;                                                                                           \
+    return thr;                                                                                           \
+}                                                                                                         \
+                                                                                                          \
+int nm_forward_##SFX(const TS *x, TS *y, const T *restrict w, const T *restrict b,                        \
                      T *restrict mean_out, T *restrict raw_out, T *restrict hi_out, T *restrict lo_out,   \
                      int64_t N, int64_t C, int64_t S, int norm, double cn, double eps, int stream,        \
                      int nthreads, T *restrict run_mean, T *restrict run_var, int64_t *restrict nbt,      \
@@ -258,33 +293,8 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
             } else if (norm == NM_L2) {                                                                   \
                 raw = sqrt(acc[q] / n);                                                                   \
             } else if (norm == NM_TOPK) {                                                                 \
-                /* the k largest |d| of channel c in a small array, from the cache; a 64-element block whose max \
-                   |d| does not beat the k-th largest so far (thr) is skipped after one vectorized pass; ties at \
-                   thr change no sum */                                                                   \
-                T top[NM_KMAX];                                                                           \
-                int cnt = 0, at = 0;                                                                      \
-                T thr = 0;                                                                                \
-                for (int64_t i = 0; i < N; ++i) for (int64_t j0 = 0; j0 < S; j0 += 64) {                  \
-                    const TS *xr = x + (i * C + c) * S + j0;                                              \
-                    const int64_t L = S - j0 < 64 ? S - j0 : 64;                                          \
-                    if (cnt == topk) {                                                                    \
-                        T a = 0;                                                                          \
-                        _Pragma("omp simd reduction(max:a)")                                              \
-                        for (int64_t j = 0; j < L; ++j) { T v = ABS(LD(xr[j]) - m); a = v > a ? v : a; }  \
-                        if (!(a > thr)) continue;                                                         \
-                    }                                                                                     \
-                    for (int64_t j = 0; j < L; ++j) {                                                     \
-                        const T a = ABS(LD(xr[j]) - m);                                                   \
-                        if (cnt < topk) { top[cnt++] = a; if (cnt < topk) continue; }                     \
-                        else if (a > thr) top[at] = a;                                                    \
-                        else continue;                                                                    \
-                        at = 0; /* (re)locate the smallest kept value: the new threshold */               \
-                        for (int u = 1; u < topk; ++u) if (top[u] < top[at]) at = u;                      \
-                        thr = top[at];                                                                    \
-                    }                                                                                     \
-                }                                                                                         \
                 double s = 0.0;                                                                           \
-                for (int u = 0; u < topk; ++u) s += (double)top[u];                                       \
+                const T thr = nm_topk_##SFX(x, N, C, S, c, 0, 1, m, topk, &s);                            \
                 raw = s / topk;                                                                           \
                 hi_out[c] = thr; /* τ, the k-th largest |d|: backward compares against it */              \
             }                                                                                             \
@@ -302,22 +312,18 @@ int nm_forward_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, 
                 const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                      \
                 const TS *xr = x + (i * C + c) * S + j0;                                                  \
                 TS *yr = stream ? buf : y + (i * C + c) * S + j0;                                         \
-                if (norm == NM_RANGE && pos_out) {                                                        \
+                if (norm == NM_RANGE && pos_out) { /* before y is written: y may be x (in-place) */       \
                     int kh = 0, kl = 0;                                                                   \
                     _Pragma("omp simd reduction(+:kh,kl)")                                                \
-                    for (int64_t j = 0; j < L; ++j) {                                                     \
-                        const T v = LD(xr[j]);                                                            \
-                        yr[j] = ST((v - m) * sc + shift); kh += v == h; kl += v == l;                     \
-                    }                                                                                     \
+                    for (int64_t j = 0; j < L; ++j) { const T v = LD(xr[j]); kh += v == h; kl += v == l; } \
                     if (kh && phi[q] < 0)                                                                 \
                         for (int64_t j = 0; j < L; ++j) if (LD(xr[j]) == h) { phi[q] = i * S + j0 + j; break; } \
                     if (kl && plo[q] < 0)                                                                 \
                         for (int64_t j = 0; j < L; ++j) if (LD(xr[j]) == l) { plo[q] = i * S + j0 + j; break; } \
                     nhi[q] += kh; nlo[q] += kl;                                                           \
-                } else {                                                                                  \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t j = 0; j < L; ++j) yr[j] = ST((LD(xr[j]) - m) * sc + shift);             \
                 }                                                                                         \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t j = 0; j < L; ++j) yr[j] = ST((LD(xr[j]) - m) * sc + shift);                 \
                 if (stream) nm_stream_##SFX(y + (i * C + c) * S + j0, buf, L);                            \
             }                                                                                             \
         }                                                                                                 \
@@ -336,7 +342,7 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
                        const T *restrict mean, const T *restrict rawv, const T *restrict hiv,             \
                        const T *restrict lov, T *restrict gw, T *restrict gb, int64_t N, int64_t C,       \
                        int64_t S, int norm, double cn, double eps, int stream, int nthreads, int topk,    \
-                       int64_t cb, const int32_t *restrict posv)                                          \
+                       int64_t cb, const int32_t *restrict posv, const T *restrict bv)                    \
 {                                                                                                         \
     const double n = (double)N * (double)S;                                                               \
     const int64_t nblocks = (C + cb - 1) / cb;                                                            \
@@ -350,13 +356,17 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
         /* range with the forward's positions (posv): the max and min values read from x there; a channel whose \
            max and min are both unique (fast[q]) needs no comparisons: its ∂L/∂x is A·g + B except at those two \
            elements, patched after pass 2, which then does not read x */                                  \
-        T hiq[NM_CBMAX], loq[NM_CBMAX];                                                                   \
+        T hiq[NM_CBMAX], loq[NM_CBMAX], muq[NM_CBMAX], sbq[NM_CBMAX], mlq[NM_CBMAX];                      \
         int64_t phi[NM_CBMAX], plo[NM_CBMAX];                                                             \
         int fast[NM_CBMAX];                                                                               \
         for (int64_t q = 0; q < nb; ++q) {                                                                \
             const int64_t c = c0 + q;                                                                     \
             sg[q] = sgd[q] = ssign[q] = sgt[q] = seq[q] = 0.0; cgt[q] = ceq[q] = 0;                       \
             fast[q] = 0;                                                                                  \
+            /* the element the formulas see is (x − sb)·ml: x itself (sb = 0, ml = 1, μ = mean); in-place \
+               (bv: the bias) the output y = scale·d + b rebuilt as d = (y − b)/scale (μ = 0) */          \
+            if (bv) { sbq[q] = bv[c]; mlq[q] = (T)1 / nm_scale_##SFX(norm, cn, eps, w[c], rawv[c]); muq[q] = 0; } \
+            else { sbq[q] = 0; mlq[q] = 1; muq[q] = mean[c]; }                                            \
             hiq[q] = norm == NM_RANGE || norm == NM_TOPK ? (hiv ? hiv[c] : 0) : rawv[c];                  \
             loq[q] = norm == NM_RANGE && lov ? lov[c] : 0;                                                \
             if (norm == NM_RANGE && posv) {                                                               \
@@ -369,10 +379,35 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
                 if (fast[q]) cgt[q] = ceq[q] = 1;                                                         \
             }                                                                                             \
         }                                                                                                 \
+        /* in-place: the thresholds the elements are compared with, from the rebuilt d (as the compiled path's \
+           Estimator.lean_thresholds): linf max |d|, range max and min d, top-k the k-th largest |d| */   \
+        if (bv && (norm == NM_LINF || norm == NM_RANGE)) {                                                \
+            for (int64_t q = 0; q < nb; ++q) { hiq[q] = norm == NM_LINF ? (T)0 : -INFINITY; loq[q] = INFINITY; } \
+            for (int64_t i = 0; i < N; ++i) for (int64_t q = 0; q < nb; ++q) {                            \
+                const TS *xr = x + (i * C + c0 + q) * S;                                                  \
+                const T sb = sbq[q], ml = mlq[q];                                                         \
+                T h = hiq[q], l = loq[q];                                                                 \
+                if (norm == NM_LINF) {                                                                    \
+                    _Pragma("omp simd reduction(max:h)")                                                  \
+                    for (int64_t j = 0; j < S; ++j) { T a = ABS((LD(xr[j]) - sb) * ml); h = a > h ? a : h; } \
+                } else {                                                                                  \
+                    _Pragma("omp simd reduction(max:h) reduction(min:l)")                                 \
+                    for (int64_t j = 0; j < S; ++j) {                                                     \
+                        T v = (LD(xr[j]) - sb) * ml; h = v > h ? v : h; l = v < l ? v : l;                \
+                    }                                                                                     \
+                }                                                                                         \
+                hiq[q] = h; loq[q] = l;                                                                   \
+            }                                                                                             \
+        } else if (bv && norm == NM_TOPK) {                                                               \
+            for (int64_t q = 0; q < nb; ++q) {                                                            \
+                double unused;                                                                            \
+                hiq[q] = nm_topk_##SFX(x, N, C, S, c0 + q, sbq[q], mlq[q], 0, topk, &unused);             \
+            }                                                                                             \
+        }                                                                                                 \
         /* pass 1, from DRAM: the per-channel sums of (g, x), the block's channels of one sample in a row */ \
         for (int64_t i = 0; i < N; ++i) for (int64_t q = 0; q < nb; ++q) {                                \
             const int64_t c = c0 + q;                                                                     \
-            const T mu = mean[c], tau = hiq[q], lo = loq[q];                                              \
+            const T mu = muq[q], tau = hiq[q], lo = loq[q], sb = sbq[q], ml = mlq[q];                     \
             const TS *xr = x + (i * C + c) * S;                                                           \
             const TS *gr = g + (i * C + c) * S;                                                           \
             T a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;                                                     \
@@ -380,13 +415,13 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
             if (norm == NM_L1) {                                                                          \
                 _Pragma("omp simd reduction(+:a1,a2,a3)")                                                 \
                 for (int64_t j = 0; j < S; ++j) {                                                         \
-                    T d = LD(xr[j]) - mu, gj = LD(gr[j]);                                                 \
+                    T d = ((LD(xr[j]) - sb) * ml) - mu, gj = LD(gr[j]);                                   \
                     a1 += gj; a2 += gj * d; a3 += (T)(d > 0) - (T)(d < 0);                                \
                 }                                                                                         \
             } else if (norm == NM_LINF || norm == NM_TOPK) {                                              \
                 _Pragma("omp simd reduction(+:a1,a2,a4,a5,k1,k2)")                                        \
                 for (int64_t j = 0; j < S; ++j) {                                                         \
-                    T d = LD(xr[j]) - mu, gj = LD(gr[j]), a = ABS(d);                                     \
+                    T d = ((LD(xr[j]) - sb) * ml) - mu, gj = LD(gr[j]), a = ABS(d);                       \
                     T sd = (T)(d > 0) - (T)(d < 0);                                                       \
                     a1 += gj; a2 += gj * d;                                                               \
                     k1 += a > tau; k2 += a == tau;                                                        \
@@ -395,12 +430,14 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
             } else if (norm == NM_RANGE && !fast[q]) {                                                    \
                 _Pragma("omp simd reduction(+:a1,a2,k1,k2)")                                              \
                 for (int64_t j = 0; j < S; ++j) {                                                         \
-                    T v = LD(xr[j]), gj = LD(gr[j]);                                                      \
+                    T v = ((LD(xr[j]) - sb) * ml), gj = LD(gr[j]);                                        \
                     a1 += gj; a2 += gj * (v - mu); k1 += v == tau; k2 += v == lo;                         \
                 }                                                                                         \
             } else {                                                                                      \
                 _Pragma("omp simd reduction(+:a1,a2)")                                                    \
-                for (int64_t j = 0; j < S; ++j) { T gj = LD(gr[j]); a1 += gj; a2 += gj * (LD(xr[j]) - mu); } \
+                for (int64_t j = 0; j < S; ++j) {                                                         \
+                    T gj = LD(gr[j]); a1 += gj; a2 += gj * (((LD(xr[j]) - sb) * ml) - mu);                \
+                }                                                                                         \
             }                                                                                             \
             sg[q] += (double)a1; sgd[q] += (double)a2; ssign[q] += (double)a3; sgt[q] += (double)a4;      \
             seq[q] += (double)a5; cgt[q] += k1; ceq[q] += k2;                                             \
@@ -415,7 +452,7 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
         /* pass 2, from the cache: ∂L/∂x */                                                               \
         for (int64_t i = 0; i < N; ++i) for (int64_t q = 0; q < nb; ++q) {                                \
             const int64_t c = c0 + q;                                                                     \
-            const T mu = mean[c], tau = hiq[q], lo = loq[q];                                              \
+            const T mu = muq[q], tau = hiq[q], lo = loq[q], sb = sbq[q], ml = mlq[q];                     \
             const T A = At[q], B = Bt[q], K = Kt[q], Kb = Kbt[q], weq = weqt[q];                          \
             for (int64_t j0 = 0; j0 < S; j0 += NM_BLK) {                                                  \
                 const int64_t L = S - j0 < NM_BLK ? S - j0 : NM_BLK;                                      \
@@ -424,17 +461,18 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
                 TS *out = stream ? buf : gx + (i * C + c) * S + j0;                                       \
                 if (norm == NM_L2) {                                                                      \
                     _Pragma("omp simd")                                                                   \
-                    for (int64_t j = 0; j < L; ++j) out[j] = ST(A * LD(gr[j]) + B + K * (LD(xr[j]) - mu)); \
+                    for (int64_t j = 0; j < L; ++j)                                                       \
+                        out[j] = ST(A * LD(gr[j]) + B + K * (((LD(xr[j]) - sb) * ml) - mu));              \
                 } else if (norm == NM_L1) {                                                               \
                     _Pragma("omp simd")                                                                   \
                     for (int64_t j = 0; j < L; ++j) {                                                     \
-                        T d = LD(xr[j]) - mu;                                                             \
+                        T d = ((LD(xr[j]) - sb) * ml) - mu;                                               \
                         out[j] = ST(A * LD(gr[j]) + B + K * ((T)(d > 0) - (T)(d < 0)));                   \
                     }                                                                                     \
                 } else if (norm == NM_LINF || norm == NM_TOPK) {                                          \
                     _Pragma("omp simd")                                                                   \
                     for (int64_t j = 0; j < L; ++j) {                                                     \
-                        T d = LD(xr[j]) - mu, a = ABS(d);                                                 \
+                        T d = ((LD(xr[j]) - sb) * ml) - mu, a = ABS(d);                                   \
                         T sd = (T)(d > 0) - (T)(d < 0);                                                   \
                         T e = a > tau ? sd : (a == tau ? sd * weq : (T)0);                                \
                         out[j] = ST(A * LD(gr[j]) + B + K * e);                                           \
@@ -442,7 +480,7 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
                 } else if (norm == NM_RANGE && !fast[q]) {                                                \
                     _Pragma("omp simd")                                                                   \
                     for (int64_t j = 0; j < L; ++j) {                                                     \
-                        T v = LD(xr[j]);                                                                  \
+                        T v = ((LD(xr[j]) - sb) * ml);                                                    \
                         out[j] = ST(A * LD(gr[j]) + B + (v == tau ? K : (T)0) - (v == lo ? Kb : (T)0));   \
                     }                                                                                     \
                 } else { /* mean-only, and range with a unique max and min (patched below) */             \
