@@ -20,7 +20,8 @@ the input, the weight and per-channel statistics (μ, the raw statistic and, for
 min) — at most the five (C,)-vectors + input that ``nn.BatchNorm2d`` saves. With ``inplace=True``
 (In-Place ABN style) the output overwrites the input and backward saves only the output itself, the
 weight, the bias and the (C,) raw statistic: it reconstructs the centered input from the output, which
-needs every weight entry non-zero (see :func:`lean_batch_norm` and :mod:`.formulas`). Inside a user's
+needs every weight entry non-zero (see :func:`lean_batch_norm` and :mod:`.formulas`; on the native channel
+kernels: :class:`NativeBatchNormInplaceFunction`). Inside a user's
 ``torch.compile`` the formulas are traced into the user's graph (no nested compile, no graph break).
 """
 
