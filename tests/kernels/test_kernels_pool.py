@@ -118,3 +118,17 @@ def test_disabled_hands_out_nothing_and_restores_the_limit():
         assert fresh.data_ptr() != ptr
     assert pool.limit() == before
     assert pool.empty_like(x).data_ptr() == ptr
+
+
+def test_numpy_and_dlpack_views_keep_a_buffer_in_use():
+    x = torch.randn(BIG)
+    a = pool.empty_like(x)
+    ptr = a.data_ptr()
+    arr = a.numpy()  # shares the memory; its base keeps the tensor alive
+    capsule = torch.utils.dlpack.to_dlpack(a)
+    del a
+    assert pool.empty_like(x).data_ptr() != ptr
+    del arr
+    assert pool.empty_like(x).data_ptr() != ptr  # the capsule still refers to it
+    del capsule
+    assert pool.empty_like(x).data_ptr() == ptr
