@@ -139,35 +139,50 @@ def test_gradcheck_inplace_float64(norm, opts):
 NATIVE_CASES = [(n, o) for n, o in CASES if not o]  # range chunks have no native kernel
 
 
+def _native_inplace_fn(norm, layout):
+    # the rows kernels (channels_last, (N, C)) have no in-place top-k: the compiled in-place kernels run it
+    rows = layout != "contiguous"
+    return "LeanBatchNormInplaceFunctionBackward" if rows and norm == "topk" else \
+        "NativeBatchNormInplaceFunctionBackward"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("norm,opts", NATIVE_CASES, ids=[n for n, _ in NATIVE_CASES])
-def test_native_inplace_matches_reference(norm, opts, dtype):
-    """The native channel kernels in place: y written over the input, the backward rebuilding d and the
-    thresholds from y in the kernel; channels_last input falls back to the compiled in-place kernels."""
-    x = torch.randn(8, 4, 6, 7, dtype=dtype) * 2 + 0.5
-    out, _ = _compare(x, norm, opts, "native", F64 if dtype == torch.float64 else F32)
-    assert type(out["y_obj"].grad_fn).__name__ == "NativeBatchNormInplaceFunctionBackward"
+def test_native_inplace_matches_reference(norm, opts, dtype, layout):
+    """The native kernels in place: y written over the input, the backward rebuilding d and the thresholds
+    from y in the kernel — channel kernels (contiguous) and rows kernels (channels_last, (N, C))."""
+    if layout == "rows":
+        x = torch.randn(40, 6, dtype=dtype) * 2 + 0.5
+        out, _ = _compare(x, norm, opts, "native", F64 if dtype == torch.float64 else F32)
+    else:
+        x = torch.randn(8, 4, 6, 7, dtype=dtype) * 2 + 0.5
+        out, _ = _compare(x, norm, opts, "native", F64 if dtype == torch.float64 else F32,
+                          memory_format=LAYOUTS[layout])
+    assert type(out["y_obj"].grad_fn).__name__ == _native_inplace_fn(norm, layout)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("norm,opts", NATIVE_CASES, ids=[n for n, _ in NATIVE_CASES])
-def test_native_inplace_bfloat16_within_tolerance(norm, opts):
+def test_native_inplace_bfloat16_within_tolerance(norm, opts, layout):
     x = (torch.randn(8, 4, 6, 6) * 2 + 0.5).to(torch.bfloat16)
-    out, ref = _compare(x, norm, opts, "native", BF16, gx_tol=BF16_GX)
-    assert type(out["y_obj"].grad_fn).__name__ == "NativeBatchNormInplaceFunctionBackward"
+    out, ref = _compare(x, norm, opts, "native", BF16, gx_tol=BF16_GX, memory_format=LAYOUTS[layout])
+    assert type(out["y_obj"].grad_fn).__name__ == _native_inplace_fn(norm, layout)
     gx, rgx = out["gx"].double(), ref["gx"].double()
     assert (gx - rgx).norm() <= 0.02 * rgx.norm()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("norm,opts", NATIVE_CASES, ids=[n for n, _ in NATIVE_CASES])
-def test_gradcheck_native_inplace_float64(norm, opts):
+def test_gradcheck_native_inplace_float64(norm, opts, layout):
     x = (torch.randn(4, 2, 3, 3, dtype=torch.float64) * 2).requires_grad_()
     w = _weight(2, torch.float64).requires_grad_()
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
 
     def f(x, w, b):
-        xi = x.clone()  # the in-place Function overwrites its input
+        xi = x.clone(memory_format=LAYOUTS[layout])  # the in-place Function overwrites its input
         y = lean_batch_norm(xi, None, None, w, b, True, 0.1, 1e-5, norm, k=K, impl="native", inplace=True)
-        assert y is xi and y.grad_fn.name() == "NativeBatchNormInplaceFunctionBackward"
+        assert y is xi and y.grad_fn.name() == _native_inplace_fn(norm, layout)
         return y
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)

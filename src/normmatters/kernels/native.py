@@ -142,7 +142,7 @@ def _build() -> ctypes.CDLL:
                              + [dbl, dbl, cint, cint, cint, ptr, ptr])
         fwd_rows.restype = cint
         bwd_rows = getattr(lib, f"nm_backward_rows_{sfx}")
-        bwd_rows.argtypes = [ptr] * 10 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 2 + [cint, cint]
+        bwd_rows.argtypes = [ptr] * 10 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 2 + [cint, cint, ptr]
         bwd_rows.restype = None
     first_call = (time.perf_counter() - t0, how)
     log.debug("normmatters.kernels.native: %s library loaded in %.2f s", how, first_call[0])
@@ -223,9 +223,9 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m:
 
 def inplace_eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int,
                      k: int = 10) -> bool:
-    """Whether the native kernels cover this call in in-place mode: :func:`eligible` and the channel layout
-    (the rows kernels have no in-place backward)."""
-    return eligible(x, weight, bias, norm, groups, m, k) and _channel_layout(x)
+    """Whether the native kernels cover this call in in-place mode: :func:`eligible`, except top-k in the
+    rows layout (its in-place backward would need the top-k of the rebuilt d per thread)."""
+    return eligible(x, weight, bias, norm, groups, m, k) and (norm != "topk" or _channel_layout(x))
 
 
 def _scratch(x: Tensor, C: int, doubles: int, compute: int) -> tuple[Tensor, Tensor]:
@@ -292,16 +292,12 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     flag (the kernel checks every call; no buffer is touched).
     The update is done here rather than by a separate (compiled) call because that call, coming right
     after a kernel that has streamed the activations through every cache, costs ~0.3 ms of cache misses.
-    ``inplace``: y is written over x (channel layout only) and returned as x itself.
+    ``inplace``: y is written over x and returned as x itself.
     """
     lib = _lib
     N, C, S = _dims(x)
     acc = _COMPUTE[x.dtype]
     channel = _channel_layout(x)
-    if inplace and not channel:
-        raise ValueError("normmatters.kernels.native.forward: inplace=True needs the channel layout "
-                         f"(contiguous (N, C, *) with spatial size > 1), got shape {tuple(x.shape)} "
-                         f"strides {x.stride()}")
     y = x if inplace else pool.empty_like(x)
     mean = x.new_empty(C, dtype=acc)
     raw = x.new_empty(C, dtype=acc)
@@ -343,7 +339,7 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Te
              k: int = 10, bias: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(∂L/∂x, ∂L/∂w, ∂L/∂b) from the saved input and per-channel statistics of :func:`forward`.
 
-    In-place mode (``bias`` given; channel layout only): ``x`` is the output y that overwrote the input,
+    In-place mode (``bias`` given; no top-k in the rows layout): ``x`` is the output y that overwrote the input,
     ``mean`` and ``aux`` are unused; the kernel rebuilds d = (y − b)/scale and, for linf/range/top-k, the
     thresholds it compares against from d (as :func:`.formulas.backward_inplace`)."""
     lib = _lib
@@ -360,20 +356,17 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Te
     w = weight.to(acc)  # held until the call returns
     b = bias.to(acc) if bias is not None else None
     nt = torch.get_num_threads()
-    if bias is not None and not _channel_layout(x):
-        raise ValueError("normmatters.kernels.native.backward: in-place mode (bias given) needs the channel "
-                         f"layout, got shape {tuple(x.shape)} strides {x.stride()}")
     if _channel_layout(x):
         getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
             gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), _ptr(mean), raw.data_ptr(),
             _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps),
             _stream(x), nt, k, _channel_block(x, nt), _ptr(pos), _ptr(b))
     else:  # channels innermost: (N·S, C) rows
-        scratch, tscratch = _scratch(x, C, 6 * nt, 6 + 6 * nt)
+        scratch, tscratch = _scratch(x, C, 6 * nt, 10 + 6 * nt)
         getattr(lib, f"nm_backward_rows_{_SUFFIX[x.dtype]}")(
-            gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+            gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), _ptr(mean), raw.data_ptr(),
             _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N * S, C, NORM_CODES[norm], float(c), float(eps), nt,
-            scratch.data_ptr(), tscratch.data_ptr(), _stream_rows(x), k)
+            scratch.data_ptr(), tscratch.data_ptr(), _stream_rows(x), k, _ptr(b))
     if gw is not None:
         gw = gw.to(weight.dtype)
     if gb is not None:

@@ -12,14 +12,15 @@ ROWS_SOURCE = r"""
    channel between passes. Forward: Σx (range: max, min) → μ; l1/l2/linf:
    Σ|d|, Σd², max|d|, the top-k |d| → raw; then y. Backward: the channel sums → nm_coefs → ∂L/∂x.
    Scratch sizes (set by native.py): forward 4·nt·C doubles and (1 + 3·nt)·C T; backward 6·nt·C doubles and
-   (6 + 6·nt)·C T, nt = nthreads. */
+   (10 + 6·nt)·C T, nt = nthreads. In place (forward: y = x; backward: bv, the bias, given) the backward
+   rebuilds d = (y − b)/scale and linf/range thresholds from y (no in-place top-k here). */
 #define NM_ROWBLK 64
 #define NM_ROWS_RANGE(R)                                                                                  \
     const int t_ = omp_get_thread_num(), nt_ = omp_get_num_threads();                                     \
     const int64_t r0 = (R) * t_ / nt_, r1 = (R) * (t_ + 1) / nt_;
 
 #define NM_DEFINE_ROWS(TS, T, SFX, ABS, LD, ST)                                                           \
-int nm_forward_rows_##SFX(const TS *restrict x, TS *restrict y, const T *restrict w, const T *restrict b, \
+int nm_forward_rows_##SFX(const TS *x, TS *y, const T *restrict w, const T *restrict b,                   \
                           T *restrict mean_out, T *restrict raw_out, T *restrict hi_out,                  \
                           T *restrict lo_out, int64_t R, int64_t C, int norm, double cn, double eps,      \
                           int nthreads, double *restrict scratch, T *restrict tscratch,                   \
@@ -176,16 +177,59 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
                             const T *restrict w, const T *restrict mean, const T *restrict rawv,          \
                             const T *restrict hiv, const T *restrict lov, T *restrict gw, T *restrict gb, \
                             int64_t R, int64_t C, int norm, double cn, double eps, int nthreads,          \
-                            double *restrict scratch, T *restrict tscratch, int stream, int topk)         \
+                            double *restrict scratch, T *restrict tscratch, int stream, int topk,         \
+                            const T *restrict bv)                                                         \
 {                                                                                                         \
     const double n = (double)R;                                                                           \
-    /* shared per channel: the coefficients of nm_coefs and τ (linf: max|d|; range: max x) */             \
+    /* shared per channel: the coefficients of nm_coefs and τ (linf: max|d|; range: max x); after the     \
+       per-thread blocks, the element the formulas see, (x − sb)·ml with μ = mu: x itself (sb = 0, ml = 1, \
+       mu = mean), or in place (bv: the bias) d rebuilt from the output y as (y − b)/scale with mu = 0; and \
+       the min the range comparisons use */                                                               \
     T *restrict At = tscratch, *restrict Bt = At + C, *restrict Kt = Bt + C, *restrict Kbt = Kt + C,      \
       *restrict Wq = Kbt + C, *restrict tau = Wq + C;                                                     \
-    for (int64_t c = 0; c < C; ++c) tau[c] = norm == NM_RANGE || norm == NM_TOPK ? hiv[c] : rawv[c];      \
+    T *restrict sbv = tscratch + (int64_t)(6 + 6 * nthreads) * C, *restrict mlv = sbv + C,                \
+      *restrict muv = mlv + C, *restrict lov2 = muv + C;                                                  \
+    for (int64_t c = 0; c < C; ++c) {                                                                     \
+        tau[c] = norm == NM_RANGE || norm == NM_TOPK ? (hiv ? hiv[c] : 0) : rawv[c];                      \
+        lov2[c] = lov ? lov[c] : 0;                                                                       \
+        if (bv) { sbv[c] = bv[c]; mlv[c] = (T)1 / nm_scale_##SFX(norm, cn, eps, w[c], rawv[c]); muv[c] = 0; } \
+        else { sbv[c] = 0; mlv[c] = 1; muv[c] = mean[c]; }                                                \
+    }                                                                                                     \
     _Pragma("omp parallel num_threads(nthreads)")                                                         \
     {                                                                                                     \
         NM_ROWS_RANGE(R)                                                                                  \
+        if (bv && (norm == NM_LINF || norm == NM_RANGE)) {                                                \
+            /* in place: the thresholds from the rebuilt d (linf max |d|, range max and min d), per thread, then \
+               combined per channel */                                                                    \
+            double *restrict ph = scratch + (int64_t)t_ * 6 * C, *restrict pl = ph + C;                   \
+            for (int64_t c = 0; c < C; ++c) { ph[c] = norm == NM_LINF ? 0.0 : -INFINITY; pl[c] = INFINITY; } \
+            for (int64_t r = r0; r < r1; ++r) {                                                           \
+                const TS *xr = x + r * C;                                                                 \
+                if (norm == NM_LINF) {                                                                    \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t c = 0; c < C; ++c) {                                                     \
+                        const double a = (double)ABS((LD(xr[c]) - sbv[c]) * mlv[c]);                      \
+                        ph[c] = a > ph[c] ? a : ph[c];                                                    \
+                    }                                                                                     \
+                } else {                                                                                  \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t c = 0; c < C; ++c) {                                                     \
+                        const double v = (double)((LD(xr[c]) - sbv[c]) * mlv[c]);                         \
+                        ph[c] = v > ph[c] ? v : ph[c]; pl[c] = v < pl[c] ? v : pl[c];                     \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            _Pragma("omp barrier")                                                                        \
+            _Pragma("omp for schedule(static)")                                                           \
+            for (int64_t c = 0; c < C; ++c) {                                                             \
+                double h = norm == NM_LINF ? 0.0 : -INFINITY, l = INFINITY;                               \
+                for (int u = 0; u < nt_; ++u) {                                                           \
+                    const double *q = scratch + (int64_t)u * 6 * C;                                       \
+                    h = q[c] > h ? q[c] : h; l = q[C + c] < l ? q[C + c] : l;                             \
+                }                                                                                         \
+                tau[c] = (T)h; lov2[c] = (T)l;                                                            \
+            }                                                                                             \
+        }                                                                                                 \
         /* per thread, per channel: Σg, Σg·d, then l1: Σ sign d; linf: Σ sign and # over |d| > τ and over \
            |d| = τ; range: # (x = max), # (x = min) */                                                    \
         double *restrict p = scratch + (int64_t)t_ * 6 * C;                                               \
@@ -200,13 +244,13 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
                 if (norm == NM_L1) {                                                                      \
                     _Pragma("omp simd")                                                                   \
                     for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T d = LD(xr[c]) - mean[c], gj = LD(gr[c]);                                  \
+                        const T d = (LD(xr[c]) - sbv[c]) * mlv[c] - muv[c], gj = LD(gr[c]);               \
                         b1[c] += gj; b2[c] += gj * d; b3[c] += (T)(d > 0) - (T)(d < 0);                   \
                     }                                                                                     \
                 } else if (norm == NM_LINF || norm == NM_TOPK) {                                          \
                     _Pragma("omp simd")                                                                   \
                     for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T d = LD(xr[c]) - mean[c], gj = LD(gr[c]), a = ABS(d);                      \
+                        const T d = (LD(xr[c]) - sbv[c]) * mlv[c] - muv[c], gj = LD(gr[c]), a = ABS(d);   \
                         const T sd = (T)(d > 0) - (T)(d < 0);                                             \
                         b1[c] += gj; b2[c] += gj * d;                                                     \
                         b3[c] += a > tau[c] ? sd : (T)0; b4[c] += a == tau[c] ? sd : (T)0;                \
@@ -215,14 +259,15 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
                 } else if (norm == NM_RANGE) {                                                            \
                     _Pragma("omp simd")                                                                   \
                     for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T v = LD(xr[c]), gj = LD(gr[c]);                                            \
-                        b1[c] += gj; b2[c] += gj * (v - mean[c]);                                         \
-                        b3[c] += (T)(v == tau[c]); b4[c] += (T)(v == lov[c]);                             \
+                        const T v = (LD(xr[c]) - sbv[c]) * mlv[c], gj = LD(gr[c]);                        \
+                        b1[c] += gj; b2[c] += gj * (v - muv[c]);                                          \
+                        b3[c] += (T)(v == tau[c]); b4[c] += (T)(v == lov2[c]);                            \
                     }                                                                                     \
                 } else {                                                                                  \
                     _Pragma("omp simd")                                                                   \
                     for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T gj = LD(gr[c]); b1[c] += gj; b2[c] += gj * (LD(xr[c]) - mean[c]);         \
+                        const T gj = LD(gr[c]);                                                           \
+                        b1[c] += gj; b2[c] += gj * ((LD(xr[c]) - sbv[c]) * mlv[c] - muv[c]);              \
                     }                                                                                     \
                 }                                                                                         \
             }                                                                                             \
@@ -245,22 +290,22 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
             const int64_t L = C - c0 < NM_BLK ? C - c0 : NM_BLK;                                          \
             const TS *xr = x + r * C + c0, *gr = g + r * C + c0;                                          \
             const T *A = At + c0, *B = Bt + c0, *K = Kt + c0, *Kb = Kbt + c0, *W = Wq + c0, *tu = tau + c0; \
-            const T *mu = mean + c0, *lo = lov ? lov + c0 : NULL;                                         \
+            const T *mu = muv + c0, *lo = lov2 + c0, *sb = sbv + c0, *ml = mlv + c0;                      \
             TS *out = stream ? buf : gx + r * C + c0;                                                     \
             if (norm == NM_L2) {                                                                          \
                 _Pragma("omp simd")                                                                       \
                 for (int64_t c = 0; c < L; ++c)                                                           \
-                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * (LD(xr[c]) - mu[c]));                    \
+                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * ((LD(xr[c]) - sb[c]) * ml[c] - mu[c]));  \
             } else if (norm == NM_L1) {                                                                   \
                 _Pragma("omp simd")                                                                       \
                 for (int64_t c = 0; c < L; ++c) {                                                         \
-                    const T d = LD(xr[c]) - mu[c];                                                        \
+                    const T d = (LD(xr[c]) - sb[c]) * ml[c] - mu[c];                                      \
                     out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * ((T)(d > 0) - (T)(d < 0)));              \
                 }                                                                                         \
             } else if (norm == NM_LINF || norm == NM_TOPK) {                                              \
                 _Pragma("omp simd")                                                                       \
                 for (int64_t c = 0; c < L; ++c) {                                                         \
-                    const T d = LD(xr[c]) - mu[c], a = ABS(d);                                            \
+                    const T d = (LD(xr[c]) - sb[c]) * ml[c] - mu[c], a = ABS(d);                          \
                     const T sd = (T)(d > 0) - (T)(d < 0);                                                 \
                     const T e = a > tu[c] ? sd : (a == tu[c] ? sd * W[c] : (T)0);                         \
                     out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * e);                                      \
@@ -268,7 +313,7 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
             } else if (norm == NM_RANGE) {                                                                \
                 _Pragma("omp simd")                                                                       \
                 for (int64_t c = 0; c < L; ++c) {                                                         \
-                    const T v = LD(xr[c]);                                                                \
+                    const T v = (LD(xr[c]) - sb[c]) * ml[c];                                              \
                     out[c] = ST(A[c] * LD(gr[c]) + B[c] + (v == tu[c] ? K[c] : (T)0)                      \
                                 - (v == lo[c] ? Kb[c] : (T)0));                                           \
                 }                                                                                         \
