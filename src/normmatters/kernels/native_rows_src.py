@@ -19,6 +19,165 @@ ROWS_SOURCE = r"""
     const int t_ = omp_get_thread_num(), nt_ = omp_get_num_threads();                                     \
     const int64_t r0 = (R) * t_ / nt_, r1 = (R) * (t_ + 1) / nt_;
 
+#define NM_DEFINE_ROWS_BWD(TS, T, SFX, ABS, LD, ST, VARIANT, INPL)                                        \
+static void nm_backward_rows_##VARIANT##_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict gx, \
+                            const T *restrict w, const T *restrict mean, const T *restrict rawv,          \
+                            const T *restrict hiv, const T *restrict lov, T *restrict gw, T *restrict gb, \
+                            int64_t R, int64_t C, int norm, double cn, double eps, int nthreads,          \
+                            double *restrict scratch, T *restrict tscratch, int stream, int topk,         \
+                            const T *restrict bv)                                                         \
+{                                                                                                         \
+    const double n = (double)R;                                                                           \
+    /* shared per channel: the coefficients of nm_coefs and τ (linf: max|d|; range: max x); after the     \
+       per-thread blocks, the element the formulas see, (x − sb)·ml with μ = mu: x itself (sb = 0, ml = 1, \
+       mu = mean), or in place (bv: the bias) d rebuilt from the output y as (y − b)/scale with mu = 0; and \
+       the min the range comparisons use */                                                               \
+    T *restrict At = tscratch, *restrict Bt = At + C, *restrict Kt = Bt + C, *restrict Kbt = Kt + C,      \
+      *restrict Wq = Kbt + C, *restrict tau = Wq + C;                                                     \
+    T *restrict sbv = tscratch + (int64_t)(6 + 6 * nthreads) * C, *restrict mlv = sbv + C,                \
+      *restrict muv = mlv + C, *restrict lov2 = muv + C;                                                  \
+    for (int64_t c = 0; c < C; ++c) {                                                                     \
+        tau[c] = norm == NM_RANGE || norm == NM_TOPK ? (hiv ? hiv[c] : 0) : rawv[c];                      \
+        lov2[c] = lov ? lov[c] : 0;                                                                       \
+        if (INPL) { sbv[c] = bv[c]; mlv[c] = (T)1 / nm_scale_##SFX(norm, cn, eps, w[c], rawv[c]); muv[c] = 0; } \
+        else { sbv[c] = 0; mlv[c] = 1; muv[c] = mean[c]; }                                                \
+    }                                                                                                     \
+    /* what the passes read: the parameters themselves unless in place */                                 \
+    const T *restrict mean_ = INPL ? muv : mean, *restrict lov_ = INPL ? lov2 : lov;                      \
+    _Pragma("omp parallel num_threads(nthreads)")                                                         \
+    {                                                                                                     \
+        NM_ROWS_RANGE(R)                                                                                  \
+        if (INPL && (norm == NM_LINF || norm == NM_RANGE)) {                                              \
+            /* in place: the thresholds from the rebuilt d (linf max |d|, range max and min d), per thread, then \
+               combined per channel */                                                                    \
+            double *restrict ph = scratch + (int64_t)t_ * 6 * C, *restrict pl = ph + C;                   \
+            for (int64_t c = 0; c < C; ++c) { ph[c] = norm == NM_LINF ? 0.0 : -INFINITY; pl[c] = INFINITY; } \
+            for (int64_t r = r0; r < r1; ++r) {                                                           \
+                const TS *xr = x + r * C;                                                                 \
+                if (norm == NM_LINF) {                                                                    \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t c = 0; c < C; ++c) {                                                     \
+                        const double a = (double)ABS((INPL ? (LD(xr[c]) - sbv[c]) * mlv[c] : LD(xr[c]))); \
+                        ph[c] = a > ph[c] ? a : ph[c];                                                    \
+                    }                                                                                     \
+                } else {                                                                                  \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t c = 0; c < C; ++c) {                                                     \
+                        const double v = (double)((INPL ? (LD(xr[c]) - sbv[c]) * mlv[c] : LD(xr[c])));    \
+                        ph[c] = v > ph[c] ? v : ph[c]; pl[c] = v < pl[c] ? v : pl[c];                     \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            _Pragma("omp barrier")                                                                        \
+            _Pragma("omp for schedule(static)")                                                           \
+            for (int64_t c = 0; c < C; ++c) {                                                             \
+                double h = norm == NM_LINF ? 0.0 : -INFINITY, l = INFINITY;                               \
+                for (int u = 0; u < nt_; ++u) {                                                           \
+                    const double *q = scratch + (int64_t)u * 6 * C;                                       \
+                    h = q[c] > h ? q[c] : h; l = q[C + c] < l ? q[C + c] : l;                             \
+                }                                                                                         \
+                tau[c] = (T)h; lov2[c] = (T)l;                                                            \
+            }                                                                                             \
+        }                                                                                                 \
+        /* per thread, per channel: Σg, Σg·d, then l1: Σ sign d; linf: Σ sign and # over |d| > τ and over \
+           |d| = τ; range: # (x = max), # (x = min) */                                                    \
+        double *restrict p = scratch + (int64_t)t_ * 6 * C;                                               \
+        T *restrict b1 = tscratch + (int64_t)(6 + 6 * t_) * C, *restrict b2 = b1 + C, *restrict b3 = b2 + C, \
+          *restrict b4 = b3 + C, *restrict b5 = b4 + C, *restrict b6 = b5 + C;                            \
+        for (int64_t c = 0; c < 6 * C; ++c) p[c] = 0.0;                                                   \
+        for (int64_t rb = r0; rb < r1; rb += NM_ROWBLK) {                                                 \
+            const int64_t re = rb + NM_ROWBLK < r1 ? rb + NM_ROWBLK : r1;                                 \
+            for (int64_t c = 0; c < 6 * C; ++c) b1[c] = 0;                                                \
+            for (int64_t r = rb; r < re; ++r) {                                                           \
+                const TS *xr = x + r * C, *gr = g + r * C;                                                \
+                if (norm == NM_L1) {                                                                      \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t c = 0; c < C; ++c) {                                                     \
+                        const T d = (INPL ? (LD(xr[c]) - sbv[c]) * mlv[c] : LD(xr[c])) - mean_[c], gj = LD(gr[c]); \
+                        b1[c] += gj; b2[c] += gj * d; b3[c] += (T)(d > 0) - (T)(d < 0);                   \
+                    }                                                                                     \
+                } else if (norm == NM_LINF || norm == NM_TOPK) {                                          \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t c = 0; c < C; ++c) {                                                     \
+                        const T d = (INPL ? (LD(xr[c]) - sbv[c]) * mlv[c] : LD(xr[c])) - mean_[c];        \
+                        const T gj = LD(gr[c]), a = ABS(d);                                               \
+                        const T sd = (T)(d > 0) - (T)(d < 0);                                             \
+                        b1[c] += gj; b2[c] += gj * d;                                                     \
+                        b3[c] += a > tau[c] ? sd : (T)0; b4[c] += a == tau[c] ? sd : (T)0;                \
+                        b5[c] += (T)(a > tau[c]); b6[c] += (T)(a == tau[c]);                              \
+                    }                                                                                     \
+                } else if (norm == NM_RANGE) {                                                            \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t c = 0; c < C; ++c) {                                                     \
+                        const T v = (INPL ? (LD(xr[c]) - sbv[c]) * mlv[c] : LD(xr[c])), gj = LD(gr[c]);   \
+                        b1[c] += gj; b2[c] += gj * (v - mean_[c]);                                        \
+                        b3[c] += (T)(v == tau[c]); b4[c] += (T)(v == lov_[c]);                            \
+                    }                                                                                     \
+                } else {                                                                                  \
+                    _Pragma("omp simd")                                                                   \
+                    for (int64_t c = 0; c < C; ++c) {                                                     \
+                        const T gj = LD(gr[c]);                                                           \
+                        b1[c] += gj; b2[c] += gj * ((INPL ? (LD(xr[c]) - sbv[c]) * mlv[c] : LD(xr[c])) - mean_[c]); \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            for (int64_t c = 0; c < 6 * C; ++c) p[c] += (double)b1[c];                                    \
+        }                                                                                                 \
+        _Pragma("omp barrier")                                                                            \
+        _Pragma("omp for schedule(static)")                                                               \
+        for (int64_t c = 0; c < C; ++c) {                                                                 \
+            double q[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                                 \
+            for (int u = 0; u < nt_; ++u)                                                                 \
+                for (int k = 0; k < 6; ++k) q[k] += scratch[(int64_t)u * 6 * C + k * C + c];              \
+            const int linf = norm == NM_LINF || norm == NM_TOPK, rng = norm == NM_RANGE;                  \
+            nm_coefs_##SFX(norm, topk, n, cn, eps, (double)w[c], (double)rawv[c], q[0], q[1],             \
+                           norm == NM_L1 ? q[2] : 0.0, linf ? q[2] : 0.0, linf ? q[3] : 0.0,              \
+                           linf ? q[4] : rng ? q[2] : 0.0, linf ? q[5] : rng ? q[3] : 0.0,                \
+                           gw ? gw + c : NULL, gb ? gb + c : NULL, At + c, Bt + c, Kt + c, Kbt + c, Wq + c); \
+        }                                                                                                 \
+        TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
+        if (gx) for (int64_t r = r0; r < r1; ++r) for (int64_t c0 = 0; c0 < C; c0 += NM_BLK) {            \
+            const int64_t L = C - c0 < NM_BLK ? C - c0 : NM_BLK;                                          \
+            const TS *xr = x + r * C + c0, *gr = g + r * C + c0;                                          \
+            const T *A = At + c0, *B = Bt + c0, *K = Kt + c0, *Kb = Kbt + c0, *W = Wq + c0, *tu = tau + c0; \
+            const T *mu = mean_ + c0, *lo = lov_ ? lov_ + c0 : NULL, *sb = sbv + c0, *ml = mlv + c0;      \
+            TS *out = stream ? buf : gx + r * C + c0;                                                     \
+            if (norm == NM_L2) {                                                                          \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t c = 0; c < L; ++c)                                                           \
+                    out[c] = ST(A[c] * LD(gr[c]) + B[c]                                                   \
+                                + K[c] * ((INPL ? (LD(xr[c]) - sb[c]) * ml[c] : LD(xr[c])) - mu[c]));     \
+            } else if (norm == NM_L1) {                                                                   \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t c = 0; c < L; ++c) {                                                         \
+                    const T d = (INPL ? (LD(xr[c]) - sb[c]) * ml[c] : LD(xr[c])) - mu[c];                 \
+                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * ((T)(d > 0) - (T)(d < 0)));              \
+                }                                                                                         \
+            } else if (norm == NM_LINF || norm == NM_TOPK) {                                              \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t c = 0; c < L; ++c) {                                                         \
+                    const T d = (INPL ? (LD(xr[c]) - sb[c]) * ml[c] : LD(xr[c])) - mu[c], a = ABS(d);     \
+                    const T sd = (T)(d > 0) - (T)(d < 0);                                                 \
+                    const T e = a > tu[c] ? sd : (a == tu[c] ? sd * W[c] : (T)0);                         \
+                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * e);                                      \
+                }                                                                                         \
+            } else if (norm == NM_RANGE) {                                                                \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t c = 0; c < L; ++c) {                                                         \
+                    const T v = (INPL ? (LD(xr[c]) - sb[c]) * ml[c] : LD(xr[c]));                         \
+                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + (v == tu[c] ? K[c] : (T)0)                      \
+                                - (v == lo[c] ? Kb[c] : (T)0));                                           \
+                }                                                                                         \
+            } else {                                                                                      \
+                _Pragma("omp simd")                                                                       \
+                for (int64_t c = 0; c < L; ++c) out[c] = ST(A[c] * LD(gr[c]) + B[c]);                     \
+            }                                                                                             \
+            if (stream) nm_stream_##SFX(gx + r * C + c0, buf, L);                                         \
+        }                                                                                                 \
+        if (gx && stream) NM_SFENCE();                                                                    \
+    }                                                                                                     \
+}
+
 #define NM_DEFINE_ROWS(TS, T, SFX, ABS, LD, ST)                                                           \
 int nm_forward_rows_##SFX(const TS *x, TS *y, const T *restrict w, const T *restrict b,                   \
                           T *restrict mean_out, T *restrict raw_out, T *restrict hi_out,                  \
@@ -172,7 +331,8 @@ int nm_forward_rows_##SFX(const TS *x, TS *y, const T *restrict w, const T *rest
     return nm_update_##SFX(mean_out, raw_out, C, norm, cn, run_mean, run_var, nbt, momentum, unbias,      \
                            buf_bf16);                                                                     \
 }                                                                                                         \
-                                                                                                          \
+NM_DEFINE_ROWS_BWD(TS, T, SFX, ABS, LD, ST, plain, 0)                                                     \
+NM_DEFINE_ROWS_BWD(TS, T, SFX, ABS, LD, ST, inpl, 1)                                                      \
 void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict gx,                  \
                             const T *restrict w, const T *restrict mean, const T *restrict rawv,          \
                             const T *restrict hiv, const T *restrict lov, T *restrict gw, T *restrict gb, \
@@ -180,150 +340,11 @@ void nm_backward_rows_##SFX(const TS *restrict g, const TS *restrict x, TS *rest
                             double *restrict scratch, T *restrict tscratch, int stream, int topk,         \
                             const T *restrict bv)                                                         \
 {                                                                                                         \
-    const double n = (double)R;                                                                           \
-    /* shared per channel: the coefficients of nm_coefs and τ (linf: max|d|; range: max x); after the     \
-       per-thread blocks, the element the formulas see, (x − sb)·ml with μ = mu: x itself (sb = 0, ml = 1, \
-       mu = mean), or in place (bv: the bias) d rebuilt from the output y as (y − b)/scale with mu = 0; and \
-       the min the range comparisons use */                                                               \
-    T *restrict At = tscratch, *restrict Bt = At + C, *restrict Kt = Bt + C, *restrict Kbt = Kt + C,      \
-      *restrict Wq = Kbt + C, *restrict tau = Wq + C;                                                     \
-    T *restrict sbv = tscratch + (int64_t)(6 + 6 * nthreads) * C, *restrict mlv = sbv + C,                \
-      *restrict muv = mlv + C, *restrict lov2 = muv + C;                                                  \
-    for (int64_t c = 0; c < C; ++c) {                                                                     \
-        tau[c] = norm == NM_RANGE || norm == NM_TOPK ? (hiv ? hiv[c] : 0) : rawv[c];                      \
-        lov2[c] = lov ? lov[c] : 0;                                                                       \
-        if (bv) { sbv[c] = bv[c]; mlv[c] = (T)1 / nm_scale_##SFX(norm, cn, eps, w[c], rawv[c]); muv[c] = 0; } \
-        else { sbv[c] = 0; mlv[c] = 1; muv[c] = mean[c]; }                                                \
-    }                                                                                                     \
-    _Pragma("omp parallel num_threads(nthreads)")                                                         \
-    {                                                                                                     \
-        NM_ROWS_RANGE(R)                                                                                  \
-        if (bv && (norm == NM_LINF || norm == NM_RANGE)) {                                                \
-            /* in place: the thresholds from the rebuilt d (linf max |d|, range max and min d), per thread, then \
-               combined per channel */                                                                    \
-            double *restrict ph = scratch + (int64_t)t_ * 6 * C, *restrict pl = ph + C;                   \
-            for (int64_t c = 0; c < C; ++c) { ph[c] = norm == NM_LINF ? 0.0 : -INFINITY; pl[c] = INFINITY; } \
-            for (int64_t r = r0; r < r1; ++r) {                                                           \
-                const TS *xr = x + r * C;                                                                 \
-                if (norm == NM_LINF) {                                                                    \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const double a = (double)ABS((LD(xr[c]) - sbv[c]) * mlv[c]);                      \
-                        ph[c] = a > ph[c] ? a : ph[c];                                                    \
-                    }                                                                                     \
-                } else {                                                                                  \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const double v = (double)((LD(xr[c]) - sbv[c]) * mlv[c]);                         \
-                        ph[c] = v > ph[c] ? v : ph[c]; pl[c] = v < pl[c] ? v : pl[c];                     \
-                    }                                                                                     \
-                }                                                                                         \
-            }                                                                                             \
-            _Pragma("omp barrier")                                                                        \
-            _Pragma("omp for schedule(static)")                                                           \
-            for (int64_t c = 0; c < C; ++c) {                                                             \
-                double h = norm == NM_LINF ? 0.0 : -INFINITY, l = INFINITY;                               \
-                for (int u = 0; u < nt_; ++u) {                                                           \
-                    const double *q = scratch + (int64_t)u * 6 * C;                                       \
-                    h = q[c] > h ? q[c] : h; l = q[C + c] < l ? q[C + c] : l;                             \
-                }                                                                                         \
-                tau[c] = (T)h; lov2[c] = (T)l;                                                            \
-            }                                                                                             \
-        }                                                                                                 \
-        /* per thread, per channel: Σg, Σg·d, then l1: Σ sign d; linf: Σ sign and # over |d| > τ and over \
-           |d| = τ; range: # (x = max), # (x = min) */                                                    \
-        double *restrict p = scratch + (int64_t)t_ * 6 * C;                                               \
-        T *restrict b1 = tscratch + (int64_t)(6 + 6 * t_) * C, *restrict b2 = b1 + C, *restrict b3 = b2 + C, \
-          *restrict b4 = b3 + C, *restrict b5 = b4 + C, *restrict b6 = b5 + C;                            \
-        for (int64_t c = 0; c < 6 * C; ++c) p[c] = 0.0;                                                   \
-        for (int64_t rb = r0; rb < r1; rb += NM_ROWBLK) {                                                 \
-            const int64_t re = rb + NM_ROWBLK < r1 ? rb + NM_ROWBLK : r1;                                 \
-            for (int64_t c = 0; c < 6 * C; ++c) b1[c] = 0;                                                \
-            for (int64_t r = rb; r < re; ++r) {                                                           \
-                const TS *xr = x + r * C, *gr = g + r * C;                                                \
-                if (norm == NM_L1) {                                                                      \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T d = (LD(xr[c]) - sbv[c]) * mlv[c] - muv[c], gj = LD(gr[c]);               \
-                        b1[c] += gj; b2[c] += gj * d; b3[c] += (T)(d > 0) - (T)(d < 0);                   \
-                    }                                                                                     \
-                } else if (norm == NM_LINF || norm == NM_TOPK) {                                          \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T d = (LD(xr[c]) - sbv[c]) * mlv[c] - muv[c], gj = LD(gr[c]), a = ABS(d);   \
-                        const T sd = (T)(d > 0) - (T)(d < 0);                                             \
-                        b1[c] += gj; b2[c] += gj * d;                                                     \
-                        b3[c] += a > tau[c] ? sd : (T)0; b4[c] += a == tau[c] ? sd : (T)0;                \
-                        b5[c] += (T)(a > tau[c]); b6[c] += (T)(a == tau[c]);                              \
-                    }                                                                                     \
-                } else if (norm == NM_RANGE) {                                                            \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T v = (LD(xr[c]) - sbv[c]) * mlv[c], gj = LD(gr[c]);                        \
-                        b1[c] += gj; b2[c] += gj * (v - muv[c]);                                          \
-                        b3[c] += (T)(v == tau[c]); b4[c] += (T)(v == lov2[c]);                            \
-                    }                                                                                     \
-                } else {                                                                                  \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t c = 0; c < C; ++c) {                                                     \
-                        const T gj = LD(gr[c]);                                                           \
-                        b1[c] += gj; b2[c] += gj * ((LD(xr[c]) - sbv[c]) * mlv[c] - muv[c]);              \
-                    }                                                                                     \
-                }                                                                                         \
-            }                                                                                             \
-            for (int64_t c = 0; c < 6 * C; ++c) p[c] += (double)b1[c];                                    \
-        }                                                                                                 \
-        _Pragma("omp barrier")                                                                            \
-        _Pragma("omp for schedule(static)")                                                               \
-        for (int64_t c = 0; c < C; ++c) {                                                                 \
-            double q[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                                 \
-            for (int u = 0; u < nt_; ++u)                                                                 \
-                for (int k = 0; k < 6; ++k) q[k] += scratch[(int64_t)u * 6 * C + k * C + c];              \
-            const int linf = norm == NM_LINF || norm == NM_TOPK, rng = norm == NM_RANGE;                  \
-            nm_coefs_##SFX(norm, topk, n, cn, eps, (double)w[c], (double)rawv[c], q[0], q[1],             \
-                           norm == NM_L1 ? q[2] : 0.0, linf ? q[2] : 0.0, linf ? q[3] : 0.0,              \
-                           linf ? q[4] : rng ? q[2] : 0.0, linf ? q[5] : rng ? q[3] : 0.0,                \
-                           gw ? gw + c : NULL, gb ? gb + c : NULL, At + c, Bt + c, Kt + c, Kbt + c, Wq + c); \
-        }                                                                                                 \
-        TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
-        if (gx) for (int64_t r = r0; r < r1; ++r) for (int64_t c0 = 0; c0 < C; c0 += NM_BLK) {            \
-            const int64_t L = C - c0 < NM_BLK ? C - c0 : NM_BLK;                                          \
-            const TS *xr = x + r * C + c0, *gr = g + r * C + c0;                                          \
-            const T *A = At + c0, *B = Bt + c0, *K = Kt + c0, *Kb = Kbt + c0, *W = Wq + c0, *tu = tau + c0; \
-            const T *mu = muv + c0, *lo = lov2 + c0, *sb = sbv + c0, *ml = mlv + c0;                      \
-            TS *out = stream ? buf : gx + r * C + c0;                                                     \
-            if (norm == NM_L2) {                                                                          \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < L; ++c)                                                           \
-                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * ((LD(xr[c]) - sb[c]) * ml[c] - mu[c]));  \
-            } else if (norm == NM_L1) {                                                                   \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < L; ++c) {                                                         \
-                    const T d = (LD(xr[c]) - sb[c]) * ml[c] - mu[c];                                      \
-                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * ((T)(d > 0) - (T)(d < 0)));              \
-                }                                                                                         \
-            } else if (norm == NM_LINF || norm == NM_TOPK) {                                              \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < L; ++c) {                                                         \
-                    const T d = (LD(xr[c]) - sb[c]) * ml[c] - mu[c], a = ABS(d);                          \
-                    const T sd = (T)(d > 0) - (T)(d < 0);                                                 \
-                    const T e = a > tu[c] ? sd : (a == tu[c] ? sd * W[c] : (T)0);                         \
-                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + K[c] * e);                                      \
-                }                                                                                         \
-            } else if (norm == NM_RANGE) {                                                                \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < L; ++c) {                                                         \
-                    const T v = (LD(xr[c]) - sb[c]) * ml[c];                                              \
-                    out[c] = ST(A[c] * LD(gr[c]) + B[c] + (v == tu[c] ? K[c] : (T)0)                      \
-                                - (v == lo[c] ? Kb[c] : (T)0));                                           \
-                }                                                                                         \
-            } else {                                                                                      \
-                _Pragma("omp simd")                                                                       \
-                for (int64_t c = 0; c < L; ++c) out[c] = ST(A[c] * LD(gr[c]) + B[c]);                     \
-            }                                                                                             \
-            if (stream) nm_stream_##SFX(gx + r * C + c0, buf, L);                                         \
-        }                                                                                                 \
-        if (gx && stream) NM_SFENCE();                                                                    \
-    }                                                                                                     \
+    if (bv)                                                                                               \
+        nm_backward_rows_inpl_##SFX(g, x, gx, w, mean, rawv, hiv, lov, gw, gb, R, C, norm, cn, eps, nthreads, \
+                                    scratch, tscratch, stream, topk, bv);                                 \
+    else                                                                                                  \
+        nm_backward_rows_plain_##SFX(g, x, gx, w, mean, rawv, hiv, lov, gw, gb, R, C, norm, cn, eps, nthreads, \
+                                     scratch, tscratch, stream, topk, bv);                                \
 }
 """
