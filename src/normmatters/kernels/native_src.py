@@ -349,7 +349,9 @@ void nm_backward_##SFX(const TS *restrict g, const TS *restrict x, TS *restrict 
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                \
     for (int64_t blk = 0; blk < nblocks; ++blk) {                                                         \
         TS buf[NM_BLK] __attribute__((aligned(64)));                                                      \
-        const int64_t c0 = blk * cb, nb = C - c0 < cb ? C - c0 : cb;                                      \
+        /* blocks in reverse: the forward read the last ones most recently, so they are the likeliest to be \
+           still in L3 (l1 backward 1.67-1.70 -> 1.53 ms at 64x64x32x32; range unchanged) */              \
+        const int64_t c0 = (nblocks - 1 - blk) * cb, nb = C - c0 < cb ? C - c0 : cb;                      \
         double sg[NM_CBMAX], sgd[NM_CBMAX], ssign[NM_CBMAX], sgt[NM_CBMAX], seq[NM_CBMAX];                \
         int64_t cgt[NM_CBMAX], ceq[NM_CBMAX];                                                             \
         T At[NM_CBMAX], Bt[NM_CBMAX], Kt[NM_CBMAX], Kbt[NM_CBMAX], weqt[NM_CBMAX];                        \
