@@ -132,3 +132,35 @@ def test_numpy_and_dlpack_views_keep_a_buffer_in_use():
     assert pool.empty_like(x).data_ptr() != ptr  # the capsule still refers to it
     del capsule
     assert pool.empty_like(x).data_ptr() == ptr
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no C compiler)")
+def test_layers_in_two_threads_agree_with_one_thread():
+    """Two Python threads training their own layers share the pool (and the OpenMP runtime): every output and
+    gradient equals the single-threaded run's."""
+    import threading
+
+    xs = [torch.randn(BIG) for _ in range(2)]
+    gs = [torch.randn(BIG) for _ in range(2)]
+
+    def run(i, out):
+        m = nm.LpBatchNorm2d(8, norm="range", impl="native")
+        res = []
+        for step in range(8):
+            x = (xs[i] + step).requires_grad_()
+            y = m(x)
+            y.backward(gs[i])
+            res.append((y.detach().clone(), x.grad.clone()))
+        out[i] = res
+
+    sequential, parallel = {}, {}
+    run(0, sequential)
+    run(1, sequential)
+    threads = [threading.Thread(target=run, args=(i, parallel)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for (y, gx), (py, pgx) in zip(sequential[i], parallel[i], strict=True):
+            assert torch.equal(y, py) and torch.equal(gx, pgx)
