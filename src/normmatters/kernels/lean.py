@@ -7,9 +7,9 @@ reference path, which it calls for eval mode and for ``impl="reference"``) plus 
   (channels-innermost input, or rows long enough: :func:`.native.auto_prefers`), else ``"compiled"``;
 * ``"native"``: C/OpenMP CPU kernels (:mod:`.native`; built with gcc on first use, a few seconds) for
   float32/float64/bfloat16 input, contiguous (blocks of adjacent channels, cache-blocked) or channels-innermost
-  (row kernels), norms mean, l2, l1, linf, range and top-k (k ≤ 64, contiguous only), no ghost batches or
-  range chunks; the running buffers are updated in the same call (:func:`_native_training`); other cases
-  (and a missing compiler, after one warning) run ``"compiled"``;
+  (row kernels), norms mean, l2, l1, linf, range and top-k (k ≤ 64), no ghost batches or range chunks,
+  in place too (not top-k on the row kernels); the running buffers are updated in the same call
+  (:func:`_native_training`); other cases (and a missing compiler, after one warning) run ``"compiled"``;
 * ``"compiled"``: the formulas of :mod:`.formulas` compiled by ``torch.compile`` (first call
   costs seconds per norm; see :data:`.compiled.compile_seconds`), eager fallback with one warning;
 * ``"eager"``: the same formulas run op by op (still lean in memory);
