@@ -52,6 +52,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         t.fit(resume=True)
         out["bn_resumed"] = t.module.state_dict()
         torch.save(out, f"{tmp}/rank{rank}.pt")
+        dist.barrier()  # both ranks done with their collectives before either tears the group down
     finally:
         dist.destroy_process_group()
 

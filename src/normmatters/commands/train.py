@@ -136,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
         result = trainer.fit(resume=args.resume, handle_signals=True)
+        # every rank past its last collective before any rank tears the group down: a rank that destroys it
+        # while another still talks to it can abort that one (gloo: "terminate called without an active exception")
+        D.barrier(info)
     except (ConfigError, DataError, CheckpointError, ValueError, RuntimeError) as e:
         print(f"train: {e}", file=sys.stderr)
         return 2
