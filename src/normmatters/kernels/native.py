@@ -350,9 +350,14 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Te
     gx = pool.empty_like(x) if need_x else None
     gw = x.new_empty(C, dtype=acc) if need_w else None
     gb = x.new_empty(C, dtype=acc) if need_b else None
-    pos = aux[0] if norm == "range" and len(aux) == 1 else None
-    hi, lo = (None, None) if pos is not None or norm not in ("range", "topk") or bias is not None else \
-        (aux[0], None) if norm == "topk" else aux
+    hi = lo = pos = None  # in place (bias given) the kernel rebuilds its thresholds: aux is unused
+    if norm == "topk" and bias is None:
+        (hi,) = aux
+    elif norm == "range" and bias is None:
+        if len(aux) == 1:  # the channel kernels' max/min positions
+            (pos,) = aux
+        else:  # the rows kernels' max and min values
+            hi, lo = aux
     w = weight.to(acc)  # held until the call returns
     b = bias.to(acc) if bias is not None else None
     nt = torch.get_num_threads()
