@@ -375,7 +375,7 @@ def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str]
     with torch._dynamo.config.patch(recompile_limit=256):
         rows = _bench_cases(shapes, dtypes, layouts, norms, dev, rounds, bw, quick)
     # the roofline is the best bandwidth the machine sustains: measured again after the cases and the larger
-    # reading taken (on this VM single readings ranged 23-47 GB/s, most 28-31), the rows rescaled to it
+    # reading taken (on this VM single readings ranged 23-54 GB/s, most 28-33), the rows rescaled to it
     samples = [bw, copy_bandwidth(dev)]
     bw = max(samples)
     for r in rows:
