@@ -36,7 +36,8 @@ from torch import Tensor
 from .estimators import get_estimator
 
 __all__ = ["lp_batch_norm", "NonFiniteBatchError", "NONFINITE_MODES", "check_input", "training_groups",
-           "update_running_stats", "report_nonfinite", "acc_dtype", "check_running_stats"]
+           "update_running_stats", "report_nonfinite", "acc_dtype", "check_running_stats",
+           "check_channel_vectors"]
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
 
@@ -106,6 +107,15 @@ def check_running_stats(running_mean: Tensor | None, running_var: Tensor | None,
     """Eval mode normalizes with the running statistics (``running_var`` only for dividing norms)."""
     if running_mean is None or (divides and running_var is None):
         raise ValueError(f"{where}: eval mode needs running statistics (or pass training=True)")
+
+
+def check_channel_vectors(num_features: int, where: str, **vectors: Tensor | None) -> None:
+    """Every given per-channel tensor (weight, bias, running buffers) has shape (C,): the native kernels read
+    and write C entries of each, so a wrong size must stop here rather than read or write past its end."""
+    for name, t in vectors.items():
+        if t is not None and tuple(t.shape) != (num_features,):
+            raise ValueError(f"{where}: expected {name} of shape ({num_features},) for an input with {num_features} "
+                             f"channels, got {tuple(t.shape)}")
 
 
 def _masked_update(buf: Tensor, new: Tensor, momentum: float | Tensor, ok: Tensor) -> None:

@@ -9,7 +9,8 @@ reference path, which it calls for eval mode and for ``impl="reference"``) plus 
   float32/float64/bfloat16 input, contiguous (blocks of adjacent channels, cache-blocked) or channels-innermost
   (row kernels), norms mean, l2, l1, linf, range and top-k (k ≤ 64), no ghost batches or range chunks,
   in place too (not top-k on the row kernels); the running buffers are updated in the same call
-  (:func:`_native_training`); other cases (and a missing compiler, after one warning) run ``"compiled"``;
+  (:class:`NativePlan`, which a layer keeps across steps); other cases (and a missing compiler, after one
+  warning) run ``"compiled"``;
 * ``"compiled"``: the formulas of :mod:`.formulas` compiled by ``torch.compile`` (first call
   costs seconds per norm; see :data:`.compiled.compile_seconds`), eager fallback with one warning;
 * ``"eager"``: the same formulas run op by op (still lean in memory);
@@ -36,6 +37,7 @@ from ..estimators import get_estimator
 from ..functional import (
     NONFINITE_MODES,
     acc_dtype,
+    check_channel_vectors,
     check_input,
     check_running_stats,
     lp_batch_norm,
@@ -44,7 +46,7 @@ from ..functional import (
 )
 from . import compiled, formulas, native
 
-__all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant", "check_inplace_weight"]
+__all__ = ["lean_batch_norm", "IMPLS", "resolve_impl", "gaussian_constant", "check_inplace_weight", "NativePlan"]
 
 IMPLS = ("auto", "native", "compiled", "eager", "reference")
 ENV = "NORMMATTERS_KERNEL"
@@ -151,29 +153,29 @@ def _once_differentiable_under_create_graph(backward):
 
 
 def _native_backward(ctx, gy, _gok):
-    c, eps, norm, k = ctx.meta
     x, weight, mean, raw, aux = _saved(ctx)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = native.backward(gy, x, weight, mean, raw, aux, c, eps, norm, need_x, need_w, need_b, k)
-    return gx, gw, gb, None, None, None, None, None, None
+    gx, gw, gb = ctx.launch.backward(gy, x, weight, mean, raw, aux, need_x, need_w, need_b)
+    return gx, gw, gb, None, None, None
 
 
 class NativeBatchNormFunction(torch.autograd.Function):
     """:class:`LeanBatchNormFunction` on the native CPU kernels (:mod:`.native`): one group, one chunk,
-    contiguous or channels-innermost input. forward(x, weight, bias, c, eps, norm, running, k, stats) →
-    (y, ok):
-    ``running`` as in :func:`.native.forward` (the kernel then updates those buffers in the same call) or
-    None; ``ok`` is the Python bool "statistics are finite"; ``stats``, a list or None, receives the (1, C)
-    μ and raw statistic (plain tensors) for a caller that updates buffers itself — not outputs, because each
-    autograd output costs the common call ~10 µs on a cold cache. Saves x, w and the (C,) statistics (range:
-    also the positions of the per-channel max and min, see :func:`.native.forward`; top-k: the k-th largest
-    |d|), as many bytes as the Inductor path saves. Once differentiable (double backward raises)."""
+    contiguous or channels-innermost input. forward(x, weight, bias, launch, running, stats) → (y, ok):
+    ``launch`` a :class:`.native.Launch` built for x (not in-place); ``running`` the buffer arguments of
+    :meth:`.native.Launch.forward` (:func:`.native.running_args`: the kernel then updates those buffers in the
+    same call) or (); ``ok`` is the Python bool "statistics are finite"; ``stats``, a list or None, receives
+    the (1, C) μ and raw statistic (plain tensors) for a caller that updates buffers itself — not outputs,
+    because each autograd output costs the common call ~10 µs on a cold cache. Saves x, w and the (C,)
+    statistics (range: also the positions of the per-channel max and min, see :func:`.native.forward`; top-k:
+    the k-th largest |d|), as many bytes as the Inductor path saves. Once differentiable (double backward
+    raises)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, c, eps, norm, running, k=10, stats=None):
-        y, mean, raw, aux, ok = native.forward(x, weight, bias, c, eps, norm, running, k)
-        _save_for_backward(ctx, x, weight, norm, mean, raw, aux)
-        ctx.meta = (c, eps, norm, k)
+    def forward(ctx, x, weight, bias, launch, running, stats=None):
+        y, mean, raw, aux, ok = launch.forward(x, weight, bias, *running)
+        _save_for_backward(ctx, x, weight, launch.norm, mean, raw, aux)
+        ctx.launch = launch
         if stats is not None:
             stats.extend((mean.view(1, -1), raw.view(1, -1)))
         return y, ok
@@ -182,28 +184,27 @@ class NativeBatchNormFunction(torch.autograd.Function):
 
 
 def _native_inplace_backward(ctx, gy):
-    c, eps, norm, k = ctx.meta
     y, weight, bias, raw = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = native.backward(gy, y, weight, None, raw, (), c, eps, norm, need_x, need_w, need_b, k,
-                                 bias=bias)
-    return gx, gw, gb, None, None, None, None, None, None
+    gx, gw, gb = ctx.launch.backward(gy, y, weight, None, raw, (), need_x, need_w, need_b, bias=bias)
+    return gx, gw, gb, None, None, None
 
 
 class NativeBatchNormInplaceFunction(torch.autograd.Function):
-    """In-place mode on the native channel kernels: forward(x, weight, bias, c, eps, norm, running, k, status)
-    → x, normalized in place (marked dirty), the running buffers updated in the same call as in
-    :class:`NativeBatchNormFunction`; ``status`` (a list) receives the "statistics are finite" flag — the only
-    output is x, as a Function that modifies a view in place must return one tensor. Saves y (the input's
-    own storage), w, b and raw; backward rebuilds d = (y − b)/scale and the thresholds from it in the kernel
-    (:func:`.native.backward`). Every weight entry must be non-zero (checked by the caller)."""
+    """In-place mode on the native channel kernels: forward(x, weight, bias, launch, running, status) → x,
+    normalized in place (marked dirty), the running buffers updated in the same call as in
+    :class:`NativeBatchNormFunction` (``launch`` built with ``inplace=True``); ``status`` (a list) receives the
+    "statistics are finite" flag — the only output is x, as a Function that modifies a view in place must
+    return one tensor. Saves y (the input's own storage), w, b and raw; backward rebuilds d = (y − b)/scale and
+    the thresholds from it in the kernel (:meth:`.native.Launch.backward`). Every weight entry must be
+    non-zero (checked by the caller)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, c, eps, norm, running, k, status):
-        _, _, raw, _, ok = native.forward(x, weight, bias, c, eps, norm, running, k, inplace=True)
+    def forward(ctx, x, weight, bias, launch, running, status):
+        _, _, raw, _, ok = launch.forward(x, weight, bias, *running)
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, weight, bias, raw)
-        ctx.meta = (c, eps, norm, k)
+        ctx.launch = launch
         status.append(ok)
         return x
 
@@ -281,37 +282,96 @@ def _eval_inplace(input: Tensor, running_mean: Tensor, running_var: Tensor | Non
     return input.mul_(scale.reshape(shape)).add_(shift.reshape(shape))
 
 
+class NativePlan:
+    """The native training call of one layer (affine, one group, running buffers the kernel can update),
+    worked out once: the checks of every path, the constant c(n), the :class:`.native.Launch` and the buffer
+    arguments. :meth:`build` returns None where it does not apply (the general path then runs, and raises what
+    it raises); calling the plan runs the step, or returns None when the call is not the one it was built for.
+
+    Why: this Python runs right after the previous layer's kernel has streamed the activations through every
+    cache, where each small helper call costs 10-40 µs; a layer that keeps its plan
+    (:class:`normmatters.nn.LpBatchNorm`) skips them on every later step. A plan is valid for the input's
+    shape, strides and dtype (on the CPU), the very tensors it was built with (weight, bias, running buffers:
+    the same objects, at the same addresses — so ``.data`` reassignment, ``module.to()`` or ``load_state_dict(
+    assign=True)`` make a new one), the same ``$NORMMATTERS_KERNEL`` and outside ``torch.compile``. The layer
+    drops it when any of its options or tensors is reassigned.
+    """
+
+    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "ptrs", "env")
+
+    @staticmethod
+    def build(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+              bias: Tensor | None, momentum: float | Tensor, eps: float, norm: str, k: int,
+              num_batches_tracked: Tensor | None, nonfinite: str, where: str, impl: str | None,
+              inplace: bool = False) -> NativePlan | None:
+        """The plan of this call, or None where the native kernels do not take it. ``impl`` None: read
+        $NORMMATTERS_KERNEL (:func:`resolve_impl`), as the plan does on every call."""
+        given = impl is not None
+        env = None if given else os.environ.get(ENV)
+        impl = resolve_impl(impl, where)
+        if impl not in ("auto", "native"):
+            return None
+        eligible = native.inplace_eligible if inplace else native.eligible
+        if not (isinstance(input, Tensor) and weight is not None and bias is not None
+                and nonfinite in NONFINITE_MODES and eligible(input, weight, bias, norm, 1, 1, k)
+                and (impl == "native" or native.auto_prefers(input, norm))):
+            return None
+        check_channel_vectors(input.shape[1], where, weight=weight, bias=bias, running_mean=running_mean,
+                              running_var=running_var)
+        est = get_estimator(norm)
+        rv = running_var if est.divides else None
+        if not (native.update_fusable(input, running_mean, rv, num_batches_tracked) and native.available()):
+            return None
+        n = training_groups(input, where, norm, k, None, None)[2]  # validates n as every path does
+        c = est.constant(n, k=k) if est.divides else 1.0
+        plan = NativePlan()
+        plan.launch = native.Launch(input, norm, c, eps, k, inplace)
+        plan.where, plan.nonfinite, plan.inplace = where, nonfinite, inplace
+        plan.running = native.running_args((running_mean, rv, num_batches_tracked, momentum, n), input)
+        plan.tensors = (weight, bias, running_mean, running_var, num_batches_tracked)
+        plan.ptrs = _ptrs(plan.tensors)
+        plan.env = (given, env)  # an explicit impl ignores the environment; else the value it was read from
+        return plan
+
+    def __call__(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                 running_var: Tensor | None, num_batches_tracked: Tensor | None) -> Tensor | None:
+        """The training step (y, the running buffers updated), or None if this call differs from the one the
+        plan was built for (see the class docstring)."""
+        t = self.tensors
+        if not (isinstance(input, Tensor) and self.launch.matches(input) and weight is t[0] and bias is t[1]
+                and running_mean is t[2] and running_var is t[3] and num_batches_tracked is t[4]
+                and _ptrs(t) == self.ptrs and (self.env[0] or os.environ.get(ENV) == self.env[1])
+                and not torch.compiler.is_compiling()):
+            return None
+        return self.run(input, weight, bias)
+
+    def run(self, input: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The step without the validity check (:meth:`build` has just made the plan for this call)."""
+        if self.inplace:
+            check_inplace_weight(weight, self.where)
+            status: list[bool] = []
+            y = NativeBatchNormInplaceFunction.apply(input, weight, bias, self.launch, self.running, status)
+            ok = status[0]
+        else:
+            y, ok = NativeBatchNormFunction.apply(input, weight, bias, self.launch, self.running)
+        if not ok and self.nonfinite != "ignore":
+            report_nonfinite(ok, self.nonfinite, self.where)
+        return y
+
+
+def _ptrs(tensors: tuple) -> tuple:
+    return tuple(None if t is None else t.data_ptr() for t in tensors)
+
+
 def _native_training(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                      weight: Tensor | None, bias: Tensor | None, momentum: float | Tensor, eps: float, norm: str,
                      k: int, num_batches_tracked: Tensor | None, nonfinite: str, where: str,
                      impl: str, inplace: bool = False) -> Tensor | None:
-    """The common training call (affine, one group, buffers the kernel can update) in one native call and as
-    little Python as possible: it runs right after the previous layer's kernel has streamed the activations
-    through every cache, where each small helper call costs 10-40 µs. None where it does not apply — the
-    general path then runs (and raises what it raises). ``inplace``: :class:`NativeBatchNormInplaceFunction`
-    (channel layout only)."""
-    eligible = native.inplace_eligible if inplace else native.eligible
-    if not (isinstance(input, Tensor) and weight is not None and bias is not None and nonfinite in NONFINITE_MODES
-            and eligible(input, weight, bias, norm, 1, 1, k)
-            and (impl == "native" or native.auto_prefers(input, norm))):
-        return None
-    est = get_estimator(norm)
-    rv = running_var if est.divides else None
-    if not (native.update_fusable(input, running_mean, rv, num_batches_tracked) and native.available()):
-        return None
-    n = training_groups(input, where, norm, k, None, None)[2]  # validates n as every path does
-    c = est.constant(n, k=k) if est.divides else 1.0
-    running = (running_mean, rv, num_batches_tracked, momentum, n)
-    if inplace:
-        check_inplace_weight(weight, where)
-        status: list[bool] = []
-        y = NativeBatchNormInplaceFunction.apply(input, weight, bias, c, eps, norm, running, k, status)
-        ok = status[0]
-    else:
-        y, ok = NativeBatchNormFunction.apply(input, weight, bias, c, eps, norm, running, k)
-    if nonfinite != "ignore":
-        report_nonfinite(ok, nonfinite, where)
-    return y
+    """The common training call in one native call (:class:`NativePlan`, built and run once); None where it
+    does not apply."""
+    plan = NativePlan.build(input, running_mean, running_var, weight, bias, momentum, eps, norm, k,
+                            num_batches_tracked, nonfinite, where, impl, inplace)
+    return None if plan is None else plan.run(input, weight, bias)
 
 
 def lean_batch_norm(
@@ -389,10 +449,11 @@ def lean_batch_norm(
         y = LeanBatchNormInplaceFunction.apply(input, w, b, mean, raw, c, eps, norm, k, groups, m, impl)
         mean, raw = mean.reshape(groups, C), raw.reshape(groups, C)
     elif _use_native(impl, input, w, b, norm, groups, m, k):
+        check_channel_vectors(C, where, weight=w, bias=b)
         # not covered by _native_training (no affine parameters, or buffers of another dtype): the kernel's
         # statistics feed the separate update below
         stats: list[Tensor] = []
-        y, _ = NativeBatchNormFunction.apply(input, w, b, float(c), eps, norm, None, k, stats)
+        y, _ = NativeBatchNormFunction.apply(input, w, b, native.Launch(input, norm, float(c), eps, k), (), stats)
         mean, raw = stats
     else:
         y, mean, raw = LeanBatchNormFunction.apply(input, w, b, c, eps, norm, k, groups, m, impl)

@@ -55,7 +55,7 @@ from .native_src import SOURCE
 log = logging.getLogger(__name__)
 
 __all__ = ["NORM_CODES", "available", "channels_innermost", "eligible", "inplace_eligible", "update_fusable",
-           "forward", "backward", "load"]
+           "Launch", "running_args", "forward", "backward", "load"]
 
 #: norm name → code in the C source
 NORM_CODES = {"mean": 0, "l2": 1, "l1": 2, "linf": 3, "range": 4, "topk": 5}
@@ -253,8 +253,11 @@ def _stream_rows(x: Tensor) -> int:
 def _channel_block(x: Tensor, nt: int) -> int:
     """Channels per task of the channel kernels: as many as fit :data:`BLOCK_BYTES` (at least 1, at most
     NM_CBMAX = 64), but no more than an even share of the C channels per thread."""
-    N, C, S = _dims(x)
-    fit = BLOCK_BYTES // max(1, N * S * x.element_size())
+    return _channel_block_for(*_dims(x), x.dtype, nt)
+
+
+def _channel_block_for(N: int, C: int, S: int, dtype: torch.dtype, nt: int) -> int:
+    fit = BLOCK_BYTES // max(1, N * S * dtype.itemsize)
     return int(max(1, min(fit, 64, -(-C // max(1, nt)))))
 
 
@@ -274,7 +277,137 @@ def update_fusable(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     return (all(t.dtype in allowed and t.dtype == bufs[0].dtype and t.device.type == "cpu" and t.is_contiguous()
                 for t in bufs)
             and (num_batches_tracked is None or (num_batches_tracked.dtype == torch.int64
-                                                 and num_batches_tracked.device.type == "cpu")))
+                                                 and num_batches_tracked.device.type == "cpu"
+                                                 and num_batches_tracked.numel() == 1)))
+
+
+class Launch:
+    """One native kernel call site: the layout, statistic and options of a training step, with everything that
+    does not change between steps (the C functions, (N, C, S), the norm code, non-temporal stores, which
+    statistics to allocate, the block size per thread count) worked out once.
+
+    :func:`forward` and :func:`backward` build one per call; :class:`normmatters.kernels.lean.NativePlan` keeps
+    one across a layer's steps (its Python before and after the kernel runs on caches the previous layer's
+    kernel has just flushed, where each helper call costs 10-40 µs). Valid for tensors with ``x``'s shape,
+    strides and dtype on the CPU, as :func:`eligible` accepted (callers check that; :meth:`matches`).
+    """
+
+    __slots__ = ("shape", "strides", "dtype", "acc", "N", "C", "S", "channel", "code", "norm", "c", "eps", "k",
+                 "inplace", "stream", "want_pos", "want_hi", "want_lo", "fwd", "bwd", "nt", "cb")
+
+    def __init__(self, x: Tensor, norm: str, c: float, eps: float, k: int = 10, inplace: bool = False) -> None:
+        lib = _lib
+        self.shape, self.strides, self.dtype = x.shape, x.stride(), x.dtype
+        self.acc = _COMPUTE[x.dtype]
+        self.N, self.C, self.S = _dims(x)
+        self.channel = _channel_layout(x)
+        self.code, self.norm, self.c, self.eps, self.k = NORM_CODES[norm], norm, float(c), float(eps), k
+        self.inplace = inplace
+        self.stream = _stream(x) if self.channel else _stream_rows(x)
+        # in-place backward rebuilds its thresholds from y: no max/min positions
+        self.want_pos = self.channel and norm == "range" and not inplace
+        self.want_hi = norm == "topk" or (norm == "range" and not self.want_pos)
+        self.want_lo = norm == "range" and not self.want_pos
+        layout = "" if self.channel else "rows_"
+        self.fwd = getattr(lib, f"nm_forward_{layout}{_SUFFIX[x.dtype]}")
+        self.bwd = getattr(lib, f"nm_backward_{layout}{_SUFFIX[x.dtype]}")
+        self.nt = self.cb = 0
+
+    def matches(self, x: Tensor) -> bool:
+        """Whether x has the shape, strides and dtype this launch was built for (and is on the CPU)."""
+        return x.shape == self.shape and x.dtype is self.dtype and x.stride() == self.strides and x.is_cpu
+
+    def _threads(self) -> int:
+        """torch.get_num_threads(), read every call; the channel block size follows it."""
+        nt = torch.get_num_threads()
+        if nt != self.nt:
+            self.nt = nt
+            self.cb = _channel_block_for(self.N, self.C, self.S, self.dtype, nt) if self.channel else 0
+        return nt
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor, run_mean: Tensor | None = None,
+                run_var: Tensor | None = None, nbt: Tensor | None = None, momentum: float = 0.0,
+                unbias: float = 0.0, buf_bf16: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
+        """:func:`forward` for this launch; the running buffers (each possibly None, :func:`update_fusable`)
+        are updated by the kernel with ``momentum`` and ``unbias`` = n / (n − 1); ``buf_bf16``: they are
+        bfloat16 (with float32 statistics)."""
+        nt = self._threads()
+        C, acc = self.C, self.acc
+        y = x if self.inplace else pool.empty_like(x)
+        mean = torch.empty(C, dtype=acc)
+        raw = torch.empty(C, dtype=acc)
+        pos = torch.empty(2, C, dtype=torch.int32) if self.want_pos else None
+        hi = torch.empty(C, dtype=acc) if self.want_hi else None
+        lo = torch.empty(C, dtype=acc) if self.want_lo else None
+        if weight.dtype is not acc:  # bfloat16 parameters of bfloat16 input
+            weight, bias = weight.to(acc), bias.to(acc)
+        if self.channel:
+            ok = self.fwd(
+                x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+                _ptr(hi), _ptr(lo), self.N, C, self.S, self.code, self.c, self.eps, self.stream, nt,
+                _ptr(run_mean), _ptr(run_var), _ptr(nbt), momentum, unbias, buf_bf16, self.k, self.cb, _ptr(pos))
+        else:  # channels innermost: (N·S, C) rows
+            scratch, tscratch = _scratch(x, C, 4 * nt, 1 + 3 * nt)
+            tops = topi = None
+            if self.norm == "topk":  # per thread and channel: k values and a threshold; a count and a position
+                tops = torch.empty(nt * C * (self.k + 1), dtype=acc)
+                topi = torch.empty(nt * 2 * C, dtype=torch.int32)
+            ok = self.fwd(
+                x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
+                _ptr(hi), _ptr(lo), self.N * self.S, C, self.code, self.c, self.eps, nt, scratch.data_ptr(),
+                tscratch.data_ptr(), _ptr(run_mean), _ptr(run_var), _ptr(nbt), momentum, unbias, buf_bf16,
+                self.stream, self.k, _ptr(tops), _ptr(topi))
+        if self.norm == "range":
+            aux = (pos,) if pos is not None else (hi, lo)
+        else:
+            aux = (hi,) if hi is not None else ()
+        return y, mean, raw, aux, bool(ok)
+
+    def backward(self, gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Tensor,
+                 aux: tuple[Tensor, ...], need_x: bool, need_w: bool, need_b: bool,
+                 bias: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """:func:`backward` for this launch."""
+        if gy.dtype is not self.dtype or gy.stride() != self.strides:  # the kernels read gy in x's layout
+            gy = torch.empty_like(x).copy_(gy)
+        nt = self._threads()
+        C, acc = self.C, self.acc
+        gx = pool.empty_like(x) if need_x else None
+        gw = torch.empty(C, dtype=acc) if need_w else None
+        gb = torch.empty(C, dtype=acc) if need_b else None
+        hi = lo = pos = None  # in place (bias given) the kernel rebuilds its thresholds: aux is unused
+        if bias is None and aux:
+            if self.norm == "topk":
+                (hi,) = aux
+            elif len(aux) == 1:  # range: the channel kernels' max/min positions
+                (pos,) = aux
+            else:  # range: the rows kernels' max and min values
+                hi, lo = aux
+        w = weight if weight.dtype is acc else weight.to(acc)  # held until the call returns
+        b = None if bias is None else bias if bias.dtype is acc else bias.to(acc)
+        if self.channel:
+            self.bwd(gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), _ptr(mean), raw.data_ptr(),
+                     _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), self.N, C, self.S, self.code, self.c, self.eps,
+                     self.stream, nt, self.k, self.cb, _ptr(pos), _ptr(b))
+        else:  # channels innermost: (N·S, C) rows
+            scratch, tscratch = _scratch(x, C, 6 * nt, 10 + 6 * nt)
+            self.bwd(gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), _ptr(mean), raw.data_ptr(),
+                     _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), self.N * self.S, C, self.code, self.c, self.eps, nt,
+                     scratch.data_ptr(), tscratch.data_ptr(), self.stream, self.k, _ptr(b))
+        if gw is not None and weight.dtype is not acc:
+            gw = gw.to(weight.dtype)
+        if gb is not None and weight.dtype is not acc:
+            gb = gb.to(weight.dtype)  # eligible() requires bias.dtype == weight.dtype
+        return gx, gw, gb
+
+
+def running_args(running: tuple | None, x: Tensor) -> tuple:
+    """``running`` = (running_mean, running_var, num_batches_tracked, momentum, n) → the keyword arguments
+    (run_mean, run_var, nbt, momentum, unbias, buf_bf16) of :meth:`Launch.forward`; () for None."""
+    if running is None:
+        return ()
+    rm, rv, nbt, momentum, n = running
+    buf_bf16 = int(any(t is not None and t.dtype == torch.bfloat16 for t in (rm, rv)))
+    return rm, rv, nbt, float(momentum), n / (n - 1), buf_bf16
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm: str,
@@ -294,44 +427,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     after a kernel that has streamed the activations through every cache, costs ~0.3 ms of cache misses.
     ``inplace``: y is written over x and returned as x itself.
     """
-    lib = _lib
-    N, C, S = _dims(x)
-    acc = _COMPUTE[x.dtype]
-    channel = _channel_layout(x)
-    y = x if inplace else pool.empty_like(x)
-    mean = x.new_empty(C, dtype=acc)
-    raw = x.new_empty(C, dtype=acc)
-    # in-place backward rebuilds its thresholds from y: no max/min positions
-    pos = x.new_empty(2, C, dtype=torch.int32) if channel and norm == "range" and not inplace else None
-    hi = x.new_empty(C, dtype=acc) if norm == "topk" or (norm == "range" and pos is None) else None
-    lo = x.new_empty(C, dtype=acc) if norm == "range" and pos is None else None
-    weight, bias = weight.to(acc), bias.to(acc)  # no-ops unless bfloat16 parameters
-    rm = rv = nbt = None
-    momentum = unbias = 0.0
-    if running is not None:
-        rm, rv, nbt, momentum, n = running
-        momentum = float(momentum)
-        unbias = n / (n - 1)
-    buf_bf16 = int(any(t is not None and t.dtype == torch.bfloat16 for t in (rm, rv)))
-    nt = torch.get_num_threads()
-    if channel:
-        ok = getattr(lib, f"nm_forward_{_SUFFIX[x.dtype]}")(
-            x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
-            _ptr(hi), _ptr(lo), N, C, S, NORM_CODES[norm], float(c), float(eps), _stream(x), nt,
-            _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16, k, _channel_block(x, nt), _ptr(pos))
-    else:  # channels innermost: (N·S, C) rows
-        scratch, tscratch = _scratch(x, C, 4 * nt, 1 + 3 * nt)
-        tops = topi = None
-        if norm == "topk":  # per thread and channel: k values and a threshold; a count and a position
-            tops = torch.empty(nt * C * (k + 1), dtype=acc)
-            topi = torch.empty(nt * 2 * C, dtype=torch.int32)
-        ok = getattr(lib, f"nm_forward_rows_{_SUFFIX[x.dtype]}")(
-            x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
-            _ptr(hi), _ptr(lo), N * S, C, NORM_CODES[norm], float(c), float(eps), nt, scratch.data_ptr(),
-            tscratch.data_ptr(), _ptr(rm), _ptr(rv), _ptr(nbt), momentum, unbias, buf_bf16, _stream_rows(x), k,
-            _ptr(tops), _ptr(topi))
-    aux = ((pos,) if pos is not None else (hi, lo)) if norm == "range" else (hi,) if norm == "topk" else ()
-    return y, mean, raw, aux, bool(ok)
+    return Launch(x, norm, c, eps, k, inplace).forward(x, weight, bias, *running_args(running, x))
 
 
 def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Tensor, aux: tuple[Tensor, ...],
@@ -342,38 +438,5 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Te
     In-place mode (``bias`` given; no top-k in the rows layout): ``x`` is the output y that overwrote the input,
     ``mean`` and ``aux`` are unused; the kernel rebuilds d = (y − b)/scale and, for linf/range/top-k, the
     thresholds it compares against from d (as :func:`.formulas.backward_inplace`)."""
-    lib = _lib
-    if gy.dtype != x.dtype or gy.stride() != x.stride():  # the kernels read gy in x's layout
-        gy = torch.empty_like(x).copy_(gy)
-    N, C, S = _dims(x)
-    acc = _COMPUTE[x.dtype]
-    gx = pool.empty_like(x) if need_x else None
-    gw = x.new_empty(C, dtype=acc) if need_w else None
-    gb = x.new_empty(C, dtype=acc) if need_b else None
-    hi = lo = pos = None  # in place (bias given) the kernel rebuilds its thresholds: aux is unused
-    if norm == "topk" and bias is None:
-        (hi,) = aux
-    elif norm == "range" and bias is None:
-        if len(aux) == 1:  # the channel kernels' max/min positions
-            (pos,) = aux
-        else:  # the rows kernels' max and min values
-            hi, lo = aux
-    w = weight.to(acc)  # held until the call returns
-    b = bias.to(acc) if bias is not None else None
-    nt = torch.get_num_threads()
-    if _channel_layout(x):
-        getattr(lib, f"nm_backward_{_SUFFIX[x.dtype]}")(
-            gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), _ptr(mean), raw.data_ptr(),
-            _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N, C, S, NORM_CODES[norm], float(c), float(eps),
-            _stream(x), nt, k, _channel_block(x, nt), _ptr(pos), _ptr(b))
-    else:  # channels innermost: (N·S, C) rows
-        scratch, tscratch = _scratch(x, C, 6 * nt, 10 + 6 * nt)
-        getattr(lib, f"nm_backward_rows_{_SUFFIX[x.dtype]}")(
-            gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), _ptr(mean), raw.data_ptr(),
-            _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), N * S, C, NORM_CODES[norm], float(c), float(eps), nt,
-            scratch.data_ptr(), tscratch.data_ptr(), _stream_rows(x), k, _ptr(b))
-    if gw is not None:
-        gw = gw.to(weight.dtype)
-    if gb is not None:
-        gb = gb.to(weight.dtype)  # eligible() requires bias.dtype == weight.dtype
-    return gx, gw, gb
+    return Launch(x, norm, c, eps, k, bias is not None).backward(gy, x, weight, mean, raw, aux, need_x, need_w,
+                                                                 need_b, bias)

@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from ..estimators import get_estimator
 from ..functional import NONFINITE_MODES, check_input
 from ..kernels import lean_batch_norm, resolve_impl
+from ..kernels.lean import NativePlan
 
 __all__ = [
     "LpBatchNorm", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d",
@@ -34,6 +35,15 @@ __all__ = [
     "RangeBatchNorm1d", "RangeBatchNorm2d", "RangeBatchNorm3d",
     "MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d",
 ]
+
+
+#: what the native plan (:class:`normmatters.kernels.lean.NativePlan`) depends on: setting any of these
+#: attributes drops it (the tensors are also checked by identity and address on every call)
+_PLAN_INPUTS = frozenset({
+    "training", "momentum", "eps", "norm", "k", "chunks", "ghost_batch_size", "nonfinite", "impl", "inplace",
+    "precision", "track_running_stats", "num_features", "affine", "weight", "bias", "running_mean", "running_var",
+    "num_batches_tracked", "_parameters", "_buffers",
+})
 
 
 def _check_positive_int(where: str, name: str, value: Any, allow_none: bool) -> None:
@@ -80,6 +90,7 @@ class LpBatchNorm(_NormBase):
 
     _expected_dim: tuple[int, ...] | None = None
     inplace: bool = False  # class default: modules pickled before the option existed keep working
+    _plan: NativePlan | None = None  # the native training step of the last call (instance attribute)
 
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
@@ -125,7 +136,36 @@ class LpBatchNorm(_NormBase):
         check_input(input, where=self._describe(), num_features=self.num_features,
                     expected_dim=self._expected_dim)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _PLAN_INPUTS:  # an option or tensor the native plan was built with
+            self.__dict__.pop("_plan", None)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(), ...: new tensors or new data
+        self.__dict__.pop("_plan", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        if "_plan" in state:  # it holds ctypes functions; rebuilt on the first training step
+            state = {key: value for key, value in state.items() if key != "_plan"}
+        return state
+
     def forward(self, input: Tensor) -> Tensor:
+        plan = None if torch.compiler.is_compiling() else self._plan
+        if plan is not None:
+            # the training step this layer made last time (see NativePlan): none of the checks and dispatch
+            # below, which cost ~0.1 ms per layer on the caches the previous layer's kernel leaves
+            params = self._parameters
+            if self.track_running_stats:
+                buffers = self._buffers
+                y = plan(input, params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
+                         buffers["num_batches_tracked"])
+            else:
+                y = plan(input, params["weight"], params["bias"], None, None, None)
+            if y is not None:
+                return y
+            del self.__dict__["_plan"]
         self._check_input_dim(input)
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.momentum is None:
@@ -141,6 +181,15 @@ class LpBatchNorm(_NormBase):
                 chunks=self.chunks, ghost_batch_size=self.ghost_batch_size, precision=self.precision,
                 num_batches_tracked=self.num_batches_tracked if track else None,
                 nonfinite=self.nonfinite, where=self._describe())
+        if (self.training and self.momentum is not None and self.chunks is None and self.ghost_batch_size is None
+                and not torch.compiler.is_compiling()):
+            plan = NativePlan.build(
+                input, self.running_mean if track else None, self.running_var if track else None, self.weight,
+                self.bias, momentum, self.eps, self.norm, self.k, self.num_batches_tracked if track else None,
+                self.nonfinite, self._describe(), self.impl, self.inplace)
+            if plan is not None:
+                self.__dict__["_plan"] = plan
+                return plan.run(input, self.weight, self.bias)
         return lean_batch_norm(
             input,
             self.running_mean if (track or not self.training) else None,
