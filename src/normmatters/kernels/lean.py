@@ -153,9 +153,10 @@ def _once_differentiable_under_create_graph(backward):
 
 
 def _native_backward(ctx, gy, _gok):
-    x, weight, mean, raw, aux = _saved(ctx)
+    x, weight, mean, *rest = ctx.saved_tensors  # as _saved (mean-only: raw is μ, aux empty), inline
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = ctx.launch.backward(gy, x, weight, mean, raw, aux, need_x, need_w, need_b)
+    gx, gw, gb = ctx.launch.backward(gy, x, weight, mean, rest[0] if rest else mean, tuple(rest[1:]), need_x,
+                                     need_w, need_b)
     return gx, gw, gb, None, None, None
 
 
@@ -174,7 +175,10 @@ class NativeBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, launch, running, stats=None):
         y, mean, raw, aux, ok = launch.forward(x, weight, bias, *running)
-        _save_for_backward(ctx, x, weight, launch.norm, mean, raw, aux)
+        if launch.divides:  # as _save_for_backward: x, w, μ and, for dividing norms, raw and aux
+            ctx.save_for_backward(x, weight, mean, raw, *aux)
+        else:
+            ctx.save_for_backward(x, weight, mean)
         ctx.launch = launch
         if stats is not None:
             stats.extend((mean.view(1, -1), raw.view(1, -1)))
@@ -291,13 +295,15 @@ class NativePlan:
     Why: this Python runs right after the previous layer's kernel has streamed the activations through every
     cache, where each small helper call costs 10-40 µs; a layer that keeps its plan
     (:class:`normmatters.nn.LpBatchNorm`) skips them on every later step. A plan is valid for the input's
-    shape, strides and dtype (on the CPU), the very tensors it was built with (weight, bias, running buffers:
-    the same objects, at the same addresses — so ``.data`` reassignment, ``module.to()`` or ``load_state_dict(
-    assign=True)`` make a new one), the same ``$NORMMATTERS_KERNEL`` and outside ``torch.compile``. The layer
-    drops it when any of its options or tensors is reassigned.
+    shape, strides and dtype (on the CPU) and the very tensors it was built with (weight, bias, running
+    buffers: the same objects, at the same addresses — so ``.data`` reassignment, ``module.to()`` or
+    ``load_state_dict(assign=True)`` make a new one); the caller keeps it out of ``torch.compile`` and drops it
+    when any option is reassigned (:class:`normmatters.nn.LpBatchNorm` does both, and on ``.train()`` /
+    ``.eval()``). ``$NORMMATTERS_KERNEL`` is read when a plan is built: the first training step, and after any
+    of those changes (reading it on every call cost ~10 µs on a cold cache).
     """
 
-    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "ptrs", "env")
+    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "addresses")
 
     @staticmethod
     def build(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
@@ -305,9 +311,7 @@ class NativePlan:
               num_batches_tracked: Tensor | None, nonfinite: str, where: str, impl: str | None,
               inplace: bool = False) -> NativePlan | None:
         """The plan of this call, or None where the native kernels do not take it. ``impl`` None: read
-        $NORMMATTERS_KERNEL (:func:`resolve_impl`), as the plan does on every call."""
-        given = impl is not None
-        env = None if given else os.environ.get(ENV)
+        $NORMMATTERS_KERNEL (:func:`resolve_impl`)."""
         impl = resolve_impl(impl, where)
         if impl not in ("auto", "native"):
             return None
@@ -329,8 +333,7 @@ class NativePlan:
         plan.where, plan.nonfinite, plan.inplace = where, nonfinite, inplace
         plan.running = native.running_args((running_mean, rv, num_batches_tracked, momentum, n), input)
         plan.tensors = (weight, bias, running_mean, running_var, num_batches_tracked)
-        plan.ptrs = _ptrs(plan.tensors)
-        plan.env = (given, env)  # an explicit impl ignores the environment; else the value it was read from
+        plan.addresses = tuple((t, t.data_ptr()) for t in plan.tensors if t is not None)
         return plan
 
     def __call__(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -339,10 +342,11 @@ class NativePlan:
         plan was built for (see the class docstring)."""
         t = self.tensors
         if not (isinstance(input, Tensor) and self.launch.matches(input) and weight is t[0] and bias is t[1]
-                and running_mean is t[2] and running_var is t[3] and num_batches_tracked is t[4]
-                and _ptrs(t) == self.ptrs and (self.env[0] or os.environ.get(ENV) == self.env[1])
-                and not torch.compiler.is_compiling()):
+                and running_mean is t[2] and running_var is t[3] and num_batches_tracked is t[4]):
             return None
+        for tensor, address in self.addresses:
+            if tensor.data_ptr() != address:  # .data reassigned
+                return None
         return self.run(input, weight, bias)
 
     def run(self, input: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -357,10 +361,6 @@ class NativePlan:
         if not ok and self.nonfinite != "ignore":
             report_nonfinite(ok, self.nonfinite, self.where)
         return y
-
-
-def _ptrs(tensors: tuple) -> tuple:
-    return tuple(None if t is None else t.data_ptr() for t in tensors)
 
 
 def _native_training(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..estimators import get_estimator
 from . import pool
 from .native_src import SOURCE
 
@@ -292,8 +293,8 @@ class Launch:
     strides and dtype on the CPU, as :func:`eligible` accepted (callers check that; :meth:`matches`).
     """
 
-    __slots__ = ("shape", "strides", "dtype", "acc", "N", "C", "S", "channel", "code", "norm", "c", "eps", "k",
-                 "inplace", "stream", "want_pos", "want_hi", "want_lo", "fwd", "bwd", "nt", "cb")
+    __slots__ = ("shape", "strides", "dtype", "acc", "N", "C", "S", "channel", "code", "norm", "divides", "c",
+                 "eps", "k", "inplace", "stream", "want_pos", "want_hi", "want_lo", "fwd", "bwd", "nt", "cb")
 
     def __init__(self, x: Tensor, norm: str, c: float, eps: float, k: int = 10, inplace: bool = False) -> None:
         lib = _lib
@@ -302,6 +303,7 @@ class Launch:
         self.N, self.C, self.S = _dims(x)
         self.channel = _channel_layout(x)
         self.code, self.norm, self.c, self.eps, self.k = NORM_CODES[norm], norm, float(c), float(eps), k
+        self.divides = get_estimator(norm).divides  # the statistic has a raw value to divide by (not mean-only)
         self.inplace = inplace
         self.stream = _stream(x) if self.channel else _stream_rows(x)
         # in-place backward rebuilds its thresholds from y: no max/min positions
