@@ -313,18 +313,22 @@ class Launch:
         layout = "" if self.channel else "rows_"
         self.fwd = getattr(lib, f"nm_forward_{layout}{_SUFFIX[x.dtype]}")
         self.bwd = getattr(lib, f"nm_backward_{layout}{_SUFFIX[x.dtype]}")
-        self.nt = self.cb = 0
+        self.nt = 0
+        self.cb = _channel_block_for(self.N, self.C, self.S, self.dtype, torch.get_num_threads()) if self.channel else 0
 
     def matches(self, x: Tensor) -> bool:
         """Whether x has the shape, strides and dtype this launch was built for (and is on the CPU)."""
         return x.shape == self.shape and x.dtype is self.dtype and x.stride() == self.strides and x.is_cpu
 
     def _threads(self) -> int:
-        """torch.get_num_threads(), read every call; the channel block size follows it."""
+        """torch.get_num_threads(), read every call; the channel block size follows it. The block size is set
+        before the thread count, and is valid (1-64) from construction on, so a call racing another thread's
+        update passes a valid, if not the best, block size."""
         nt = torch.get_num_threads()
         if nt != self.nt:
+            if self.channel:
+                self.cb = _channel_block_for(self.N, self.C, self.S, self.dtype, nt)
             self.nt = nt
-            self.cb = _channel_block_for(self.N, self.C, self.S, self.dtype, nt) if self.channel else 0
         return nt
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor, run_mean: Tensor | None = None,
