@@ -145,7 +145,7 @@ def update_running_stats(mean: Tensor, sigma: Tensor | None, running_mean: Tenso
     return ok
 
 
-def report_nonfinite(ok: Tensor, nonfinite: str, where: str) -> None:
+def report_nonfinite(ok: Tensor, nonfinite: str, where: str, stacklevel: int = 4) -> None:
     """Raise (``"raise"``) or warn (``"skip"``) if ``ok`` is False; eager mode only (a data-dependent raise
     would break a ``torch.compile`` graph), and never for ``"ignore"`` (no host synchronisation)."""
     if nonfinite == "ignore" or torch.compiler.is_compiling() or bool(ok):
@@ -154,7 +154,7 @@ def report_nonfinite(ok: Tensor, nonfinite: str, where: str) -> None:
            "running_mean, running_var and num_batches_tracked were left unchanged")
     if nonfinite == "raise":
         raise NonFiniteBatchError(msg + " (pass nonfinite='skip' to warn instead)")
-    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
 
 
 def _batch_statistics(x: Tensor, norm: str, k: int, chunks: int | None) -> tuple[Tensor, Tensor | None]:

@@ -252,3 +252,101 @@ def test_wrongly_sized_channel_vector_is_a_clear_error(name):
         m(x.clone())
     with pytest.raises(ValueError, match=r"expected weight of shape \(4,\).*got \(2,\)"):
         nm.kernels.lean_batch_norm(x, None, None, torch.ones(2), torch.zeros(2), training=True, impl="native")
+
+
+class _Positive(torch.nn.Module):
+    def forward(self, w):
+        return w.abs() + 0.5
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_parametrized_weight(when):
+    """torch.nn.utils.parametrize removes `weight` from _parameters (through __delattr__) and computes a new
+    tensor on every access: every step must use it, as a fresh layer does."""
+    from torch.nn.utils import parametrize
+
+    x = torch.randn(8, 4, 6, 6)
+    m = nm.LpBatchNorm2d(4, norm="l1")
+    if when == "after":
+        _step(m, x)
+    parametrize.register_parametrization(m, "weight", _Positive())
+    ref = nm.LpBatchNorm2d(4, norm="l1", impl="reference")
+    ref.load_state_dict(m.state_dict(), strict=False)
+    parametrize.register_parametrization(ref, "weight", _Positive())
+    with torch.no_grad():
+        m.parametrizations.weight.original.copy_(torch.linspace(-2, 2, 4))
+        ref.parametrizations.weight.original.copy_(torch.linspace(-2, 2, 4))
+    for _ in range(3):
+        torch.testing.assert_close(_step(m, x), _step(ref, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.parametrizations.weight.original.grad, ref.parametrizations.weight.original.grad,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_deleted_buffer_is_the_usual_error():
+    m = nm.LpBatchNorm2d(4, norm="l1")
+    x = torch.randn(8, 4, 6, 6)
+    _step(m, x)
+    del m.running_mean
+    assert m._plan is None
+    with pytest.raises(AttributeError, match="running_mean"):
+        m(x)
+
+
+@pytest.mark.parametrize("change", [
+    lambda m, flat: setattr(m.weight, "data", flat[::2]),          # same address, another stride
+    lambda m, flat: setattr(m.running_mean, "data", flat[::2]),
+    lambda m, flat: m.running_mean.data.unsqueeze_(0),              # same address, another shape
+    lambda m, flat: setattr(m.weight, "data", m.weight.data[:2]),   # same address, fewer entries
+], ids=["weight-stride", "buffer-stride", "buffer-shape", "weight-size"])
+def test_tensor_of_another_layout_at_the_same_address(change):
+    """The plan compares each tensor's shape, strides and dtype (not only its identity): a strided or resized
+    tensor at the same address must give what a fresh layer gives (its result or its error), and nothing
+    outside the tensor may be written."""
+    flat = torch.arange(1.0, 9.0)
+    m = nm.LpBatchNorm2d(4, norm="l1")
+    m.weight.data = flat[:4]
+    m.running_mean.data = flat[:4].clone() * 0
+    x = torch.randn(8, 4, 6, 6)
+    _step(m, x)
+    change(m, flat)
+    fresh = copy.deepcopy(m)
+    before = flat.clone()
+    try:
+        expected = _step(fresh, x)
+    except (ValueError, RuntimeError) as err:
+        with pytest.raises(type(err)):
+            _step(m, x)
+        return
+    flat.copy_(before)
+    # a copy's tensors are contiguous again, so it may take another kernel than m: equal within rounding
+    torch.testing.assert_close(_step(m, x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.running_mean, fresh.running_mean, rtol=1e-5, atol=1e-5)
+    outside = torch.ones(8, dtype=torch.bool)
+    outside[::2] = False  # the entries the strided tensors do not cover, for the stride cases
+    if m.weight.stride() == (2,) or m.running_mean.stride() == (2,):
+        torch.testing.assert_close(flat[outside], before[outside], rtol=0, atol=0)
+
+
+def test_tensor_momentum_is_read_every_step():
+    x = torch.randn(8, 4, 6, 6)
+    m = nm.LpBatchNorm2d(4, norm="l1", momentum=torch.tensor(0.1))
+    _step(m, x)
+    m.momentum.fill_(0.9)
+    fresh = copy.deepcopy(m)
+    _step(m, x + 3)
+    _step(fresh, x + 3)
+    torch.testing.assert_close(m.running_mean, fresh.running_mean, rtol=0, atol=0)
+
+
+def test_skip_warning_points_at_one_place():
+    """The "skip" warning of the step that builds the plan and of later steps comes from the same line (so the
+    default once-per-location filter shows it once)."""
+    m = nm.LpBatchNorm2d(4, norm="l1", nonfinite="skip")
+    bad = torch.randn(8, 4, 6, 6)
+    bad[0, 0, 0, 0] = float("nan")
+    places = set()
+    for _ in range(3):
+        with pytest.warns(RuntimeWarning, match="non-finite") as rec:
+            m(bad.clone())
+        places |= {(w.filename, w.lineno) for w in rec}
+    assert len(places) == 1, places

@@ -296,14 +296,15 @@ class NativePlan:
     cache, where each small helper call costs 10-40 µs; a layer that keeps its plan
     (:class:`normmatters.nn.LpBatchNorm`) skips them on every later step. A plan is valid for the input's
     shape, strides and dtype (on the CPU) and the very tensors it was built with (weight, bias, running
-    buffers: the same objects, at the same addresses — so ``.data`` reassignment, ``module.to()`` or
-    ``load_state_dict(assign=True)`` make a new one); the caller keeps it out of ``torch.compile`` and drops it
+    buffers: the same objects, each still with the shape, strides and dtype it had, on the CPU — the kernel
+    reads their addresses afresh every call — so ``module.to()``, ``load_state_dict(assign=True)`` or a
+    ``.data`` of another layout make a new one); the caller keeps it out of ``torch.compile`` and drops it
     when any option is reassigned (:class:`normmatters.nn.LpBatchNorm` does both, and on ``.train()`` /
     ``.eval()``). Unless built with an explicit ``impl``, it also checks that ``$NORMMATTERS_KERNEL`` still has
     the value it was built with (0.7 µs a call), so the switch takes effect on the next step.
     """
 
-    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "addresses", "env")
+    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "layouts", "env")
 
     @staticmethod
     def build(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
@@ -335,7 +336,7 @@ class NativePlan:
         plan.where, plan.nonfinite, plan.inplace = where, nonfinite, inplace
         plan.running = native.running_args((running_mean, rv, num_batches_tracked, momentum, n), input)
         plan.tensors = (weight, bias, running_mean, running_var, num_batches_tracked)
-        plan.addresses = tuple((t, t.data_ptr()) for t in plan.tensors if t is not None)
+        plan.layouts = tuple((t, t.shape, t.stride(), t.dtype) for t in plan.tensors if t is not None)
         plan.env = env
         return plan
 
@@ -348,13 +349,14 @@ class NativePlan:
                 and running_mean is t[2] and running_var is t[3] and num_batches_tracked is t[4]
                 and (self.env[0] or os.environ.get(ENV) == self.env[1])):
             return None
-        for tensor, address in self.addresses:
-            if tensor.data_ptr() != address:  # .data reassigned
-                return None
+        for tensor, shape, stride, dtype in self.layouts:  # .data reassigned, resize_, ...: what the kernel
+            if tensor.shape != shape or tensor.stride() != stride or tensor.dtype is not dtype or not tensor.is_cpu:
+                return None  # reads (it takes every address afresh on each call) must be as at build time
         return self.run(input, weight, bias)
 
-    def run(self, input: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        """The step without the validity check (:meth:`build` has just made the plan for this call)."""
+    def run(self, input: Tensor, weight: Tensor, bias: Tensor, stacklevel: int = 4) -> Tensor:
+        """The step without the validity check (:meth:`build` has just made the plan for this call);
+        ``stacklevel`` of the "skip" warning (4: the caller of :meth:`__call__`)."""
         if self.inplace:
             check_inplace_weight(weight, self.where)
             status: list[bool] = []
@@ -363,7 +365,7 @@ class NativePlan:
         else:
             y, ok = NativeBatchNormFunction.apply(input, weight, bias, self.launch, self.running)
         if not ok and self.nonfinite != "ignore":
-            report_nonfinite(ok, self.nonfinite, self.where)
+            report_nonfinite(ok, self.nonfinite, self.where, stacklevel)
         return y
 
 
@@ -375,7 +377,7 @@ def _native_training(input: Tensor, running_mean: Tensor | None, running_var: Te
     does not apply."""
     plan = NativePlan.build(input, running_mean, running_var, weight, bias, momentum, eps, norm, k,
                             num_batches_tracked, nonfinite, where, impl, inplace)
-    return None if plan is None else plan.run(input, weight, bias)
+    return None if plan is None else plan.run(input, weight, bias, stacklevel=5)  # the caller of lean_batch_norm
 
 
 def lean_batch_norm(

@@ -141,6 +141,11 @@ class LpBatchNorm(_NormBase):
             self.__dict__.pop("_plan", None)
         super().__setattr__(name, value)
 
+    def __delattr__(self, name: str) -> None:
+        if name in _PLAN_INPUTS:
+            self.__dict__.pop("_plan", None)
+        super().__delattr__(name)
+
     def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(), ...: new tensors or new data
         self.__dict__.pop("_plan", None)
         return super()._apply(fn, recurse)
@@ -152,21 +157,36 @@ class LpBatchNorm(_NormBase):
         return state
 
     def forward(self, input: Tensor) -> Tensor:
-        plan = None if torch.compiler.is_compiling() else self._plan
+        compiling = torch.compiler.is_compiling()
+        plan = None if compiling else self._plan
         if plan is not None:
             # the training step this layer made last time (see NativePlan): none of the checks and dispatch
             # below, which cost ~0.1 ms per layer on the caches the previous layer's kernel leaves
-            params = self._parameters
+            params = self._parameters  # .get: a parametrization or `del` may have removed an entry
             if self.track_running_stats:
                 buffers = self._buffers
-                y = plan(input, params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
-                         buffers["num_batches_tracked"])
+                tensors = (params.get("weight"), params.get("bias"), buffers.get("running_mean"),
+                           buffers.get("running_var"), buffers.get("num_batches_tracked"))
             else:
-                y = plan(input, params["weight"], params["bias"], None, None, None)
+                tensors = (params.get("weight"), params.get("bias"), None, None, None)
+            y = self._run_plan(plan, input, tensors)
             if y is not None:
                 return y
-            del self.__dict__["_plan"]
+            self.__dict__.pop("_plan", None)  # (another thread may have dropped it already)
         self._check_input_dim(input)
+        if (self.training and type(self.momentum) in (float, int) and self.chunks is None
+                and self.ghost_batch_size is None and self.precision is None and not compiling):
+            track = self.track_running_stats
+            tensors = (self.weight, self.bias, self.running_mean if track else None,
+                       self.running_var if track else None, self.num_batches_tracked if track else None)
+            plan = NativePlan.build(
+                input, tensors[2], tensors[3], tensors[0], tensors[1], self.momentum, self.eps, self.norm, self.k,
+                tensors[4], self.nonfinite, self._describe(), self.impl, self.inplace)
+            if plan is not None:
+                # kept only for registered parameters: a parametrized weight is a new tensor on every access
+                if tensors[0] is self._parameters.get("weight") and tensors[1] is self._parameters.get("bias"):
+                    self.__dict__["_plan"] = plan
+                return self._run_plan(plan, input, tensors)
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.momentum is None:
             # cumulative moving average over the batches that will have been tracked after this one
@@ -181,15 +201,6 @@ class LpBatchNorm(_NormBase):
                 chunks=self.chunks, ghost_batch_size=self.ghost_batch_size, precision=self.precision,
                 num_batches_tracked=self.num_batches_tracked if track else None,
                 nonfinite=self.nonfinite, where=self._describe())
-        if (self.training and self.momentum is not None and self.chunks is None and self.ghost_batch_size is None
-                and not torch.compiler.is_compiling()):
-            plan = NativePlan.build(
-                input, self.running_mean if track else None, self.running_var if track else None, self.weight,
-                self.bias, momentum, self.eps, self.norm, self.k, self.num_batches_tracked if track else None,
-                self.nonfinite, self._describe(), self.impl, self.inplace)
-            if plan is not None:
-                self.__dict__["_plan"] = plan
-                return plan.run(input, self.weight, self.bias)
         return lean_batch_norm(
             input,
             self.running_mean if (track or not self.training) else None,
@@ -199,6 +210,11 @@ class LpBatchNorm(_NormBase):
             num_batches_tracked=self.num_batches_tracked if track else None,
             nonfinite=self.nonfinite, where=self._describe(), impl=self.impl, inplace=self.inplace,
         )
+
+    @staticmethod
+    def _run_plan(plan: NativePlan, input: Tensor, tensors: tuple) -> Tensor | None:
+        # the one call site of a plan: the step that builds it and later ones warn ("skip") from one place
+        return plan(input, *tensors)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, norm={self.norm!r}"
