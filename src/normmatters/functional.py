@@ -37,7 +37,7 @@ from .estimators import get_estimator
 
 __all__ = ["lp_batch_norm", "NonFiniteBatchError", "NONFINITE_MODES", "check_input", "training_groups",
            "update_running_stats", "report_nonfinite", "acc_dtype", "check_running_stats",
-           "check_channel_vectors"]
+           "check_channel_vectors", "check_inplace_weight"]
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
 
@@ -116,6 +116,19 @@ def check_channel_vectors(num_features: int, where: str, **vectors: Tensor | Non
         if t is not None and tuple(t.shape) != (num_features,):
             raise ValueError(f"{where}: expected {name} of shape ({num_features},) for an input with {num_features} "
                              f"channels, got {tuple(t.shape)}")
+
+
+def check_inplace_weight(weight: Tensor | None, where: str) -> None:
+    """``inplace=True`` reconstructs the input from the output by dividing by the weight: every entry must be
+    non-zero. Eager only (one host synchronisation); skipped under ``torch.compile``, where a data-dependent
+    raise would break the graph (a zero weight there gives non-finite input gradients)."""
+    if weight is None or torch.compiler.is_compiling():
+        return
+    zeros = int((weight == 0).sum())
+    if zeros:
+        raise ValueError(f"{where}: inplace=True needs every weight != 0 to reconstruct the input from the "
+                         f"output (In-Place ABN); found {zeros} zero entr{'y' if zeros == 1 else 'ies'} — use "
+                         "inplace=False or re-initialise the weight")
 
 
 def _masked_update(buf: Tensor, new: Tensor, momentum: float | Tensor, ok: Tensor) -> None:

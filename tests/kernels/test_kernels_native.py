@@ -355,7 +355,7 @@ def test_channel_blocks_match_reference(norm, block_bytes, monkeypatch):
     """One channel per task, and blocks of several channels with a ragged last block (C = 5: 3 + 2)."""
     monkeypatch.setattr(native, "BLOCK_BYTES", block_bytes)
     x = torch.randn(6, 5, 7, 9, dtype=torch.float64) * 2 + 1
-    assert native._channel_block(x, 2) == (1 if block_bytes == 1 else 3)
+    assert native._channel_block_for(*native._dims(x), x.dtype, 2) == (1 if block_bytes == 1 else 3)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     _compare(x, norm)
     _compare(x.float(), norm)

@@ -251,13 +251,9 @@ def _stream_rows(x: Tensor) -> int:
     return int(x.numel() * x.element_size() >= STREAM_BYTES)
 
 
-def _channel_block(x: Tensor, nt: int) -> int:
-    """Channels per task of the channel kernels: as many as fit :data:`BLOCK_BYTES` (at least 1, at most
-    NM_CBMAX = 64), but no more than an even share of the C channels per thread."""
-    return _channel_block_for(*_dims(x), x.dtype, nt)
-
-
 def _channel_block_for(N: int, C: int, S: int, dtype: torch.dtype, nt: int) -> int:
+    """Channels per task of the channel kernels for (N, C, S) input: as many as fit :data:`BLOCK_BYTES` (at
+    least 1, at most NM_CBMAX = 64), but no more than an even share of the C channels per thread."""
     fit = BLOCK_BYTES // max(1, N * S * dtype.itemsize)
     return int(max(1, min(fit, 64, -(-C // max(1, nt)))))
 
@@ -287,7 +283,7 @@ class Launch:
     does not change between steps (the C functions, (N, C, S), the norm code, non-temporal stores, which
     statistics to allocate, the block size per thread count) worked out once.
 
-    :func:`forward` and :func:`backward` build one per call; :class:`normmatters.kernels.lean.NativePlan` keeps
+    :func:`forward` and :func:`backward` build one per call; :class:`.native_autograd.NativePlan` keeps
     one across a layer's steps (its Python before and after the kernel runs on caches the previous layer's
     kernel has just flushed, where each helper call costs 10-40 µs). Valid for tensors with ``x``'s shape,
     strides and dtype on the CPU, as :func:`eligible` accepted (callers check that; :meth:`matches`).
@@ -406,7 +402,7 @@ class Launch:
         return gx, gw, gb
 
 
-def running_args(running: tuple | None, x: Tensor) -> tuple:
+def running_args(running: tuple | None) -> tuple:
     """``running`` = (running_mean, running_var, num_batches_tracked, momentum, n) → the keyword arguments
     (run_mean, run_var, nbt, momentum, unbias, buf_bf16) of :meth:`Launch.forward`; () for None."""
     if running is None:
@@ -433,7 +429,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     after a kernel that has streamed the activations through every cache, costs ~0.3 ms of cache misses.
     ``inplace``: y is written over x and returned as x itself.
     """
-    return Launch(x, norm, c, eps, k, inplace).forward(x, weight, bias, *running_args(running, x))
+    return Launch(x, norm, c, eps, k, inplace).forward(x, weight, bias, *running_args(running))
 
 
 def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Tensor, aux: tuple[Tensor, ...],

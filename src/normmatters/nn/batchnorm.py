@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from ..estimators import get_estimator
 from ..functional import NONFINITE_MODES, check_input
 from ..kernels import lean_batch_norm, resolve_impl
-from ..kernels.lean import NativePlan
+from ..kernels.native_autograd import NativePlan
 
 __all__ = [
     "LpBatchNorm", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-#: what the native plan (:class:`normmatters.kernels.lean.NativePlan`) depends on: setting any of these
+#: what the native plan (:class:`normmatters.kernels.native_autograd.NativePlan`) depends on: setting any of these
 #: attributes drops it (the tensors are also checked by identity and address on every call)
 _PLAN_INPUTS = frozenset({
     "training", "momentum", "eps", "norm", "k", "chunks", "ghost_batch_size", "nonfinite", "impl", "inplace",

@@ -1,6 +1,7 @@
-"""The per-layer native plan (normmatters.kernels.lean.NativePlan, kept by LpBatchNorm): a layer that reuses its
-plan gives exactly what a layer that rebuilds it every step gives, and every change the plan depends on (options,
-tensors, their data, the input's layout, $NORMMATTERS_KERNEL, eval mode, copies) makes a new one or none."""
+"""The per-layer native plan (normmatters.kernels.native_autograd.NativePlan, kept by LpBatchNorm): a layer that
+reuses its plan gives exactly what a layer that rebuilds it every step gives, and every change the plan depends
+on (options, tensors, their data, the input's layout, $NORMMATTERS_KERNEL, eval mode, copies) makes a new one or
+none."""
 
 import copy
 import io
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import normmatters as nm
-from normmatters.kernels import lean, native
+from normmatters.kernels import native, native_autograd
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +51,7 @@ def test_reused_plan_equals_rebuilt_plan(norm, layout):
             m.weight.copy_(torch.linspace(0.5, 2.0, 6))
             m.bias.copy_(torch.linspace(-1.0, 1.0, 6))
     out_a, out_b = _train(a, xs, gs), _train(b, xs, gs)
-    assert isinstance(a._plan, lean.NativePlan)
+    assert isinstance(a._plan, native_autograd.NativePlan)
     for (ya, ga), (yb, gb) in zip(out_a, out_b):
         torch.testing.assert_close(ya, yb, rtol=0, atol=0)
         torch.testing.assert_close(ga, gb, rtol=0, atol=0)
@@ -72,7 +73,7 @@ def test_plan_is_built_once_and_reused():
     x = torch.randn(8, 4, 6, 6)
     _step(m, x)
     plan = m._plan
-    assert isinstance(plan, lean.NativePlan)
+    assert isinstance(plan, native_autograd.NativePlan)
     _step(m, x)
     assert m._plan is plan
 
