@@ -45,7 +45,7 @@ from . import native_ops, pool
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NORMS", "available", "channels_innermost", "eligible", "inplace_eligible", "update_fusable",
+__all__ = ["NORMS", "available", "channels_innermost", "covers", "eligible", "inplace_eligible", "update_fusable",
            "Launch", "running_args", "forward", "backward"]
 
 #: the norms the C++ kernels implement (csrc/common.h: NM_MEAN ... NM_TOPK)
@@ -109,8 +109,9 @@ def auto_prefers(x: Tensor, norm: str | None = None) -> bool:
     return _row_bytes(x) >= (AUTO_MIN_ROW_BYTES_BF16 if x.dtype == torch.bfloat16 else AUTO_MIN_ROW_BYTES)
 
 
-def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
-    """Whether the native kernels cover this call (see the module docstring); does not build anything."""
+def covers(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
+    """Whether the kernels cover this call (see the module docstring), in eager mode or traced (as the
+    ``normmatters::lp_batch_norm_fwd`` operator inside torch.compile / torch.export); builds nothing."""
     if not (norm in NORMS and groups == 1 and m == 1 and x.device.type == "cpu" and x.dtype in _COMPUTE):
         return False
     if norm == "topk" and not 1 <= k <= TOPK_MAX:
@@ -121,7 +122,13 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m:
     return (weight.dtype in params and bias.dtype == weight.dtype
             and x.dim() >= 2 and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) < 2**31
             and (x.is_contiguous() or channels_innermost(x)) and weight.is_contiguous()
-            and bias.is_contiguous() and not torch.compiler.is_compiling())
+            and bias.is_contiguous())
+
+
+def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
+    """Whether the eager native path (:class:`Launch`, the ``*_out`` operators) covers this call: :func:`covers`,
+    not under torch.compile / torch.export (where the functional operator runs instead)."""
+    return covers(x, weight, bias, norm, groups, m, k) and not torch.compiler.is_compiling()
 
 
 def inplace_eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int,
@@ -215,7 +222,7 @@ class Launch:
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor, run_mean: Tensor | None = None,
                 run_var: Tensor | None = None, nbt: Tensor | None = None, momentum: float = 0.0,
-                unbias: float = 0.0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
+                unbias: float = 0.0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], int]:
         """:func:`forward` for this launch; the running buffers (each possibly None, :func:`update_fusable`)
         are updated by the kernel with ``momentum`` and ``unbias`` = n / (n − 1)."""
         nt = self._threads()
@@ -250,17 +257,18 @@ def running_args(running: tuple | None) -> tuple:
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm: str,
             running: tuple | None = None, k: int = 10,
-            inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
+            inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], int]:
     """(y, μ (C,), raw (C,), aux, ok) — aux for range: (pos,) from the channel kernels, pos (2, C) int32 the
     per-channel position (sample·S + spatial index) of the max (row 0) and min (row 1), p if that element is
-    the only one equal to it, -(p + 1) for the first of several; (hi, lo) per channel from the rows kernels;
-    (τ,) for topk (the k-th largest |d|); else ().
+    the only one equal to it, -(p + 1) for the first of several; from the rows kernels (hi_lo,), (2, C) the
+    per-channel max (row 0) and min (row 1); (τ,) for topk, (1, C) the k-th largest |d|; else ().
 
     ``running`` = (running_mean, running_var, num_batches_tracked, momentum, n), each buffer possibly None
     and all :func:`update_fusable`: the kernel then also applies
     :func:`normmatters.functional.update_running_stats` (one group) to them, in the same call, and ``ok`` is
-    its "statistics are finite" flag (False: buffers unchanged). Without ``running``, ``ok`` is still the
-    flag (the kernel checks every call; no buffer is touched).
+    its status: 1 updated, 0 non-finite statistics, 2 finite statistics whose running_var would overflow the
+    buffer's dtype (0 and 2: every buffer unchanged). Without ``running``, ``ok`` is still the finite flag (the
+    kernel checks every call; no buffer is touched).
     The update is done here rather than by a separate (compiled) call because that call, coming right
     after a kernel that has streamed the activations through every cache, costs ~0.3 ms of cache misses.
     ``inplace``: y is written over x and returned as x itself.

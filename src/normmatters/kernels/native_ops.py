@@ -12,8 +12,8 @@ range or topk; c the 0-dim constant c(n) of :mod:`normmatters.estimators`):
 * ``lp_batch_norm_bwd(grad_y, x, weight, mean, raw, aux, norm, c, eps, k, need_x) -> (grad_x, grad_w,
   grad_b)``: its backward (grad_x empty when not ``need_x``).
 * ``update_running_stats(mean, raw, running_mean!, running_var!, num_batches_tracked!, norm, c, momentum, n)
-  -> ok``: :func:`normmatters.functional.update_running_stats` with σ̂ = c·raw, in place, buffers unchanged
-  unless every statistic is finite (``ok``, a 0-dim bool).
+  -> status``: :func:`normmatters.functional.update_running_stats` with σ̂ = c·raw, in place; status (0-dim
+  int64) 1 updated, 0 non-finite statistics, 2 finite ones whose running_var would overflow (0, 2: unchanged).
 * ``lp_batch_norm_fwd_out`` / ``lp_batch_norm_bwd_out``: the same kernels into caller-given outputs (pooled
   buffers, or x itself in place), the forward also updating the running buffers in the same call; the eager
   autograd Functions of :mod:`.native_autograd` call them through :class:`.native.Launch`.
@@ -68,13 +68,13 @@ def _bwd_fake(grad_y, x, weight, mean, raw, aux, norm, c, eps, k, need_x):
 
 
 def _update_fake(mean, raw, running_mean, running_var, num_batches_tracked, norm, c, momentum, n):
-    return mean.new_empty((), dtype=torch.bool)
+    return mean.new_empty((), dtype=torch.int64)
 
 
 def _fwd_out_fake(x, weight, bias, norm, c, eps, k, y, running_mean, running_var, num_batches_tracked,
                   momentum, unbias, stream, block, threads):
     C, acc = x.shape[1], _acc(x.dtype)
-    return x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc), _aux_like(x, norm, y is x), True
+    return x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc), _aux_like(x, norm, y is x), 1
 
 
 def _bwd_out_fake(grad_y, x, weight, mean, raw, aux, bias, norm, c, eps, k, need_w, need_b, grad_x, stream,
@@ -137,7 +137,7 @@ def bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, raw: Tensor, au
 def update_running_stats(mean: Tensor, raw: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                          num_batches_tracked: Tensor | None, norm: str, c: Tensor, momentum: float,
                          n: int) -> Tensor:
-    """``normmatters::update_running_stats`` → the 0-dim "statistics are finite" flag."""
+    """``normmatters::update_running_stats`` → the 0-dim int64 status (1 updated; 0, 2 unchanged)."""
     return torch.ops.normmatters.update_running_stats(mean, raw, running_mean, running_var, num_batches_tracked,
                                                       norm, c, momentum, n)
 

@@ -11,7 +11,8 @@
 //   lp_batch_norm_bwd(grad_y, x, weight, mean, raw, aux, norm, c, eps, k, need_x) -> (grad_x, grad_w, grad_b)
 //       functional backward of the above; grad_x is empty (0,) when need_x is false
 //   update_running_stats(mean, raw, running_mean!, running_var!, num_batches_tracked!, norm, c, momentum, n)
-//       -> ok: functional.update_running_stats with sigma = c * raw, buffers unchanged unless all finite
+//       -> status: functional.update_running_stats with sigma = c * raw; a 0-dim int64, 1 updated, 0 non-finite
+//       statistics, 2 finite statistics whose running_var would overflow (0 and 2: buffers unchanged)
 //   lp_batch_norm_fwd_out / lp_batch_norm_bwd_out: the same kernels writing into caller-given outputs (the
 //       eager path hands them pooled buffers, or x itself for in-place mode), the forward also updating the
 //       running buffers in the same call, with explicit tuning (non-temporal stores, channels per task,
@@ -119,9 +120,10 @@ bool bf16_buffers(const c10::optional<Tensor> &a, const c10::optional<Tensor> &b
            (b.has_value() && b->defined() && b->scalar_type() == at::kBFloat16);
 }
 
-// The forward kernel into y (y may be x: in place), updating the given running buffers; returns the
-// "statistics are finite" flag.
-std::tuple<Tensor, Tensor, Tensor, bool> forward_into(
+// The forward kernel into y (y may be x: in place), updating the given running buffers; returns the update's
+// status: 1 updated, 0 non-finite statistics, 2 finite statistics whose running_var would overflow the buffer's
+// dtype (0 and 2: every buffer unchanged); without buffers 1 or 0, the finite flag.
+std::tuple<Tensor, Tensor, Tensor, int64_t> forward_into(
         const Tensor &x, const Tensor &weight, const Tensor &bias, c10::string_view norm, double c, double eps,
         int64_t k, const Tensor &y, const c10::optional<Tensor> &running_mean,
         const c10::optional<Tensor> &running_var, const c10::optional<Tensor> &nbt, double momentum,
@@ -166,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor, bool> forward_into(
                                    ptr<T>(tscratch), rm, rv, nb, momentum, unbias, buf_bf16, t.stream, (int)k,
                                    ptr<T>(tops), ptr<int32_t>(topi));
     });
-    return {mean, raw, aux, ok != 0};
+    return {mean, raw, aux, ok};
 }
 
 // The backward kernel into gx (undefined: no grad_x). In place (bias given) x is the output y that overwrote
@@ -252,7 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor &grad_y, const Tensor &x, co
     return {need_x ? gx : at::empty({0}, x.options()), gw, gb};
 }
 
-std::tuple<Tensor, Tensor, Tensor, bool> fwd_out(
+std::tuple<Tensor, Tensor, Tensor, int64_t> fwd_out(
         const Tensor &x, const Tensor &weight, const Tensor &bias, c10::string_view norm, double c, double eps,
         int64_t k, Tensor &y, const c10::optional<Tensor> &running_mean, const c10::optional<Tensor> &running_var,
         const c10::optional<Tensor> &nbt, double momentum, double unbias, int64_t stream, int64_t block,
@@ -273,7 +275,8 @@ std::tuple<Tensor, Tensor> bwd_out(
 
 Tensor update_running(const Tensor &mean, const Tensor &raw, const c10::optional<Tensor> &running_mean,
                       const c10::optional<Tensor> &running_var, const c10::optional<Tensor> &nbt,
-                      c10::string_view norm, const Tensor &c, double momentum, int64_t n) {
+                      c10::string_view norm, const Tensor &c, double momentum, c10::SymInt sym_n) {
+    const int64_t n = sym_n.expect_int();
     const char *op = "normmatters::update_running_stats";
     const int code = norm_code(norm);
     const auto acc = mean.scalar_type();
@@ -301,7 +304,7 @@ Tensor update_running(const Tensor &mean, const Tensor &raw, const c10::optional
         : nm_update<double>(ptr<const double>(m), ptr<const double>(r), C, code, c.item<double>(),
                             ptr<double>(running_mean), ptr<double>(running_var), ptr<int64_t>(nbt), momentum, unbias,
                             0);
-    return at::scalar_tensor(ok != 0, mean.options().dtype(at::kBool));
+    return at::scalar_tensor(ok, mean.options().dtype(at::kLong));
 }
 
 }  // namespace
@@ -312,11 +315,11 @@ TORCH_LIBRARY(normmatters, m) {
     m.def("lp_batch_norm_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor raw, Tensor aux, "
           "str norm, Tensor c, float eps, int k, bool need_x) -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
     m.def("update_running_stats(Tensor mean, Tensor raw, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-          "Tensor(c!)? num_batches_tracked, str norm, Tensor c, float momentum, int n) -> Tensor");
+          "Tensor(c!)? num_batches_tracked, str norm, Tensor c, float momentum, SymInt n) -> Tensor");
     m.def("lp_batch_norm_fwd_out(Tensor x, Tensor weight, Tensor bias, str norm, float c, float eps, int k, "
           "Tensor(a!) y, Tensor(b!)? running_mean, Tensor(c!)? running_var, Tensor(d!)? num_batches_tracked, "
           "float momentum, float unbias, int stream, int block, int threads) "
-          "-> (Tensor mean, Tensor raw, Tensor aux, bool ok)");
+          "-> (Tensor mean, Tensor raw, Tensor aux, int status)");
     m.def("lp_batch_norm_bwd_out(Tensor grad_y, Tensor x, Tensor weight, Tensor? mean, Tensor raw, Tensor aux, "
           "Tensor? bias, str norm, float c, float eps, int k, bool need_w, bool need_b, Tensor(a!)? grad_x, "
           "int stream, int block, int threads) -> (Tensor grad_w, Tensor grad_b)");
