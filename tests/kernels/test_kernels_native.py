@@ -2,8 +2,6 @@
 statistics, ties, gradcheck and the eligibility rules with their fallback (the build and the compiler-missing
 fallback: test_native_build.py)."""
 
-import warnings
-
 import pytest
 import torch
 

@@ -44,7 +44,8 @@ def test_first_build_compiles_into_the_keyed_directory_with_the_flags(monkeypatc
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw))
     assert native_build._build() == "compiled"
     (kw,) = calls
-    assert kw["build_directory"] == str(tmp_path / f"normmatters_native_{native_build.source_key(native_build._compiler())}")
+    key = native_build.source_key(native_build._compiler())
+    assert kw["build_directory"] == str(tmp_path / f"normmatters_native_{key}")
     assert {"-O3", "-march=native", "-fopenmp"} <= set(kw["extra_cflags"]) and not kw["is_python_module"]
     assert kw["sources"] == [str(native_build.CSRC / "ops.cpp")]
 

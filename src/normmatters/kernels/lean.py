@@ -5,7 +5,7 @@ reference path, which it calls for eval mode and for ``impl="reference"``) plus 
 
 * ``"auto"`` (default): ``"native"`` where it is eligible (see :func:`.native.eligible`) and measured faster
   (channels-innermost input, or rows long enough: :func:`.native.auto_prefers`), else ``"compiled"``;
-* ``"native"``: C/OpenMP CPU kernels (:mod:`.native`; built with gcc on first use, a few seconds) for
+* ``"native"``: C++/OpenMP CPU operators (:mod:`.native`; built on first use, ~20 s) for
   float32/float64/bfloat16 input, contiguous (blocks of adjacent channels, cache-blocked) or channels-innermost
   (row kernels), norms mean, l2, l1, linf, range and top-k (k ≤ 64), no ghost batches or range chunks,
   in place too (not top-k on the row kernels); the running buffers are updated in the same call
@@ -23,7 +23,9 @@ min) — at most the five (C,)-vectors + input that ``nn.BatchNorm2d`` saves. Wi
 weight, the bias and the (C,) raw statistic: it reconstructs the centered input from the output, which
 needs every weight entry non-zero (see :func:`lean_batch_norm` and :mod:`.formulas`; on the native channel
 kernels: :class:`.native_autograd.NativeBatchNormInplaceFunction`). Inside a user's
-``torch.compile`` the formulas are traced into the user's graph (no nested compile, no graph break).
+``torch.compile`` (and ``torch.export``) the call goes into the user's graph (no nested compile, no graph break):
+the ``normmatters::lp_batch_norm_fwd`` and ``update_running_stats`` operators where eager mode would take the
+native kernels (out of place), else the formulas.
 """
 
 from __future__ import annotations

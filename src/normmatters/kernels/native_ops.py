@@ -1,6 +1,6 @@
 """The ``normmatters::`` operators of the native CPU kernels (schemas and CPU kernels in ``csrc/ops.cpp``, built
 by :mod:`.native_build`): their fake (meta) implementations, so ``torch.compile`` and ``torch.export`` can
-trace them, and the autograd formula of the functional forward.
+trace them.
 
 Operators (x (N, C, *) float32/float64/bfloat16, contiguous or channels-innermost; norm mean, l2, l1, linf,
 range or topk; c the 0-dim constant c(n) of :mod:`normmatters.estimators`):
@@ -18,10 +18,10 @@ range or topk; c the 0-dim constant c(n) of :mod:`normmatters.estimators`):
   buffers, or x itself in place), the forward also updating the running buffers in the same call; the eager
   autograd Functions of :mod:`.native_autograd` call them through :class:`.native.Launch`.
 
-The functional forward is made differentiable with ``torch.library.register_autograd`` (what the README's
-"Native kernels" section measured against the eager Functions); the eager layers keep their own autograd
-Functions around the ``*_out`` operators, which take pooled output buffers and update the running buffers in
-the same call.
+The functional forward's autograd is a C++ autograd Function registered for the Autograd key in
+``csrc/ops.cpp`` (its backward calls ``lp_batch_norm_bwd``): measured against ``torch.library.register_autograd``
+it costs less per call (docs/bench/native-ops.md). The eager layers keep their own autograd Functions around
+the ``*_out`` operators, which take pooled output buffers and update the running buffers in the same call.
 """
 
 from __future__ import annotations
@@ -82,22 +82,6 @@ def _bwd_out_fake(grad_y, x, weight, mean, raw, aux, bias, norm, c, eps, k, need
     return torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    x, weight, _bias, norm, c, eps, k = inputs
-    _y, mean, raw, aux = output
-    ctx.save_for_backward(x, weight, mean, raw, aux, c)
-    ctx.options = (norm, eps, k)
-    ctx.mark_non_differentiable(mean, raw, aux)
-
-
-def _fwd_backward(ctx, gy, _gmean, _graw, _gaux):
-    x, weight, mean, raw, aux, c = ctx.saved_tensors
-    norm, eps, k = ctx.options
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = torch.ops.normmatters.lp_batch_norm_bwd(gy, x, weight, mean, raw, aux, norm, c, eps, k, need_x)
-    return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None, None, None)
-
-
 def _register() -> None:
     lib = "normmatters::"
     torch.library.register_fake(lib + "lp_batch_norm_fwd")(_fwd_fake)
@@ -105,11 +89,10 @@ def _register() -> None:
     torch.library.register_fake(lib + "update_running_stats")(_update_fake)
     torch.library.register_fake(lib + "lp_batch_norm_fwd_out")(_fwd_out_fake)
     torch.library.register_fake(lib + "lp_batch_norm_bwd_out")(_bwd_out_fake)
-    torch.library.register_autograd(lib + "lp_batch_norm_fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
 def ensure() -> bool:
-    """Build/load the library and register the fake and autograd implementations, once; False (after one
+    """Build/load the library and register the fake implementations, once; False (after one
     warning, from :func:`.native_build.load`) when the library cannot be built."""
     global _registered
     if _registered:

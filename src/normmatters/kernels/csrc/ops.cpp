@@ -19,6 +19,7 @@
 //       threads); not differentiable, for the eager autograd Functions in native_autograd.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -307,6 +308,53 @@ Tensor update_running(const Tensor &mean, const Tensor &raw, const c10::optional
     return at::scalar_tensor(ok, mean.options().dtype(at::kLong));
 }
 
+// Autograd of lp_batch_norm_fwd as a C++ autograd Function (TORCH_LIBRARY_IMPL(normmatters, Autograd)): the
+// forward redispatches below autograd to the device kernel, the backward calls lp_batch_norm_bwd through the
+// dispatcher (so both appear as operators in traced graphs). Measured against torch.library.register_autograd
+// (a Python autograd.Function around the op): see docs/bench/native-ops.md. Once differentiable: the backward
+// op has no autograd of its own.
+class LpBatchNormFwdAutograd : public torch::autograd::Function<LpBatchNormFwdAutograd> {
+  public:
+    static torch::autograd::variable_list forward(torch::autograd::AutogradContext *ctx, const Tensor &x,
+                                                  const Tensor &weight, const Tensor &bias, c10::string_view norm,
+                                                  const Tensor &c, double eps, int64_t k) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        static auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("normmatters::lp_batch_norm_fwd", "")
+                             .typed<decltype(fwd)>();
+        auto [y, mean, raw, aux] = op.call(x, weight, bias, norm, c, eps, k);
+        ctx->save_for_backward({x, weight, mean, raw, aux, c});
+        ctx->saved_data["norm"] = std::string(norm);
+        ctx->saved_data["eps"] = eps;
+        ctx->saved_data["k"] = k;
+        ctx->mark_non_differentiable({mean, raw, aux});
+        return {y, mean, raw, aux};
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                   torch::autograd::variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+                   need_b = ctx->needs_input_grad(2);
+        static auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("normmatters::lp_batch_norm_bwd", "")
+                             .typed<decltype(bwd)>();
+        const std::string norm = ctx->saved_data["norm"].toStringRef();
+        Tensor gy = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
+        auto [gx, gw, gb] = op.call(gy, saved[0], saved[1], saved[2], saved[3], saved[4], norm, saved[5],
+                                    ctx->saved_data["eps"].toDouble(), ctx->saved_data["k"].toInt(), need_x);
+        return {need_x ? gx : Tensor(), need_w ? gw : Tensor(), need_b ? gb : Tensor(), Tensor(), Tensor(),
+                Tensor(), Tensor()};
+    }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_autograd(const Tensor &x, const Tensor &weight, const Tensor &bias,
+                                                        c10::string_view norm, const Tensor &c, double eps,
+                                                        int64_t k) {
+    auto out = LpBatchNormFwdAutograd::apply(x, weight, bias, norm, c, eps, k);
+    return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(normmatters, m) {
@@ -331,4 +379,8 @@ TORCH_LIBRARY_IMPL(normmatters, CPU, m) {
     m.impl("update_running_stats", &update_running);
     m.impl("lp_batch_norm_fwd_out", &fwd_out);
     m.impl("lp_batch_norm_bwd_out", &bwd_out);
+}
+
+TORCH_LIBRARY_IMPL(normmatters, Autograd, m) {
+    m.impl("lp_batch_norm_fwd", &fwd_autograd);
 }
