@@ -1,6 +1,7 @@
 """The native kernels' build (normmatters.kernels.native_build): sources shipped as files, the cache keyed by
 their hash and the flags, and the compiler-missing fallback (one warning, then the Inductor path)."""
 
+import re
 import warnings
 
 import pytest
@@ -18,6 +19,11 @@ def test_sources_are_files_with_the_operator_schemas():
     assert "TORCH_LIBRARY(normmatters, m)" in ops and "TORCH_LIBRARY_IMPL(normmatters, CPU, m)" in ops
     for header in ("common.h", "channel_kernels.h", "rows_kernels.h"):  # templates, not backslash macros
         assert not any(line.rstrip().endswith("\\") for line in (native_build.CSRC / header).read_text().splitlines())
+
+
+def test_no_ctypes_in_the_package():
+    src = native_build.CSRC.parent.parent
+    assert not [p for p in src.rglob("*.py") if re.search(r"^\s*(import ctypes|from ctypes)", p.read_text(), re.M)]
 
 
 def test_cache_key_follows_sources_flags_and_compiler(monkeypatch, tmp_path):
