@@ -265,7 +265,7 @@ def lean_batch_norm(
         y = LeanBatchNormInplaceFunction.apply(input, w, b, mean, raw, c, eps, norm, k, groups, m, impl)
         mean, raw = mean.reshape(groups, C), raw.reshape(groups, C)
     elif torch.compiler.is_compiling() and _traced_native(impl, input, w, b, norm, groups, m, k):
-        # traced: the operator itself goes into the graph (fake impl, register_autograd), and so does its
+        # traced: the operator itself goes into the graph (fake impl, C++ autograd), and so does its
         # running-statistics update below
         y, mean, raw, _ = native_ops.fwd(input, w, b, norm, c, eps, k)
         mean, raw, traced_op = mean.view(1, C), raw.view(1, C), True
