@@ -93,3 +93,19 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch, _unloaded):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not native.available()
+
+
+def test_missing_compiler_under_torch_compile_warns_once_and_traces_the_formulas(monkeypatch, _unloaded):
+    def broken():
+        raise RuntimeError("no C++ compiler (c++/g++) on PATH")
+
+    monkeypatch.setattr(native_build, "_build", broken)
+    torch._dynamo.reset()
+    layer = nm.LpBatchNorm2d(3, norm="l1").train()
+    x = torch.randn(8, 3, 4, 4)
+    with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable") as rec:
+        y = torch.compile(layer, fullgraph=True)(x)
+    assert len([w for w in rec if "native CPU kernels" in str(w.message)]) == 1
+    torch.testing.assert_close(y, nm.lp_batch_norm(x, None, None, layer.weight, layer.bias, training=True,
+                                                   norm="l1"), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
