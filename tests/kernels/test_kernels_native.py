@@ -1,7 +1,6 @@
 """The native CPU kernels (normmatters.kernels.native) against the reference path: values, gradients, running
-statistics, ties, gradcheck, the eligibility rules with their fallback, and the compiler-missing fallback."""
-
-import warnings
+statistics, ties, gradcheck and the eligibility rules with their fallback (the build and the compiler-missing
+fallback: test_native_build.py)."""
 
 import pytest
 import torch
@@ -220,38 +219,6 @@ def test_ineligible_cases_fall_back_and_match(case, _eager_fallback):
         _compare(x, "topk", expect="LeanBatchNormFunctionBackward", k=native.TOPK_MAX + 1)
     else:
         _compare(x.half(), "l1", expect="LeanBatchNormFunctionBackward")
-
-
-def test_missing_compiler_warns_once_and_falls_back(monkeypatch, _eager_fallback):
-    def broken():
-        raise RuntimeError("no C compiler (gcc/cc) on PATH")
-
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_failed", False)
-    monkeypatch.setattr(native, "_build", broken)
-    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable") as rec:
-        _compare(x, "l1", expect="LeanBatchNormFunctionBackward")
-        _compare(x, "range", impl="auto", expect="LeanBatchNormFunctionBackward")
-    assert len([w for w in rec if "native CPU kernels" in str(w.message)]) == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert not native.available()
-
-
-def test_build_is_cached_by_source_hash(monkeypatch, tmp_path):
-    """The library is compiled once per source + command into the cache; the first call's cost is reported."""
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(native, "first_call", None)
-    native._build()
-    assert native.first_call[1] == "compiled" and native.first_call[0] > 0
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 1 and files[0].startswith("normmatters_native_") and files[0].endswith(".so")
-    calls = []
-    monkeypatch.setattr(native, "_compile", lambda *a: calls.append(a))
-    native._build()  # cached: no second compile, no temporary files left
-    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == files
-    assert native.first_call[1] == "cached"
 
 
 def test_double_backward_raises_instead_of_silently_wrong():

@@ -358,7 +358,7 @@ def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str]
                   shapes: Iterable[tuple[int, ...]] | None = None, rounds: int | None = None,
                   resnet: bool = True) -> dict[str, Any]:
     """Run the benchmark; returns a dict with rows, ResNet-20 ratios, bandwidth and compile seconds."""
-    from . import compiled, native
+    from . import compiled, native_build
 
     dev = torch.device(device)
     norms = tuple(norms)
@@ -388,7 +388,7 @@ def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str]
             "rows": [dataclasses.asdict(r) for r in rows],
             "table": format_table(rows), "resnet20_step_ratio": res,
             "compile_seconds": {"/".join(k): v for k, v in compiled.compile_seconds.items()},
-            "native_first_call": native.first_call,
+            "native_first_call": native_build.first_call,
             "seconds": time.perf_counter() - t0}
 
 

@@ -5,7 +5,7 @@ reference path, which it calls for eval mode and for ``impl="reference"``) plus 
 
 * ``"auto"`` (default): ``"native"`` where it is eligible (see :func:`.native.eligible`) and measured faster
   (channels-innermost input, or rows long enough: :func:`.native.auto_prefers`), else ``"compiled"``;
-* ``"native"``: C/OpenMP CPU kernels (:mod:`.native`; built with gcc on first use, a few seconds) for
+* ``"native"``: C++/OpenMP CPU operators (:mod:`.native`; built on first use, ~20 s) for
   float32/float64/bfloat16 input, contiguous (blocks of adjacent channels, cache-blocked) or channels-innermost
   (row kernels), norms mean, l2, l1, linf, range and top-k (k ≤ 64), no ghost batches or range chunks,
   in place too (not top-k on the row kernels); the running buffers are updated in the same call
@@ -23,7 +23,9 @@ min) — at most the five (C,)-vectors + input that ``nn.BatchNorm2d`` saves. Wi
 weight, the bias and the (C,) raw statistic: it reconstructs the centered input from the output, which
 needs every weight entry non-zero (see :func:`lean_batch_norm` and :mod:`.formulas`; on the native channel
 kernels: :class:`.native_autograd.NativeBatchNormInplaceFunction`). Inside a user's
-``torch.compile`` the formulas are traced into the user's graph (no nested compile, no graph break).
+``torch.compile`` (and ``torch.export``) the call goes into the user's graph (no nested compile, no graph break):
+the ``normmatters::lp_batch_norm_fwd`` and ``update_running_stats`` operators where eager mode would take the
+native kernels (out of place), else the formulas.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from ..functional import (
     report_nonfinite,
     training_groups,
 )
-from . import compiled, formulas, native
+from . import compiled, formulas, native, native_ops
 from .impl import ENV, IMPLS, resolve_impl
 from .native_autograd import NativeBatchNormFunction, NativePlan, native_training
 from .saved import save_stats, saved_stats
@@ -161,6 +163,18 @@ def _use_native(impl: str, x: Tensor, w: Tensor, b: Tensor, norm: str, groups: i
     return (impl == "native" or native.auto_prefers(x, norm)) and native.available()
 
 
+#: :func:`.native_ops.ensure` as Dynamo sees it: called once at trace time (building/loading the library outside
+#: the graph), its result a constant of the graph
+_ops_ready = torch.compiler.assume_constant_result(native_ops.ensure)
+
+
+def _traced_native(impl: str, x: Tensor, w: Tensor, b: Tensor, norm: str, groups: int, m: int, k: int) -> bool:
+    """Inside torch.compile / torch.export: whether the ``normmatters::lp_batch_norm_fwd`` operator runs (in the
+    graph) where eager mode would take the native kernels: "native", or "auto" where they measured faster."""
+    return (impl in ("auto", "native") and native.covers(x, w, b, norm, groups, m, k)
+            and (impl == "native" or native.auto_prefers(x, norm)) and _ops_ready())
+
+
 def _eval_inplace(input: Tensor, running_mean: Tensor, running_var: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, eps: float, divides: bool) -> Tensor:
     """Eval mode in place: input·scale + shift with the reference's scale and shift (equal within rounding)."""
@@ -243,12 +257,18 @@ def lean_batch_norm(
     b = bias if bias is not None else torch.zeros(C, dtype=pdtype, device=input.device)
     c = gaussian_constant(norm, n, k, chunks, acc, input.device)
     m = chunks or 1
+    traced_op = False
     if inplace:
         # statistics first (no autograd: the Function's backward covers them), then y written over the input
         mean, raw = _kernel("stats", norm, impl, input.device)(
             _view5(input.detach(), groups, m, _is_channels_last(input)), norm, k)
         y = LeanBatchNormInplaceFunction.apply(input, w, b, mean, raw, c, eps, norm, k, groups, m, impl)
         mean, raw = mean.reshape(groups, C), raw.reshape(groups, C)
+    elif torch.compiler.is_compiling() and _traced_native(impl, input, w, b, norm, groups, m, k):
+        # traced: the operator itself goes into the graph (fake impl, C++ autograd), and so does its
+        # running-statistics update below
+        y, mean, raw, _ = native_ops.fwd(input, w, b, norm, c, eps, k)
+        mean, raw, traced_op = mean.view(1, C), raw.view(1, C), True
     elif _use_native(impl, input, w, b, norm, groups, m, k):
         check_channel_vectors(C, where, weight=w, bias=b)
         # not covered by native_training (no affine parameters, or buffers of another dtype): the kernel's
@@ -262,6 +282,11 @@ def lean_batch_norm(
             and nonfinite == "ignore":
         return y
     with torch.no_grad():
+        if traced_op and isinstance(momentum, (int, float)) and native.update_fusable(
+                input, running_mean, running_var if est.divides else None, num_batches_tracked):
+            native_ops.update_running_stats(mean, raw, running_mean, running_var if est.divides else None,
+                                            num_batches_tracked, norm, c, float(momentum), n)
+            return y  # traced: no report (report_nonfinite is eager-only)
         ok = _kernel("update_running", norm, impl, input.device)(
             mean, raw, c, running_mean, running_var if est.divides else None, num_batches_tracked,
             momentum, n, est.divides)

@@ -1,4 +1,5 @@
-"""Native CPU fast path of the lean kernels: cache-blocked C (:mod:`.native_src`) called through ctypes.
+"""Native CPU fast path of the lean kernels: cache-blocked C++ (``csrc/``) called as the ``normmatters::``
+operators of :mod:`.native_ops`.
 
 The Inductor kernels of :mod:`.compiled` run every pass (mean, dispersion, output; backward sums, then the
 gradient) as its own parallel loop over all channels, so each pass streams the whole tensor from DRAM.
@@ -21,10 +22,9 @@ loaded), compute bfloat16 in float32, update the running buffers inside the forw
 which reuses a freed buffer rather than letting the allocator map fresh pages (the faults cost more than the
 kernel).
 
-The source is compiled on first use with ``gcc -O3 -march=native -fopenmp -shared -fPIC`` (no fast-math)
-into ``$NORMMATTERS_CACHE`` (default ``~/.cache/normmatters``), named by a hash of source + command, and
-written atomically (temporary file + rename), so concurrent processes are safe. If the compiler is missing
-or fails, :func:`available` is False after one warning and callers keep the Inductor path.
+The sources are compiled on first use by :mod:`.native_build` (``torch.utils.cpp_extension``, ``-O3
+-march=native -fopenmp``, cached per source hash and flags). If the compiler is missing or fails,
+:func:`available` is False after one warning and callers keep the Inductor path.
 
 Scope (:func:`eligible`): CPU, float32/float64 with parameters of the same dtype, or bfloat16 with bfloat16
 or float32 parameters (computed in float32, statistics kept in float32, as nn.BatchNorm), contiguous or
@@ -34,41 +34,27 @@ and top-k (k ≤ :data:`TOPK_MAX`); not under torch.compile.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from . import pool
-from .native_src import SOURCE
+from . import native_ops, pool
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NORM_CODES", "available", "channels_innermost", "eligible", "inplace_eligible", "update_fusable",
-           "Launch", "running_args", "forward", "backward", "load"]
+__all__ = ["NORMS", "available", "channels_innermost", "covers", "eligible", "inplace_eligible", "update_fusable",
+           "Launch", "running_args", "forward", "backward"]
 
-#: norm name → code in the C source
-NORM_CODES = {"mean": 0, "l2": 1, "l1": 2, "linf": 3, "range": 4, "topk": 5}
+#: the norms the C++ kernels implement (csrc/common.h: NM_MEAN ... NM_TOPK)
+NORMS = ("mean", "l2", "l1", "linf", "range", "topk")
 #: largest k of norm="topk"
 TOPK_MAX = 64
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 #: the dtype the kernel computes in and keeps per-channel vectors (weight, bias, statistics, buffers) in:
 #: float32 for bfloat16 elements (as nn.BatchNorm and the reference), else the element dtype
 _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
-CC_ENV = "NORMMATTERS_CC"
-CACHE_ENV = "NORMMATTERS_CACHE"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 
 #: outputs of at least this many bytes ($NORMMATTERS_NATIVE_STREAM_BYTES overrides) are written with
 #: non-temporal stores, which skip each line's read-for-ownership but leave the output out of the cache.
@@ -83,93 +69,9 @@ STREAM_BYTES = int(os.environ.get("NORMMATTERS_NATIVE_STREAM_BYTES", 0) or 1 << 
 #: 1.01-1.05 ms with 16 (4 MB); backward 1.99-2.05 → 1.81-2.02 ms.
 BLOCK_BYTES = int(os.environ.get("NORMMATTERS_NATIVE_BLOCK_BYTES", 0) or 4 << 20)
 
-_lib: ctypes.CDLL | None = None
-_failed = False
-_lock = threading.Lock()
-
-
-def cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "normmatters"
-
-
-def _compile(cc: str, out: Path) -> None:
-    """Compile SOURCE into ``out`` atomically (temporary names in the same directory, then rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_src = tempfile.mkstemp(suffix=".c", prefix=".nm-", dir=out.parent)
-    tmp_so = tmp_src[:-2] + ".so"
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(SOURCE)
-        proc = subprocess.run([cc, *FLAGS, tmp_src, "-o", tmp_so, "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if proc.returncode:
-            raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip()[:300]}")
-        os.replace(tmp_so, out)
-    finally:
-        for p in (tmp_src, tmp_so):
-            if os.path.exists(p):
-                os.unlink(p)
-
-
-#: the first call's cost: (seconds, "compiled" | "cached") of building/loading the library, None before it
-first_call: tuple[float, str] | None = None
-
-
-def _build() -> ctypes.CDLL:
-    global first_call
-    t0 = time.perf_counter()
-    cc = os.environ.get(CC_ENV) or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS]).encode()).hexdigest()[:20]
-    path = cache_dir() / f"normmatters_native_{key}.so"
-    how = "cached"
-    if not path.exists():
-        _compile(cc, path)
-        how = "compiled"
-    lib = ctypes.CDLL(str(path))
-    i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-    for sfx in _SUFFIX.values():
-        fwd = getattr(lib, f"nm_forward_{sfx}")
-        fwd.argtypes = ([ptr] * 8 + [i64, i64, i64, cint, dbl, dbl, cint, cint] + [ptr] * 3
-                        + [dbl, dbl, cint, cint, i64, ptr])
-        fwd.restype = cint
-        bwd = getattr(lib, f"nm_backward_{sfx}")
-        bwd.argtypes = [ptr] * 10 + [i64, i64, i64, cint, dbl, dbl, cint, cint, cint, i64, ptr, ptr]
-        bwd.restype = None
-        fwd_rows = getattr(lib, f"nm_forward_rows_{sfx}")
-        fwd_rows.argtypes = ([ptr] * 8 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 5
-                             + [dbl, dbl, cint, cint, cint, ptr, ptr])
-        fwd_rows.restype = cint
-        bwd_rows = getattr(lib, f"nm_backward_rows_{sfx}")
-        bwd_rows.argtypes = [ptr] * 10 + [i64, i64, cint, dbl, dbl, cint] + [ptr] * 2 + [cint, cint, ptr]
-        bwd_rows.restype = None
-    first_call = (time.perf_counter() - t0, how)
-    log.debug("normmatters.kernels.native: %s library loaded in %.2f s", how, first_call[0])
-    return lib
-
-
-def load() -> ctypes.CDLL | None:
-    """The compiled library, building it on first use; None (after one warning) if that fails."""
-    global _lib, _failed
-    if _lib is not None or _failed:
-        return _lib
-    with _lock:
-        if _lib is None and not _failed:
-            try:
-                _lib = _build()
-            except Exception as exc:  # noqa: BLE001 - any build/load failure means: use the Inductor path
-                _failed = True
-                first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
-                warnings.warn(f"normmatters.kernels: the native CPU kernels are unavailable "
-                              f"({type(exc).__name__}: {first_line}); using the torch.compile kernels",
-                              RuntimeWarning, stacklevel=3)
-    return _lib
-
-
 def available() -> bool:
-    return load() is not None
+    """Whether the operators are built, loaded and registered (:func:`.native_ops.ensure`)."""
+    return native_ops.ensure()
 
 
 #: "auto" takes the channel kernels for contiguous input whose (sample, channel) rows have at least
@@ -207,9 +109,10 @@ def auto_prefers(x: Tensor, norm: str | None = None) -> bool:
     return _row_bytes(x) >= (AUTO_MIN_ROW_BYTES_BF16 if x.dtype == torch.bfloat16 else AUTO_MIN_ROW_BYTES)
 
 
-def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
-    """Whether the native kernels cover this call (see the module docstring); does not build anything."""
-    if not (norm in NORM_CODES and groups == 1 and m == 1 and x.device.type == "cpu" and x.dtype in _SUFFIX):
+def covers(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
+    """Whether the kernels cover this call (see the module docstring), in eager mode or traced (as the
+    ``normmatters::lp_batch_norm_fwd`` operator inside torch.compile / torch.export); builds nothing."""
+    if not (norm in NORMS and groups == 1 and m == 1 and x.device.type == "cpu" and x.dtype in _COMPUTE):
         return False
     if norm == "topk" and not 1 <= k <= TOPK_MAX:
         return False
@@ -219,7 +122,13 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m:
     return (weight.dtype in params and bias.dtype == weight.dtype
             and x.dim() >= 2 and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) < 2**31
             and (x.is_contiguous() or channels_innermost(x)) and weight.is_contiguous()
-            and bias.is_contiguous() and not torch.compiler.is_compiling())
+            and bias.is_contiguous())
+
+
+def eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
+    """Whether the eager native path (:class:`Launch`, the ``*_out`` operators) covers this call: :func:`covers`,
+    not under torch.compile / torch.export (where the functional operator runs instead)."""
+    return covers(x, weight, bias, norm, groups, m, k) and not torch.compiler.is_compiling()
 
 
 def inplace_eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: int,
@@ -227,15 +136,6 @@ def inplace_eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups:
     """Whether the native kernels cover this call in in-place mode: :func:`eligible`, except top-k in the
     rows layout (its in-place backward would need the top-k of the rebuilt d per thread)."""
     return eligible(x, weight, bias, norm, groups, m, k) and (norm != "topk" or _channel_layout(x))
-
-
-def _scratch(x: Tensor, C: int, doubles: int, compute: int) -> tuple[Tensor, Tensor]:
-    """Per-call scratch of the rows kernels: ``doubles``·C float64 and ``compute``·C in the compute dtype."""
-    return (torch.empty(doubles * C, dtype=torch.float64), torch.empty(compute * C, dtype=_COMPUTE[x.dtype]))
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return t.data_ptr() if t is not None else None
 
 
 def _stream(x: Tensor) -> int:
@@ -280,8 +180,8 @@ def update_fusable(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
 class Launch:
     """One native kernel call site: the layout, statistic and options of a training step, with everything that
-    does not change between steps (the C functions, (N, C, S), the norm code, non-temporal stores, which
-    statistics to allocate, the block size per thread count) worked out once.
+    does not change between steps (the operators, (N, C, S), non-temporal stores, the block size per thread
+    count) worked out once.
 
     :func:`forward` and :func:`backward` build one per call; :class:`.native_autograd.NativePlan` keeps
     one across a layer's steps (its Python before and after the kernel runs on caches the previous layer's
@@ -289,26 +189,19 @@ class Launch:
     strides and dtype on the CPU, as :func:`eligible` accepted (callers check that; :meth:`matches`).
     """
 
-    __slots__ = ("shape", "strides", "dtype", "acc", "N", "C", "S", "channel", "code", "norm", "divides", "c",
-                 "eps", "k", "inplace", "stream", "want_pos", "want_hi", "want_lo", "fwd", "bwd", "nt", "cb")
+    __slots__ = ("shape", "strides", "dtype", "acc", "N", "C", "S", "channel", "norm", "divides", "c",
+                 "eps", "k", "inplace", "stream", "fwd", "bwd", "nt", "cb")
 
     def __init__(self, x: Tensor, norm: str, c: float, eps: float, k: int = 10, inplace: bool = False) -> None:
-        lib = _lib
         self.shape, self.strides, self.dtype = x.shape, x.stride(), x.dtype
         self.acc = _COMPUTE[x.dtype]
         self.N, self.C, self.S = _dims(x)
         self.channel = _channel_layout(x)
-        self.code, self.norm, self.c, self.eps, self.k = NORM_CODES[norm], norm, float(c), float(eps), k
+        self.norm, self.c, self.eps, self.k = norm, float(c), float(eps), k
         self.divides = get_estimator(norm).divides  # the statistic has a raw value to divide by (not mean-only)
         self.inplace = inplace
         self.stream = _stream(x) if self.channel else _stream_rows(x)
-        # in-place backward rebuilds its thresholds from y: no max/min positions
-        self.want_pos = self.channel and norm == "range" and not inplace
-        self.want_hi = norm == "topk" or (norm == "range" and not self.want_pos)
-        self.want_lo = norm == "range" and not self.want_pos
-        layout = "" if self.channel else "rows_"
-        self.fwd = getattr(lib, f"nm_forward_{layout}{_SUFFIX[x.dtype]}")
-        self.bwd = getattr(lib, f"nm_backward_{layout}{_SUFFIX[x.dtype]}")
+        self.fwd, self.bwd = native_ops.fwd_out(), native_ops.bwd_out()
         self.nt = 0
         self.cb = _channel_block_for(self.N, self.C, self.S, self.dtype, torch.get_num_threads()) if self.channel else 0
 
@@ -329,102 +222,53 @@ class Launch:
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor, run_mean: Tensor | None = None,
                 run_var: Tensor | None = None, nbt: Tensor | None = None, momentum: float = 0.0,
-                unbias: float = 0.0, buf_bf16: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
+                unbias: float = 0.0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], int]:
         """:func:`forward` for this launch; the running buffers (each possibly None, :func:`update_fusable`)
-        are updated by the kernel with ``momentum`` and ``unbias`` = n / (n − 1); ``buf_bf16``: they are
-        bfloat16 (with float32 statistics)."""
+        are updated by the kernel with ``momentum`` and ``unbias`` = n / (n − 1)."""
         nt = self._threads()
-        C, acc = self.C, self.acc
         y = x if self.inplace else pool.empty_like(x)
-        mean = torch.empty(C, dtype=acc)
-        raw = torch.empty(C, dtype=acc)
-        pos = torch.empty(2, C, dtype=torch.int32) if self.want_pos else None
-        hi = torch.empty(C, dtype=acc) if self.want_hi else None
-        lo = torch.empty(C, dtype=acc) if self.want_lo else None
-        if weight.dtype is not acc:  # bfloat16 parameters of bfloat16 input
-            weight, bias = weight.to(acc), bias.to(acc)
-        if self.channel:
-            ok = self.fwd(
-                x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
-                _ptr(hi), _ptr(lo), self.N, C, self.S, self.code, self.c, self.eps, self.stream, nt,
-                _ptr(run_mean), _ptr(run_var), _ptr(nbt), momentum, unbias, buf_bf16, self.k, self.cb, _ptr(pos))
-        else:  # channels innermost: (N·S, C) rows
-            scratch, tscratch = _scratch(x, C, 4 * nt, 1 + 3 * nt)
-            tops = topi = None
-            if self.norm == "topk":  # per thread and channel: k values and a threshold; a count and a position
-                tops = torch.empty(nt * C * (self.k + 1), dtype=acc)
-                topi = torch.empty(nt * 2 * C, dtype=torch.int32)
-            ok = self.fwd(
-                x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), raw.data_ptr(),
-                _ptr(hi), _ptr(lo), self.N * self.S, C, self.code, self.c, self.eps, nt, scratch.data_ptr(),
-                tscratch.data_ptr(), _ptr(run_mean), _ptr(run_var), _ptr(nbt), momentum, unbias, buf_bf16,
-                self.stream, self.k, _ptr(tops), _ptr(topi))
-        if self.norm == "range":
-            aux = (pos,) if pos is not None else (hi, lo)
-        else:
-            aux = (hi,) if hi is not None else ()
-        return y, mean, raw, aux, bool(ok)
+        mean, raw, aux, ok = self.fwd(x, weight, bias, self.norm, self.c, self.eps, self.k, y, run_mean, run_var,
+                                      nbt, momentum, unbias, self.stream, self.cb, nt)
+        return y, mean, raw, ((aux,) if aux.numel() else ()), ok
 
     def backward(self, gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Tensor,
                  aux: tuple[Tensor, ...], need_x: bool, need_w: bool, need_b: bool,
                  bias: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """:func:`backward` for this launch."""
-        if gy.dtype is not self.dtype or gy.stride() != self.strides:  # the kernels read gy in x's layout
-            gy = torch.empty_like(x).copy_(gy)
         nt = self._threads()
-        C, acc = self.C, self.acc
         gx = pool.empty_like(x) if need_x else None
-        gw = torch.empty(C, dtype=acc) if need_w else None
-        gb = torch.empty(C, dtype=acc) if need_b else None
-        hi = lo = pos = None  # in place (bias given) the kernel rebuilds its thresholds: aux is unused
-        if bias is None and aux:
-            if self.norm == "topk":
-                (hi,) = aux
-            elif len(aux) == 1:  # range: the channel kernels' max/min positions
-                (pos,) = aux
-            else:  # range: the rows kernels' max and min values
-                hi, lo = aux
-        w = weight if weight.dtype is acc else weight.to(acc)  # held until the call returns
-        b = None if bias is None else bias if bias.dtype is acc else bias.to(acc)
-        if self.channel:
-            self.bwd(gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), _ptr(mean), raw.data_ptr(),
-                     _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), self.N, C, self.S, self.code, self.c, self.eps,
-                     self.stream, nt, self.k, self.cb, _ptr(pos), _ptr(b))
-        else:  # channels innermost: (N·S, C) rows
-            scratch, tscratch = _scratch(x, C, 6 * nt, 10 + 6 * nt)
-            self.bwd(gy.data_ptr(), x.data_ptr(), _ptr(gx), w.data_ptr(), _ptr(mean), raw.data_ptr(),
-                     _ptr(hi), _ptr(lo), _ptr(gw), _ptr(gb), self.N * self.S, C, self.code, self.c, self.eps, nt,
-                     scratch.data_ptr(), tscratch.data_ptr(), self.stream, self.k, _ptr(b))
-        if gw is not None and weight.dtype is not acc:
-            gw = gw.to(weight.dtype)
-        if gb is not None and weight.dtype is not acc:
-            gb = gb.to(weight.dtype)  # eligible() requires bias.dtype == weight.dtype
+        gw, gb = self.bwd(gy, x, weight, mean, raw, aux[0] if aux else _NO_AUX, bias, self.norm, self.c, self.eps,
+                          self.k, need_w, need_b, gx, self.stream, self.cb, nt)
         return gx, gw, gb
 
 
+#: the ``aux`` argument of statistics without one (mean, l2, l1, linf)
+_NO_AUX = torch.empty(0, 0)
+
+
 def running_args(running: tuple | None) -> tuple:
-    """``running`` = (running_mean, running_var, num_batches_tracked, momentum, n) → the keyword arguments
-    (run_mean, run_var, nbt, momentum, unbias, buf_bf16) of :meth:`Launch.forward`; () for None."""
+    """``running`` = (running_mean, running_var, num_batches_tracked, momentum, n) → the arguments
+    (run_mean, run_var, nbt, momentum, unbias) of :meth:`Launch.forward`; () for None."""
     if running is None:
         return ()
     rm, rv, nbt, momentum, n = running
-    buf_bf16 = int(any(t is not None and t.dtype == torch.bfloat16 for t in (rm, rv)))
-    return rm, rv, nbt, float(momentum), n / (n - 1), buf_bf16
+    return rm, rv, nbt, float(momentum), n / (n - 1)
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm: str,
             running: tuple | None = None, k: int = 10,
-            inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
+            inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], int]:
     """(y, μ (C,), raw (C,), aux, ok) — aux for range: (pos,) from the channel kernels, pos (2, C) int32 the
     per-channel position (sample·S + spatial index) of the max (row 0) and min (row 1), p if that element is
-    the only one equal to it, -(p + 1) for the first of several; (hi, lo) per channel from the rows kernels;
-    (τ,) for topk (the k-th largest |d|); else ().
+    the only one equal to it, -(p + 1) for the first of several; from the rows kernels (hi_lo,), (2, C) the
+    per-channel max (row 0) and min (row 1); (τ,) for topk, (1, C) the k-th largest |d|; else ().
 
     ``running`` = (running_mean, running_var, num_batches_tracked, momentum, n), each buffer possibly None
     and all :func:`update_fusable`: the kernel then also applies
     :func:`normmatters.functional.update_running_stats` (one group) to them, in the same call, and ``ok`` is
-    its "statistics are finite" flag (False: buffers unchanged). Without ``running``, ``ok`` is still the
-    flag (the kernel checks every call; no buffer is touched).
+    its status: 1 updated, 0 non-finite statistics, 2 finite statistics whose running_var would overflow the
+    buffer's dtype (0 and 2: every buffer unchanged). Without ``running``, ``ok`` is still the finite flag (the
+    kernel checks every call; no buffer is touched).
     The update is done here rather than by a separate (compiled) call because that call, coming right
     after a kernel that has streamed the activations through every cache, costs ~0.3 ms of cache misses.
     ``inplace``: y is written over x and returned as x itself.

@@ -152,7 +152,7 @@ class LpBatchNorm(_NormBase):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        if "_plan" in state:  # it holds ctypes functions; rebuilt on the first training step
+        if "_plan" in state:  # it holds operator handles; rebuilt on the first training step
             state = {key: value for key, value in state.items() if key != "_plan"}
         return state
 

@@ -1,13 +1,12 @@
-"""C99 source shared by both native kernel families (:mod:`.native_src` channel kernels, :mod:`.native_rows_src`
-rows kernels): the norm codes and sizes, non-temporal stores of a finished block, the bfloat16 load/store
-(round to nearest even, NaN kept, as c10::BFloat16) and the running-buffer update for bfloat16 buffers.
-Prepended to :data:`.native_src.SOURCE`; the generated source is one translation unit.
-"""
-
-#: the includes, defines and type-independent helpers that precede the per-type kernel macros
-COMMON_SOURCE = r"""
+// Shared by both native kernel families (channel_kernels.h, rows_kernels.h): the norm codes and sizes,
+// non-temporal stores of a finished block, the bfloat16 load/store (round to nearest even, NaN kept, as
+// c10::BFloat16), the running-buffer update for bfloat16 buffers, and NmElem<TS>, the element traits that
+// make the kernels type-generic: TS the stored element (float, double, or uint16_t holding a bfloat16),
+// NmElem<TS>::acc the compute type (float for bfloat16, as nn.BatchNorm and the reference path).
+#pragma once
 #include <math.h>
 #include <omp.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define NM_MEAN 0
@@ -24,19 +23,19 @@ COMMON_SOURCE = r"""
    skips the read-for-ownership of every written line (a third of the DRAM traffic of a pass) */
 #if defined(__AVX__)
 #include <immintrin.h>
-static inline void nm_stream_f32(float *restrict dst, const float *restrict src, int64_t n) {
+static inline void nm_stream_f32(float *__restrict__ dst, const float *__restrict__ src, int64_t n) {
     int64_t j = 0;
     for (; j < n && ((uintptr_t)(dst + j) & 31); ++j) dst[j] = src[j];
     for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
     for (; j < n; ++j) dst[j] = src[j];
 }
-static inline void nm_stream_f64(double *restrict dst, const double *restrict src, int64_t n) {
+static inline void nm_stream_f64(double *__restrict__ dst, const double *__restrict__ src, int64_t n) {
     int64_t j = 0;
     for (; j < n && ((uintptr_t)(dst + j) & 31); ++j) dst[j] = src[j];
     for (; j + 4 <= n; j += 4) _mm256_stream_pd(dst + j, _mm256_loadu_pd(src + j));
     for (; j < n; ++j) dst[j] = src[j];
 }
-static inline void nm_stream_bf16(uint16_t *restrict dst, const uint16_t *restrict src, int64_t n) {
+static inline void nm_stream_bf16(uint16_t *__restrict__ dst, const uint16_t *__restrict__ src, int64_t n) {
     int64_t j = 0;
     for (; j < n && ((uintptr_t)(dst + j) & 31); ++j) dst[j] = src[j];
     for (; j + 16 <= n; j += 16)
@@ -45,13 +44,13 @@ static inline void nm_stream_bf16(uint16_t *restrict dst, const uint16_t *restri
 }
 #define NM_SFENCE() _mm_sfence()
 #else
-static inline void nm_stream_f32(float *restrict dst, const float *restrict src, int64_t n) {
+static inline void nm_stream_f32(float *__restrict__ dst, const float *__restrict__ src, int64_t n) {
     for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
 }
-static inline void nm_stream_f64(double *restrict dst, const double *restrict src, int64_t n) {
+static inline void nm_stream_f64(double *__restrict__ dst, const double *__restrict__ src, int64_t n) {
     for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
 }
-static inline void nm_stream_bf16(uint16_t *restrict dst, const uint16_t *restrict src, int64_t n) {
+static inline void nm_stream_bf16(uint16_t *__restrict__ dst, const uint16_t *__restrict__ src, int64_t n) {
     for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
 }
 #define NM_SFENCE() ((void)0)
@@ -68,14 +67,13 @@ static inline uint16_t nm_st_bf16(float f) {
     if (f != f) return 0x7FC0;
     return (uint16_t)((r.u + 0x7FFFu + ((r.u >> 16) & 1u)) >> 16);
 }
-#define NM_ID(v) (v)
 
 /* functional.update_running_stats for bfloat16 buffers and float32 statistics, rounding to bfloat16 after
    each tensor op as the reference does (buf + (new.to(bf16) - buf) * momentum, new for the variance computed
    in float32 first). Returns the "statistics are finite" flag; buffers (NULL: absent) unchanged when 0. */
-static int nm_update_running_bf16buf(const float *restrict mean, const float *restrict raw, int64_t C,
-                                     int norm, double cn, uint16_t *restrict run_mean,
-                                     uint16_t *restrict run_var, int64_t *restrict nbt, double momentum,
+static int nm_update_running_bf16buf(const float *__restrict__ mean, const float *__restrict__ raw, int64_t C,
+                                     int norm, double cn, uint16_t *__restrict__ run_mean,
+                                     uint16_t *__restrict__ run_var, int64_t *__restrict__ nbt, double momentum,
                                      double unbias) {
     const float ct = (float)cn, mom = (float)momentum, unb = (float)unbias;
     int ok = 1;
@@ -84,6 +82,12 @@ static int nm_update_running_bf16buf(const float *restrict mean, const float *re
         if (norm != NM_MEAN && !isfinite(ct * raw[c])) ok = 0;
     }
     if (!ok) return 0;
+    /* finite statistics whose running_var would overflow bfloat16 (σ̂²·n/(n−1) > max): every buffer unchanged, 2 */
+    if (run_var && norm != NM_MEAN) for (int64_t c = 0; c < C; ++c) {
+        const float sigma = ct * raw[c], b = nm_ld_bf16(run_var[c]);
+        const float d = nm_ld_bf16(nm_st_bf16(nm_ld_bf16(nm_st_bf16((sigma * sigma) * unb)) - b));
+        if (!isfinite(nm_ld_bf16(nm_st_bf16(b + nm_ld_bf16(nm_st_bf16(d * mom)))))) return 2;
+    }
     for (int64_t c = 0; c < C; ++c) {
         if (run_mean) {
             const float b = nm_ld_bf16(run_mean[c]);
@@ -100,4 +104,27 @@ static int nm_update_running_bf16buf(const float *restrict mean, const float *re
     return 1;
 }
 
-"""
+
+/* element traits: load to / store from the compute type, |v|, and the non-temporal store of a block */
+template <typename TS> struct NmElem;
+template <> struct NmElem<float> {
+    using acc = float;
+    static inline float ld(float v) { return v; }
+    static inline float st(float v) { return v; }
+    static inline float abs(float v) { return fabsf(v); }
+    static inline void stream(float *d, const float *s, int64_t n) { nm_stream_f32(d, s, n); }
+};
+template <> struct NmElem<double> {
+    using acc = double;
+    static inline double ld(double v) { return v; }
+    static inline double st(double v) { return v; }
+    static inline double abs(double v) { return fabs(v); }
+    static inline void stream(double *d, const double *s, int64_t n) { nm_stream_f64(d, s, n); }
+};
+template <> struct NmElem<uint16_t> { /* bfloat16 bits */
+    using acc = float;
+    static inline float ld(uint16_t v) { return nm_ld_bf16(v); }
+    static inline uint16_t st(float v) { return nm_st_bf16(v); }
+    static inline float abs(float v) { return fabsf(v); }
+    static inline void stream(uint16_t *d, const uint16_t *s, int64_t n) { nm_stream_bf16(d, s, n); }
+};
