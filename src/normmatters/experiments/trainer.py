@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..nn.weightnorm import to_weight_norm_form
 from . import distributed as D
 from .augment import Augment
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, save_config
 from .data import ArrayDataset, DataSplit, load_dataset
 from .metrics import MetricsWriter
@@ -85,11 +85,15 @@ class _Gather(torch.utils.data.Dataset):
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    """Every random state as tensors, numbers and lists (a checkpoint must load with ``weights_only=True``)."""
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"name": str(np_name), "key": torch.from_numpy(np_key.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": int(py_version), "state": [int(v) for v in py_state], "gauss": py_gauss},
         "augment": gen.get_state(),
     }
 
@@ -98,8 +102,11 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     gen.set_state(state["augment"])
 
 
@@ -209,7 +216,7 @@ class Trainer:
         """Everything needed to continue exactly (collective under DDP: every rank must call it)."""
         D.broadcast_buffers(self.model, self.info)
         return {
-            "version": 1,
+            "version": CHECKPOINT_VERSION,
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
