@@ -7,14 +7,18 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time and memory of the Lp layers vs nn.BatchNorm (ratios, one run)")
+    p = sub.add_parser("bench", help="time and memory of the Lp layers vs nn.BatchNorm (ratios, one run)",
+                       description="Time forward+backward of every Lp layer and of nn.BatchNorm side by side "
+                       "(interleaved rounds on the same tensors) and print the ratios with the machine's copy "
+                       "bandwidth; also one ResNet-20 training step per norm. Prints only; --json FILE keeps it.")
     p.add_argument("--quick", action="store_true",
                    help="one shape, float32, contiguous; in-place and ResNet-20 rows for l1 and range only "
                         "(under a minute)")
     p.add_argument("--json", metavar="FILE", help="also write all results to FILE")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--norms", nargs="+", default=None, help="subset of norms (default: all)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement "
+                        "(default: the benchmark's own, fewer with --quick)")
     p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-20 training-step comparison")
     p.set_defaults(func=run)
 

@@ -6,21 +6,31 @@ import argparse
 import time
 from pathlib import Path
 
+from . import default_out
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="run one of the paper's studies and write a report")
+    p = sub.add_parser(
+        "reproduce", help="run one of the paper's studies and write a report",
+        description="Run one of the paper's studies on a small model and write report.md, results.csv and plots. "
+        "weight-decay: weight decay before a normalization only changes the effective step size (Hoffer et al. "
+        "2018, sec. 5); weight-norm: (bounded) weight norm against batch norm (sec. 6).")
     p.add_argument("study", choices=["weight-decay", "weight-norm"], help="which study")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per run (default: weight-decay 12, weight-norm 6 for the CNN, 10 for the LSTM, "
+                        "3 for the batch-size runs; --quick: fewer)")
     p.add_argument("--dataset", default="digits", help="digits (embedded), or a folder / idx:/cifar:/folder: path")
-    p.add_argument("--model", default=None, help="model name (default resnet8)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default ./normmatters-<study>-<time>)")
+    p.add_argument("--model", default=None,
+                   help="CNN model (default: weight-decay resnet8, weight-norm resnet20; --quick: resnet8)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<study>-<date>-<time>)")
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or Path(f"normmatters-{args.study}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or default_out(args.study)
+    print(f"normmatters reproduce {args.study}: writing to {out}/", flush=True)
     t0 = time.perf_counter()
     if args.study == "weight-norm":
         report, table = _weight_norm(args, out)

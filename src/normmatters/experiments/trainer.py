@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import signal
 import statistics
@@ -32,18 +33,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..functional import NonFiniteBatchError
 from ..nn.weightnorm import to_weight_norm_form
 from . import distributed as D
 from .augment import Augment
 from .checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
-from .config import TrainConfig, save_config
+from .config import ConfigError, TrainConfig, save_config
 from .data import ArrayDataset, DataSplit, load_dataset
-from .metrics import MetricsWriter
+from .metrics import METRICS_FILES, MetricsWriter
 from .models import build_model
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, describe_length_change
+from .rng_state import capture_rng_state, restore_rng_state
+from .run_folder import check_output_folder, tidy_run_folder
 from .wd_tools import WeightDecayTools
 
-__all__ = ["Trainer", "TrainResult", "CHECKPOINT_NAME", "RESUMABLE_CHANGES"]
+__all__ = ["Trainer", "TrainResult", "DivergedError", "CHECKPOINT_NAME", "RESUMABLE_CHANGES"]
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +56,14 @@ CHECKPOINT_NAME = "checkpoint.pt"
 RESUMABLE_CHANGES = frozenset({"epochs", "workers", "threads", "log_every", "checkpoint_every"})
 
 
+class DivergedError(RuntimeError):
+    """The loss (or a normalization's batch statistics) became NaN/Inf: training stopped, nothing saved."""
+
+
 @dataclass
 class TrainResult:
-    """``status``: "finished", or the reason it stopped early ("SIGINT", "SIGTERM", "stopped")."""
+    """``status``: "finished"; "complete" (resumed a run that had already reached ``epochs``: nothing trained);
+    or the reason it stopped early ("SIGINT", "SIGTERM", "stopped")."""
 
     status: str
     epochs: list[dict[str, Any]]
@@ -84,32 +93,6 @@ class _Gather(torch.utils.data.Dataset):
         return self.data.images[idx], self.data.labels[idx]
 
 
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    """Every random state as tensors, numbers and lists (a checkpoint must load with ``weights_only=True``)."""
-    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": str(np_name), "key": torch.from_numpy(np_key.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "python": {"version": int(py_version), "state": [int(v) for v in py_state], "gauss": py_gauss},
-        "augment": gen.get_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    gen.set_state(state["augment"])
-
-
 class Trainer:
     """Build data, model, optimizer and schedule from a :class:`TrainConfig` and train.
 
@@ -136,6 +119,8 @@ class Trainer:
         self.out = Path(out_dir) if out_dir is not None else None
         self.info = dist_info or D.current()
         self.progress = progress and self.info.is_main
+        if self.out is not None and self.info.is_main:
+            check_output_folder(self.out)
         self.on_step = on_step
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -159,15 +144,13 @@ class Trainer:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
-        model = build_model(
-            config.model,
-            config.norm,
-            in_channels=self.data.in_channels,
-            image_size=self.data.image_size,
-            num_classes=self.data.num_classes,
-            width=config.width,
-            **config.norm_options,
-        )
+        try:
+            model = build_model(config.model, config.norm, in_channels=self.data.in_channels,
+                                image_size=self.data.image_size, num_classes=self.data.num_classes,
+                                width=config.width, **config.norm_options)
+        except TypeError as e:  # an option the norm layer does not take
+            raise ConfigError(f"config: norm_options {config.norm_options} are not accepted by norm="
+                              f"{config.norm!r}: {e}") from None
         if config.weight_norm != "none":  # the paper's form: (bounded) weight norm + mean-only batch norm
             mean, std = self.data.channel_stats()
             n0 = min(256, len(self.data.train))
@@ -224,7 +207,7 @@ class Trainer:
             "model": D.unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": D.all_gather_objects(_rng_state(self.generator), self.info),
+            "rng": D.all_gather_objects(capture_rng_state(self.generator), self.info),
             "world_size": self.info.world_size,
             "epoch_accumulators": dict(self._acc),
             "history": list(self.history),
@@ -255,10 +238,14 @@ class Trainer:
             raise CheckpointError(f"{source} does not match the model/optimizer of this config: {e}") from e
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
+        change = describe_length_change(TrainConfig.from_dict(state["config"], source=source), self.cfg,
+                                        self.steps_per_epoch, self.global_step)
+        if change and self.info.is_main and self.epoch < self.cfg.epochs:
+            log.warning("%s", change)
         self._acc = dict(state.get("epoch_accumulators", self._acc))
         self.history = list(state.get("history", []))
         self.wd_tools.load_state_dict(state.get("wd_tools", {}))
-        _set_rng_state(state["rng"][self.info.rank], self.generator)
+        restore_rng_state(state["rng"][self.info.rank], self.generator)
 
     def save(self) -> None:
         """Write ``checkpoint.pt`` atomically (rank 0) after gathering every rank's RNG state."""
@@ -267,7 +254,7 @@ class Trainer:
         state = self.state_dict()
         if self.info.is_main:
             save_checkpoint(state, self.checkpoint_path)
-            log.info(
+            log.debug(
                 "saved checkpoint %s (epoch %d, step %d)",
                 self.checkpoint_path,
                 self.epoch,
@@ -280,10 +267,16 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise CheckpointError("resume needs a checkpoint path or an out_dir")
+        if not path.is_file() and self.out is not None and (self.out / METRICS_FILES[0]).is_file():
+            raise CheckpointError(
+                f"cannot resume: {self.out} holds no checkpoint yet (the run stopped before its first one was "
+                "saved); start it again without --resume (its metrics so far are discarded)"
+            )
         self.load_state_dict(load_checkpoint(path, map_location=self.device), source=f"checkpoint {path}")
         if self._writer is not None:
             self._writer.truncate_after(self.global_step)
-        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
+        log.info("resumed from %s at epoch %d, step %d (global step %d)", path, self.epoch, self.step_in_epoch,
+                 self.global_step)
 
     # ------------------------------------------------------------------------------------------- loop
     def _epoch_batches(self, epoch: int) -> list[Tensor]:
@@ -320,8 +313,11 @@ class Trainer:
         x = self.augment(x.to(self.device), self.generator, train=True).to(self.param_dtype)
         y = y.to(self.device)
         t0 = time.perf_counter()
-        with self._autocast():
-            out = self.model(x)
+        try:
+            with self._autocast():
+                out = self.model(x)
+        except NonFiniteBatchError as e:
+            self._diverged(str(e))
         loss = F.cross_entropy(out.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -331,6 +327,8 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         self.step_times.append(time.perf_counter() - t0)
         lv = float(loss.item())
+        if not math.isfinite(lv):
+            self._diverged(f"the loss is {lv}")
         self._acc["loss"] += lv * len(y)
         self._acc["correct"] += int((out.argmax(1) == y).sum())
         self._acc["count"] += len(y)
@@ -347,6 +345,15 @@ class Trainer:
                     **self.wd_tools.metrics(),
                 }
             )
+
+    def _diverged(self, what: str) -> None:
+        last = f"{self.checkpoint_path} holds epoch {self.epoch}" if self.checkpoint_path is not None and \
+            self.checkpoint_path.is_file() else "no checkpoint was saved"
+        raise DivergedError(
+            f"training diverged at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} (global step "
+            f"{self.global_step + 1}): {what}; stopped without saving ({last}). Try a lower learning rate "
+            f"(lr={self.cfg.lr:g}) or a warm-up (warmup_epochs)"
+        )
 
     @torch.no_grad()
     def evaluate(self, data: ArrayDataset | None = None, batch_size: int = 512) -> dict[str, float]:
@@ -384,18 +391,33 @@ class Trainer:
         if self._writer is not None:
             self._writer.write(record)
         (log.info if self.info.is_main else log.debug)(
-            "epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f",
+            "epoch %d/%d (step %d): train loss %.4f acc %.2f %%, test loss %.4f acc %.2f %%, lr %.4g",
             record["epoch"],
             self.cfg.epochs,
+            record["global_step"],
             record["train_loss"],
-            record["train_acc"],
+            100 * record["train_acc"],
             record["test_loss"],
-            record["test_acc"],
+            100 * record["test_acc"],
+            record["lr"],
         )
         self.epoch += 1
         self.step_in_epoch = 0
         self._acc = {"loss": 0.0, "correct": 0, "count": 0}
         return record
+
+    @contextlib.contextmanager
+    def _progress_bar(self) -> Iterator[Any]:
+        """A tqdm bar over all steps (or None); log lines go through tqdm meanwhile so they do not garble it."""
+        if not self.progress:
+            yield None
+            return
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(), tqdm(total=self.cfg.epochs * self.steps_per_epoch, initial=self.global_step,
+                                           unit="step", dynamic_ncols=True) as bar:
+            yield bar
 
     @contextlib.contextmanager
     def _signals(self, enabled: bool) -> Iterator[None]:
@@ -432,20 +454,14 @@ class Trainer:
                 f"{self.checkpoint_path} already exists; resume it (--resume) or choose another output folder"
             )
         if self.out is not None and self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            tidy_run_folder(self.out, fresh=not resume, writer=self._writer)
             save_config(self.cfg, self.out / "config.yaml")
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=self.cfg.epochs * self.steps_per_epoch,
-                initial=self.global_step,
-                unit="step",
-                dynamic_ncols=True,
-            )
+        if resume and self.epoch >= self.cfg.epochs:
+            log.info("%s is complete: %d of %d epochs trained; pass a larger epochs to extend it",
+                     self.out, self.epoch, self.cfg.epochs)
+            return TrainResult("complete", list(self.history), [], self.out)
         status = "finished"
-        with self._signals(handle_signals):
+        with self._signals(handle_signals), self._progress_bar() as bar:
             while self.epoch < self.cfg.epochs:
                 if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
                     status = "stopped"
@@ -469,8 +485,6 @@ class Trainer:
                 if stopping:
                     status = self._stop or "stopped"
                     break
-        if bar is not None:
-            bar.close()
         if self.info.is_main:
             self.wd_tools.finish(self.out, self.cfg.record_norms)
         if (
