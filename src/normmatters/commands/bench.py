@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="one shape, float32, contiguous; in-place and ResNet-20 rows for l1 and range only "
                         "(under a minute)")
-    p.add_argument("--json", metavar="FILE", help="also write all results to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write all results to FILE (default: print only)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--norms", nargs="+", default=None, help="subset of norms (default: all)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement "
