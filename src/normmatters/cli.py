@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from . import progress
+
+    progress.enable(sys.stderr.isatty() and not getattr(args, "quiet", False))
     return int(args.func(args) or 0)
 
 

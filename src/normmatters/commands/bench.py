@@ -25,9 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..kernels.bench import NORMS, run_benchmark
+    from ..progress import elapsed_bar
 
-    res = run_benchmark(quick=args.quick, device=args.device, norms=args.norms or NORMS, rounds=args.rounds,
-                        resnet=not args.no_resnet)
+    # the benchmark has no steps to count from outside kernels/: a line that counts the seconds meanwhile
+    with elapsed_bar("bench (about a minute with --quick, several without)"):
+        res = run_benchmark(quick=args.quick, device=args.device, norms=args.norms or NORMS, rounds=args.rounds,
+                            resnet=not args.no_resnet)
     readings = "/".join(f"{b:.1f}" for b in res["copy_bandwidth_samples_GBps"])
     print(f"device {res['device']}, torch {res['torch']}, {res['threads']} threads, memory copy bandwidth "
           f"{res['copy_bandwidth_GBps']:.1f} GB/s (readings before/after: {readings}); ratios are medians of "
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                                           res["compile_seconds"].items()))
     print(f"benchmark took {res['seconds']:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        from ..atomic_write import atomic_write
+
+        atomic_write(args.json, json.dumps(res, indent=1, default=str))
     return 0

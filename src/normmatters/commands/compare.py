@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         done[0] += 1
         print(
             f"  [{done[0]}/{total}] {r.norm:6s} seed {r.seed}: test acc {100 * r.test_acc:.2f} %, "
-            f"final loss {r.final_loss:.4f}, {1e3 * r.median_step_time:.2f} ms/step",
+            f"final loss {r.final_loss:.4f}, {1e3 * r.median_step_time:.2f} ms/step ({r.step_ratio:.2f}× the "
+            "baseline, timed side by side)",
             flush=True,
         )
 

@@ -118,6 +118,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import progress
     from ..experiments import distributed as D
     from ..experiments.checkpoint import CheckpointError
     from ..experiments.config import ConfigError, TrainConfig, load_config
@@ -141,8 +142,7 @@ def run(args: argparse.Namespace) -> int:
             source = str(args.config) if args.config else "flags"
         cfg = TrainConfig.from_dict({**base, **overrides}, source=source)
         info = D.init_from_env(cfg.device)
-        progress = not args.quiet and sys.stderr.isatty()
-        trainer = Trainer(cfg, args.out, dist_info=info, progress=progress)
+        trainer = Trainer(cfg, args.out, dist_info=info, progress=progress.enabled())  # on in a terminal
         if info.is_main:
             print(
                 f"normmatters train: {cfg.model} / {cfg.norm} on {trainer.data.name}, {cfg.epochs} epochs, "

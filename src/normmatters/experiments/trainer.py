@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..functional import NonFiniteBatchError
 from ..nn.weightnorm import to_weight_norm_form
+from ..progress import progress_bar
 from . import distributed as D
 from .augment import Augment
 from .checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
@@ -101,7 +102,8 @@ class Trainer:
         out_dir: where rank 0 writes config, metrics and checkpoints; ``None`` writes nothing.
         data: an already loaded :class:`DataSplit` (else ``config.dataset`` is loaded).
         dist_info: the process group (default: the current one, or single-process).
-        progress: show a tqdm bar (rank 0 only).
+        progress: show a tqdm bar (rank 0 only): True/False, a label (a bar that clears itself when done, for
+            runs within a study), or None: as the command line set :func:`normmatters.progress.enable`.
         on_step: ``f(trainer)`` called after every optimizer step (tests use it to stop mid-epoch).
     """
 
@@ -112,13 +114,13 @@ class Trainer:
         *,
         data: DataSplit | None = None,
         dist_info: D.DistInfo | None = None,
-        progress: bool = False,
+        progress: bool | str | None = None,
         on_step: Callable[[Trainer], None] | None = None,
     ) -> None:
         self.cfg = config
         self.out = Path(out_dir) if out_dir is not None else None
         self.info = dist_info or D.current()
-        self.progress = progress and self.info.is_main
+        self.progress = progress if self.info.is_main else False
         if self.out is not None and self.info.is_main:
             check_output_folder(self.out)
         self.on_step = on_step
@@ -409,14 +411,10 @@ class Trainer:
     @contextlib.contextmanager
     def _progress_bar(self) -> Iterator[Any]:
         """A tqdm bar over all steps (or None); log lines go through tqdm meanwhile so they do not garble it."""
-        if not self.progress:
-            yield None
-            return
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        with logging_redirect_tqdm(), tqdm(total=self.cfg.epochs * self.steps_per_epoch, initial=self.global_step,
-                                           unit="step", dynamic_ncols=True) as bar:
+        label = self.progress if isinstance(self.progress, str) else None
+        with progress_bar(self.cfg.epochs * self.steps_per_epoch, desc=label, unit="step", leave=self.progress is True,
+                          force=None if self.progress is None else bool(self.progress)) as bar:
+            bar.update(self.global_step)
             yield bar
 
     @contextlib.contextmanager
@@ -468,11 +466,8 @@ class Trainer:
                     break
                 for x, y in self._batches(self.epoch, self.step_in_epoch):
                     self._train_step(x, y)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(
-                            epoch=self.epoch + 1, loss=f"{self._acc['loss'] / self._acc['count']:.3f}"
-                        )
+                    bar.update(1)
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{self._acc['loss'] / self._acc['count']:.3f}")
                     if self.on_step is not None:
                         self.on_step(self)
                     if D.any_rank(self._stop is not None, self.info, self.device):
