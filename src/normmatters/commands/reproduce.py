@@ -8,6 +8,16 @@ from pathlib import Path
 
 from . import default_out
 
+#: the help of flags whose default depends on the study (set after the flags are added)
+_HELP = {
+    "seeds": "seeds (default: 0 1 2; --quick: 0)",
+    "epochs": "epochs per run (default: weight-decay 12; weight-norm 6 for the CNN, 10 for the LSTM, 3 for the "
+              "batch-size runs; --quick: fewer)",
+    "model": "CNN model (default: weight-decay resnet8, weight-norm resnet20; --quick: resnet8)",
+    "out": "output folder (default: runs/<study>-<date>-<time>)",
+    "quick": "1 seed, few epochs: a smoke test",
+}
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,16 +26,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "weight-decay: weight decay before a normalization only changes the effective step size (Hoffer et al. "
         "2018, sec. 5); weight-norm: (bounded) weight norm against batch norm (sec. 6).")
     p.add_argument("study", choices=["weight-decay", "weight-norm"], help="which study")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per run (default: weight-decay 12, weight-norm 6 for the CNN, 10 for the LSTM, "
-                        "3 for the batch-size runs; --quick: fewer)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run")
     p.add_argument("--dataset", default="digits", help="digits (embedded), or a folder / idx:/cifar:/folder: path")
-    p.add_argument("--model", default=None,
-                   help="CNN model (default: weight-decay resnet8, weight-norm resnet20; --quick: resnet8)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<study>-<date>-<time>)")
+    p.add_argument("--model", default=None, help="model name (default resnet8)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default ./normmatters-<study>-<time>)")
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
     p.set_defaults(func=run)
+
+    for action in p._actions:
+        action.help = _HELP.get(action.dest, action.help)
 
 
 def run(args: argparse.Namespace) -> int:
