@@ -18,9 +18,7 @@ import contextlib
 import logging
 import math
 import random
-import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,13 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from ..functional import NonFiniteBatchError
 from ..nn.weightnorm import to_weight_norm_form
 from ..progress import progress_bar
 from . import distributed as D
 from .augment import Augment
+from .batches import iterate_batches
 from .checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, save_config
 from .data import ArrayDataset, DataSplit, load_dataset
@@ -46,6 +45,7 @@ from .models import build_model
 from .optim import build_optimizer, build_scheduler, describe_length_change
 from .rng_state import capture_rng_state, restore_rng_state
 from .run_folder import check_output_folder, tidy_run_folder
+from .stop_signals import stop_on_signals
 from .wd_tools import WeightDecayTools
 
 __all__ = ["Trainer", "TrainResult", "DivergedError", "CHECKPOINT_NAME", "RESUMABLE_CHANGES"]
@@ -78,20 +78,6 @@ class TrainResult:
     @property
     def median_step_time(self) -> float:
         return statistics.median(self.step_times) if self.step_times else float("nan")
-
-
-class _Gather(torch.utils.data.Dataset):
-    """Dataset of whole batches (for DataLoader workers): item i is the batch of index tensor i."""
-
-    def __init__(self, data: ArrayDataset, batches: list[Tensor]) -> None:
-        self.data, self.batches = data, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        idx = self.batches[i]
-        return self.data.images[idx], self.data.labels[idx]
 
 
 class Trainer:
@@ -294,17 +280,7 @@ class Trainer:
         return [order[i * b : (i + 1) * b] for i in range(self.steps_per_epoch)]
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = self._epoch_batches(epoch)[start:]
-        if self.cfg.workers > 0:
-            yield from DataLoader(
-                _Gather(self.data.train, batches),
-                batch_size=None,
-                shuffle=False,
-                num_workers=self.cfg.workers,
-            )
-        else:
-            for idx in batches:
-                yield self.data.train.images[idx], self.data.train.labels[idx]
+        return iterate_batches(self.data.train, self._epoch_batches(epoch)[start:], self.cfg.workers)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.dtype == "autocast":
@@ -337,16 +313,8 @@ class Trainer:
         self.step_in_epoch += 1
         self.global_step += 1
         if self._writer is not None and self.global_step % self.cfg.log_every == 0:
-            self._writer.write(
-                {
-                    "kind": "step",
-                    "global_step": self.global_step,
-                    "epoch": self.epoch,
-                    "loss": lv,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    **self.wd_tools.metrics(),
-                }
-            )
+            self._writer.write({"kind": "step", "global_step": self.global_step, "epoch": self.epoch, "loss": lv,
+                                "lr": self.optimizer.param_groups[0]["lr"], **self.wd_tools.metrics()})
 
     def _diverged(self, what: str) -> None:
         last = f"{self.checkpoint_path} holds epoch {self.epoch}" if self.checkpoint_path is not None and \
@@ -417,26 +385,6 @@ class Trainer:
             bar.update(self.global_step)
             yield bar
 
-    @contextlib.contextmanager
-    def _signals(self, enabled: bool) -> Iterator[None]:
-        if not enabled or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            name = signal.Signals(signum).name
-            if self._stop is not None:  # second signal: give up immediately (the last checkpoint is intact)
-                raise KeyboardInterrupt(name)
-            log.warning("%s received: finishing this step, saving a checkpoint and exiting", name)
-            self.request_stop(name)
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
     def fit(
         self, resume: bool = False, handle_signals: bool = False, stop_after_epoch: int | None = None
     ) -> TrainResult:
@@ -459,7 +407,8 @@ class Trainer:
                      self.out, self.epoch, self.cfg.epochs)
             return TrainResult("complete", list(self.history), [], self.out)
         status = "finished"
-        with self._signals(handle_signals), self._progress_bar() as bar:
+        with stop_on_signals(self.request_stop, lambda: self._stop is not None, handle_signals), \
+                self._progress_bar() as bar:
             while self.epoch < self.cfg.epochs:
                 if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
                     status = "stopped"
