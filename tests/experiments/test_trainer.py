@@ -157,9 +157,12 @@ def test_nan_loss_stops_the_run(tiny, tmp_path, norm):
 def test_resume_of_a_finished_run_says_complete(tiny, tmp_path):
     Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit()
     before = (tmp_path / "checkpoint.pt").read_bytes()
+    config = (tmp_path / "config.yaml").read_text()
     r = Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit(resume=True)
     assert r.status == "complete" and r.step_times == [] and len(r.epochs) == 1
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    Trainer(_cfg(epochs=1, checkpoint_every=2), tmp_path, data=tiny).fit(resume=True)
+    assert (tmp_path / "config.yaml").read_text() == config  # a complete run is left as it is
 
 
 def test_longer_run_says_what_happens_to_the_schedule(tiny, tmp_path, caplog):

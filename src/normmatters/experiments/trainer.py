@@ -399,13 +399,13 @@ class Trainer:
             raise CheckpointError(
                 f"{self.checkpoint_path} already exists; resume it (--resume) or choose another output folder"
             )
-        if self.out is not None and self.info.is_main:
-            tidy_run_folder(self.out, fresh=not resume, writer=self._writer)
-            save_config(self.cfg, self.out / "config.yaml")
-        if resume and self.epoch >= self.cfg.epochs:
+        if resume and self.epoch >= self.cfg.epochs:  # nothing to do: leave the folder as it is
             log.info("%s is complete: %d of %d epochs trained; pass a larger epochs to extend it",
                      self.out, self.epoch, self.cfg.epochs)
             return TrainResult("complete", list(self.history), [], self.out)
+        if self.out is not None and self.info.is_main:
+            tidy_run_folder(self.out, fresh=not resume, writer=self._writer)
+            save_config(self.cfg, self.out / "config.yaml")
         status = "finished"
         with stop_on_signals(self.request_stop, lambda: self._stop is not None, handle_signals), \
                 self._progress_bar() as bar:
