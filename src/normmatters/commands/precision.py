@@ -44,9 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.train:
         from ..precision.train_evidence import evidence_table, run_evidence
+        from ..progress import elapsed_bar
 
         t = time.time()
-        res = run_evidence(norms=tuple(args.norms), epochs=args.epochs, seed=args.seed)
+        with elapsed_bar("precision --train (a few minutes)"):
+            res = run_evidence(norms=tuple(args.norms), epochs=args.epochs, seed=args.seed)
         print(evidence_table(res))
         print(f"\n(test accuracy of an MLP 64-128-128-10 on sklearn digits, {args.epochs} epochs; "
               f"{time.time() - t:.0f} s)")

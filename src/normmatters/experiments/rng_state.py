@@ -32,12 +32,14 @@ def capture_rng_state(gen: torch.Generator) -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
+    """Set every stream from :func:`capture_rng_state`'s dict (its tensors may have been loaded onto a GPU by a
+    ``map_location``: RNG states are set from CPU tensors)."""
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+    np.random.set_state((n["name"], n["key"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    gen.set_state(state["augment"])
+    gen.set_state(state["augment"].cpu())
