@@ -190,3 +190,22 @@ def test_nan_loss_exits_non_zero(tmp_path, capsys):
                         "--threads", "1", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 1, r.stderr
     assert "training diverged" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_full_disk_while_saving_says_so(finished, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from normmatters.experiments import checkpoint
+
+    run = _copy(finished, tmp_path / "full")
+    good = (run / "checkpoint.pt").read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("train: ") and "no space left while writing" in err and "checkpoint.pt is intact" in err
+    assert (run / "checkpoint.pt").read_bytes() == good and not list(run.glob(".*.tmp"))
