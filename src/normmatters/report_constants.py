@@ -15,6 +15,7 @@ import torch
 
 from . import constants
 from .estimators import get_estimator, paper_linf_constant, paper_range_constant
+from .progress import progress_bar
 
 __all__ = ["constants_rows", "constants_table", "paper_sigma_ratio", "monte_carlo_ratio"]
 
@@ -65,9 +66,10 @@ def monte_carlo_ratio(norm: str, n: int, k: int = 10, draws: int = 2 ** 22, seed
 
 def constants_rows(ns: Sequence[int], k: int = 10, monte_carlo: bool = True) -> list[dict]:
     rows = []
-    for norm in NORMS:
-        est = get_estimator(norm)
-        for n in ns:
+    with progress_bar(len(NORMS) * len(ns), "constants", unit="row") as bar:
+        for norm, n in ((a, b) for a in NORMS for b in ns):
+            bar.set_postfix(norm=norm, n=n)
+            est = get_estimator(norm)
             kk = min(k, n)
             ours = est.constant(n, k=kk)
             rows.append({
@@ -76,6 +78,7 @@ def constants_rows(ns: Sequence[int], k: int = 10, monte_carlo: bool = True) -> 
                 "sigma_ratio_paper": paper_sigma_ratio(norm, n, kk),
                 "mc_ratio_to_std": monte_carlo_ratio(norm, n, kk) if monte_carlo else float("nan"),
             })
+            bar.update(1)
     return rows
 
 

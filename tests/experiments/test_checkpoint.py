@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import errno
+import os
+import random
+
+import numpy as np
 import pytest
 import torch
 
+from normmatters.atomic_write import DiskFullError
 from normmatters.experiments import checkpoint as C
 
 
@@ -10,6 +16,16 @@ def _state(v: float) -> dict:
     s = {k: 0 for k in C.REQUIRED_KEYS}
     s.update(version=C.CHECKPOINT_VERSION, model={"w": torch.full((3,), v)})
     return s
+
+
+class _RunsCode:
+    """A pickled object whose __reduce__ would create a marker file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def test_save_load_and_no_temp_left(tmp_path):
@@ -25,24 +41,91 @@ def test_failed_save_keeps_last_good(tmp_path, monkeypatch):
     C.save_checkpoint(_state(1.0), p)
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError("write failed")
 
     monkeypatch.setattr(C.torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="write failed"):
         C.save_checkpoint(_state(2.0), p)
     monkeypatch.undo()
     assert torch.equal(C.load_checkpoint(p)["model"]["w"], torch.full((3,), 1.0))
     assert [x.name for x in tmp_path.iterdir()] == ["ck.pt"]
 
 
-def test_missing_corrupt_incomplete(tmp_path):
+def test_full_disk_says_so_and_keeps_last_good(tmp_path, monkeypatch):
+    p = tmp_path / "ck.pt"
+    C.save_checkpoint(_state(1.0), p)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(C.torch, "save", full)
+    with pytest.raises(DiskFullError, match=r"no space left while writing .*ck.pt.*previous ck.pt is intact"):
+        C.save_checkpoint(_state(2.0), p)
+    monkeypatch.undo()
+    assert torch.equal(C.load_checkpoint(p)["model"]["w"], torch.full((3,), 1.0))
+    assert [x.name for x in tmp_path.iterdir()] == ["ck.pt"]
+
+
+def test_missing_truncated_incomplete(tmp_path):
     with pytest.raises(C.CheckpointError, match="no checkpoint at .*nope.pt"):
         C.load_checkpoint(tmp_path / "nope.pt")
     p = tmp_path / "ck.pt"
     C.save_checkpoint(_state(1.0), p)
     p.write_bytes(p.read_bytes()[:50])
-    with pytest.raises(C.CheckpointError, match="ck.pt is corrupt or unreadable"):
+    with pytest.raises(C.CheckpointError, match="ck.pt is corrupt"):
         C.load_checkpoint(p)
-    torch.save({"version": 1, "model": {}}, p)
+    torch.save({"version": C.CHECKPOINT_VERSION, "model": {}}, p)
     with pytest.raises(C.CheckpointError, match="incomplete: missing \\['config'"):
         C.load_checkpoint(p)
+
+
+@pytest.mark.parametrize("where", [0.5, 0.25, 0.75])
+def test_bit_flip_is_refused_and_file_left(tmp_path, where):
+    p = tmp_path / "ck.pt"
+    state = _state(1.0)
+    state["model"] = {"w": torch.randn(5000)}
+    C.save_checkpoint(state, p)
+    b = bytearray(p.read_bytes())
+    i = int(len(b) * where)
+    for j in range(i, i + 64):
+        b[j] ^= 0xFF
+    p.write_bytes(bytes(b))
+    with pytest.raises(C.CheckpointError, match="ck.pt is corrupt"):
+        C.load_checkpoint(p)
+    assert p.read_bytes() == bytes(b)  # refused, not deleted or rewritten
+
+
+def test_crafted_pickle_runs_no_code(tmp_path):
+    p, marker = tmp_path / "ck.pt", tmp_path / "PWNED"
+    state = _state(1.0)
+    state["payload"] = _RunsCode(marker)
+    torch.save(state, p)  # a valid zip with valid CRCs: only the unpickler stands in the way
+    with pytest.raises(C.CheckpointError, match="refused: it holds Python objects"):
+        C.load_checkpoint(p)
+    assert not marker.exists()
+
+
+def test_version_1_checkpoint_refused_with_a_clear_message(tmp_path):
+    """Format 1 stored numpy / Python RNG states as objects; they cannot be loaded with weights_only=True."""
+    p = tmp_path / "old.pt"
+    state = _state(1.0)
+    state.update(version=1, rng=[{"numpy": np.random.get_state(), "python": random.getstate()}])
+    torch.save(state, p)
+    with pytest.raises(C.CheckpointError, match="older normmatters .*format 1.*start the run again"):
+        C.load_checkpoint(p)
+    state["rng"] = []
+    torch.save(state, p)
+    with pytest.raises(C.CheckpointError, match="format version 1, expected 2"):
+        C.load_checkpoint(p)
+
+
+def test_no_unsafe_loading_left_in_the_package():
+    import pathlib
+
+    import normmatters
+
+    src = pathlib.Path(normmatters.__file__).parent
+    text = "\n".join(p.read_text() for p in src.rglob("*.py"))
+    assert "weights_only=False" not in text
+    assert "pickle.load(" not in text and "pickle.loads(" not in text
+    assert "allow_pickle=True" not in text

@@ -153,7 +153,7 @@ def test_cifar_errors(tmp_path):
     (tmp_path / "test_batch").write_bytes(
         pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": [1, 2]})
     )
-    with pytest.raises(DataError, match="test_batch: 3 images but 2 labels"):
+    with pytest.raises(DataError, match=r"test_batch: 3 images but labels of shape \(2,\)"):
         load_cifar(tmp_path)
     (tmp_path / "test_batch").write_bytes(
         pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]})
@@ -207,3 +207,82 @@ def test_image_folder_errors(tmp_path):
 def test_load_dataset_unknown(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
         load_dataset(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------------------- hostile or odd files
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cifar_with_a_code_object_inside_a_valid_batch_runs_nothing(tmp_path):
+    _write_cifar(tmp_path)
+    marker = tmp_path / "PWNED"
+    batch = pickle.loads((tmp_path / "data_batch_2").read_bytes())
+    batch[b"batch_label"] = _RunsCode(marker)
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError, match=r"data_batch_2: not a CIFAR batch: the pickle names (builtins|io).open"):
+        load_cifar(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_any_pickle_protocol_loads(tmp_path, protocol):
+    """Python 2 era batches (protocol 2, bytes via _codecs.encode) and numpy's protocol-5 path both load."""
+    _write_cifar(tmp_path)
+    for p in tmp_path.iterdir():
+        p.write_bytes(pickle.dumps(pickle.loads(p.read_bytes()), protocol=protocol))
+    d = load_cifar(tmp_path)
+    assert d.train.images.shape == (20, 3, 32, 32) and d.train.images.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "data, labels, message",
+    [
+        (np.full((2, 3072), 300, np.int64), [1, 2], r"pixel values must lie in 0..255, found 300..300"),
+        (np.full((2, 3072), -1, np.int16), [1, 2], r"pixel values must lie in 0..255, found -1..-1"),
+        (np.zeros((2, 3072), np.uint8), [-1, 2], r"labels must lie in 0..9, found -1..2"),
+        (np.zeros((2, 3072), np.uint8), [1, 10], r"labels must lie in 0..9, found 1..10"),
+        (np.zeros((2, 3072), np.float32), [1, 2], r"expected integer pixels"),
+        (np.zeros((0, 3072), np.uint8), [], r"holds no images"),
+    ],
+)
+def test_cifar_bad_values(tmp_path, data, labels, message):
+    _write_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": labels}))
+    with pytest.raises(DataError, match=r"test_batch: " + message):
+        load_cifar(tmp_path)
+
+
+def test_idx_empty_and_overflowing_headers(tmp_path):
+    _write_idx(tmp_path)
+    path = tmp_path / IDX_FILES[("train", "images")]
+    path.write_bytes(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 0, 28, 28))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: IDX file holds no data \(shape \(0, 28, 28\)\)"):
+        load_idx(tmp_path)
+    # 2^32-1 cubed overflows int64 (np.prod wraps it): must read as "needs more bytes", not wrap to a small size
+    big = 2**32 - 1
+    path.write_bytes(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", big, big, big) + b"\x00" * 16)
+    with pytest.raises(DataError, match=r"truncated IDX file: shape .* needs \d{20,} data bytes, found 16"):
+        load_idx(tmp_path)
+    path.write_bytes(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2**31, 2**31, 4) + b"\x00" * 16)
+    with pytest.raises(DataError, match="truncated IDX file"):
+        load_idx(tmp_path)
+
+
+def test_decompression_bomb_image_refused(tmp_path, monkeypatch):
+    from PIL import Image
+
+    _write_images(tmp_path, {"a": 2, "b": 2}, size=(40, 40))
+    # PIL's limits scaled down so a 40×40 image stands in for a 90-megapixel one: above the warning limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"a/0.png: refused as a possible decompression bomb"):
+        load_image_folder(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # above twice the limit: PIL's own error
+    with pytest.raises(DataError, match=r"a/0.png: refused as a possible decompression bomb"):
+        load_image_folder(tmp_path)

@@ -51,3 +51,12 @@ def test_summary_ratios_and_files(tmp_path):
     assert set(files) == {"runs.jsonl", "runs.csv", "summary.csv", "loss.png", "accuracy.png", "report.md"}
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 8
+
+
+def test_side_by_side_ratios_and_one_seed_table(tmp_path):
+    runs = [_run("bn", 0, 0.9, 0.1, 0.010, 100), _run("l1", 0, 0.8, 0.2, 0.030, 250)]
+    runs[0].step_ratio, runs[1].step_ratio = 1.0, 1.25  # measured side by side: preferred to 0.030 / 0.010
+    s = {x.norm: x for x in summarize(runs)}
+    assert s["l1"].time_ratio == pytest.approx(1.25)
+    table = format_table(list(s.values()))
+    assert "±" not in table and "| l1 | 1 | 80.00 % | 0.2000 |" in table and "test acc |" in table

@@ -97,7 +97,7 @@ def test_checkpoint_is_never_clobbered(tiny, tmp_path):
         Trainer(_cfg(epochs=2, lr=0.1), tmp_path, data=tiny).fit(resume=True)
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
     (tmp_path / "checkpoint.pt").write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="checkpoint.pt is corrupt or unreadable"):
+    with pytest.raises(CheckpointError, match="checkpoint.pt is corrupt"):
         Trainer(_cfg(epochs=2), tmp_path, data=tiny).fit(resume=True)
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         Trainer(_cfg(), tmp_path / "empty", data=tiny).fit(resume=True)
@@ -130,3 +130,67 @@ def test_workers_give_the_same_run(tiny):
 def test_training_learns(digits):
     t = Trainer(_cfg(epochs=2, norm="linf", crop_padding=0, hflip=False, lr=0.1), None, data=digits)
     assert t.fit().final["test_acc"] > 0.9
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+def _nan_data(tiny):
+    from normmatters.experiments.data import ArrayDataset, DataSplit
+
+    x = tiny.train.images.clone()
+    x[: len(x) // 2] = float("nan")  # every batch of 64 of any order holds some
+    return DataSplit("nan-digits", ArrayDataset(x, tiny.train.labels, tiny.train.classes), tiny.test)
+
+
+@pytest.mark.parametrize("norm", ["bn", "l1"])  # bn: a NaN loss; l1: the layer's own non-finite check first
+def test_nan_loss_stops_the_run(tiny, tmp_path, norm):
+    from normmatters.experiments.trainer import DivergedError
+
+    t = Trainer(_cfg(norm=norm, epochs=1, warmup_epochs=0.0, monitor=False), tmp_path, data=_nan_data(tiny))
+    with pytest.raises(DivergedError, match=r"training diverged at epoch 1, step 1 \(global step 1\): .*"
+                                            r"stopped without saving \(no checkpoint was saved\)"):
+        t.fit()
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_resume_of_a_finished_run_says_complete(tiny, tmp_path):
+    Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    config = (tmp_path / "config.yaml").read_text()
+    r = Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit(resume=True)
+    assert r.status == "complete" and r.step_times == [] and len(r.epochs) == 1
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    Trainer(_cfg(epochs=1, checkpoint_every=2), tmp_path, data=tiny).fit(resume=True)
+    assert (tmp_path / "config.yaml").read_text() == config  # a complete run is left as it is
+
+
+def test_longer_run_says_what_happens_to_the_schedule(tiny, tmp_path, caplog):
+    Trainer(_cfg(epochs=1, warmup_epochs=0.0), tmp_path, data=tiny).fit()
+    with caplog.at_level("WARNING"):
+        t = Trainer(_cfg(epochs=2, warmup_epochs=0.0), tmp_path, data=tiny)
+        t.fit(resume=True)
+    assert "cosine schedule is recomputed for 2 epochs" in caplog.text
+    assert "jumps from 0 (old schedule) to 0.025" in caplog.text
+    assert [e["epoch"] for e in t.history] == [1, 2]
+
+
+def test_fresh_run_after_a_kill_before_the_first_checkpoint(tiny, tmp_path):
+    """Killed after logging epoch 1 but before its checkpoint: a fresh run must not list epoch 1 twice."""
+    Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit()
+    (tmp_path / "checkpoint.pt").unlink()
+    (tmp_path / ".checkpoint.pt.k1ll.tmp").write_bytes(b"half a checkpoint")
+    with pytest.raises(CheckpointError, match="holds no checkpoint yet .* start it again without --resume"):
+        Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit(resume=True)
+    Trainer(_cfg(epochs=2), tmp_path, data=tiny).fit()
+    epochs = [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert epochs == [1, 2]
+    assert (tmp_path / "epochs.csv").read_text().count("\n") == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_unknown_norm_option_is_a_config_error(tiny):
+    from normmatters.experiments.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"norm_options \{'kk': 5\} are not accepted by norm='bn'"):
+        Trainer(_cfg(norm="bn", norm_options={"kk": 5}), data=tiny)

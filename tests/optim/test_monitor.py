@@ -45,3 +45,32 @@ def test_unknown_parameter():
     opt = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
     with pytest.raises(ValueError, match="parameter 'x' is not in the optimizer"):
         EffectiveLRMonitor(opt, [("x", nn.Parameter(torch.ones(2)))])
+
+
+def test_plot_of_many_layers_aggregates(tmp_path, monkeypatch):
+    """20+ layers: a median line and bands over layers, not a line (and legend entry) per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+
+    ws = [nn.Parameter(torch.randn(4, 3)) for _ in range(21)]
+    opt = torch.optim.SGD(ws, lr=0.1)
+    mon = EffectiveLRMonitor(opt, [(f"layer{i}.weight", w) for i, w in enumerate(ws)])
+    for _ in range(4):
+        for w in ws:
+            w.grad = torch.randn(4, 3)
+        opt.step()
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    mon.plot(tmp_path / "many.png")
+    (fig,) = saved
+    ax = fig.axes[0]
+    assert len(ax.lines) == 1 and ax.lines[0].get_label() == "median layer"
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["min–max of 21 layers", "25–75 % of layers", "median layer"]
+    few = EffectiveLRMonitor(opt, [(f"layer{i}.weight", w) for i, w in enumerate(ws[:3])])
+    opt.step()
+    saved.clear()
+    few.plot(tmp_path / "few.png")
+    assert len(saved[0].axes[0].lines) == 3 and len(saved[0].legends) == 1

@@ -7,23 +7,30 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time and memory of the Lp layers vs nn.BatchNorm (ratios, one run)")
+    p = sub.add_parser("bench", help="time and memory of the Lp layers vs nn.BatchNorm (ratios, one run)",
+                       description="Time forward+backward of every Lp layer and of nn.BatchNorm side by side "
+                       "(interleaved rounds on the same tensors) and print the ratios with the machine's copy "
+                       "bandwidth; also one ResNet-20 training step per norm. Prints only; --json FILE keeps it.")
     p.add_argument("--quick", action="store_true",
                    help="one shape, float32, contiguous; in-place and ResNet-20 rows for l1 and range only "
                         "(under a minute)")
-    p.add_argument("--json", metavar="FILE", help="also write all results to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write all results to FILE (default: print only)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--norms", nargs="+", default=None, help="subset of norms (default: all)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement "
+                        "(default: the benchmark's own, fewer with --quick)")
     p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-20 training-step comparison")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..kernels.bench import NORMS, run_benchmark
+    from ..progress import elapsed_bar
 
-    res = run_benchmark(quick=args.quick, device=args.device, norms=args.norms or NORMS, rounds=args.rounds,
-                        resnet=not args.no_resnet)
+    # the benchmark has no steps to count from outside kernels/: a line that counts the seconds meanwhile
+    with elapsed_bar("bench (about a minute with --quick, several without)"):
+        res = run_benchmark(quick=args.quick, device=args.device, norms=args.norms or NORMS, rounds=args.rounds,
+                            resnet=not args.no_resnet)
     readings = "/".join(f"{b:.1f}" for b in res["copy_bandwidth_samples_GBps"])
     print(f"device {res['device']}, torch {res['torch']}, {res['threads']} threads, memory copy bandwidth "
           f"{res['copy_bandwidth_GBps']:.1f} GB/s (readings before/after: {readings}); ratios are medians of "
@@ -45,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                                           res["compile_seconds"].items()))
     print(f"benchmark took {res['seconds']:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        from ..atomic_write import atomic_write
+
+        atomic_write(args.json, json.dumps(res, indent=1, default=str))
     return 0

@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
+
+from . import default_out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="'digits' (embedded), or idx:DIR, cifar:DIR, folder:DIR, or a DIR (format detected)",
     )
     p.add_argument("--model", default="resnet8", help="resnet8|resnet20|resnet32|resnet56|vgg11|vgg16|mlp")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=64, help="batch size")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov, cosine schedule)")
     p.add_argument(
         "--threads",
         type=int,
@@ -38,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="torch CPU threads (default 1: small models run fastest and steadiest single-threaded)",
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: ./normmatters-compare-<date>-<time>)"
+        "--out", type=Path, default=None, help="output folder (default: runs/compare-<date>-<time>)"
     )
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs: a smoke test")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if seeds < 1 or epochs < 1:
         print("compare: --seeds and --epochs must be ≥ 1", file=sys.stderr)
         return 2
-    out = args.out or Path(f"normmatters-compare-{datetime.now():%Y%m%d-%H%M%S}")
+    out = args.out or default_out("compare")
     cfg = CompareConfig(
         norms=tuple(args.norms or DEFAULT_NORMS),
         seeds=tuple(range(seeds)),
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         done[0] += 1
         print(
             f"  [{done[0]}/{total}] {r.norm:6s} seed {r.seed}: test acc {100 * r.test_acc:.2f} %, "
-            f"final loss {r.final_loss:.4f}, {1e3 * r.median_step_time:.2f} ms/step",
+            f"final loss {r.final_loss:.4f}, {1e3 * r.median_step_time:.2f} ms/step ({r.step_ratio:.2f}× the "
+            "baseline, timed side by side)",
             flush=True,
         )
 

@@ -6,25 +6,35 @@ import argparse
 import time
 from pathlib import Path
 
+from . import default_out
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("precision", help="stability map of emulated low-precision normalization "
-                                         "(relative error vs float64, usable dynamic range)")
-    p.add_argument("--formats", nargs="+", default=["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2"])
-    p.add_argument("--norms", nargs="+", default=["l2", "l1", "linf", "range"])
-    p.add_argument("--dists", nargs="+", default=["gaussian", "relu", "student_t3"])
+                                         "(relative error vs float64, usable dynamic range)",
+                       description="Normalize inputs of many scales and sizes in emulated low-precision formats, "
+                       "measure the error against float64, and print the usable dynamic range per norm and "
+                       "format; write precision.csv and heatmaps. With --train: train a small MLP per norm and "
+                       "precision instead.")
+    p.add_argument("--formats", nargs="+", default=["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2"],
+                   help="number formats to emulate")
+    p.add_argument("--norms", nargs="+", default=["l2", "l1", "linf", "range"], help="norms to test")
+    p.add_argument("--dists", nargs="+", default=["gaussian", "relu", "student_t3"],
+                   help="input distributions (the range table takes the worst)")
     p.add_argument("--scale-min", type=int, default=-24, help="log2 of the smallest input scale")
     p.add_argument("--scale-max", type=int, default=24, help="log2 of the largest input scale")
     p.add_argument("--scale-step", type=int, default=4, help="log2 step between scales")
     p.add_argument("--n-min", type=int, default=6, help="log2 of the smallest reduction size")
     p.add_argument("--n-max", type=int, default=20, help="log2 of the largest reduction size")
     p.add_argument("--n-step", type=int, default=2, help="log2 step between reduction sizes")
-    p.add_argument("--order", default="pairwise", choices=["sequential", "pairwise", "blocked"])
-    p.add_argument("--eps", type=float, default=0.0, help="eps of the normalization (default 0)")
+    p.add_argument("--order", default="pairwise", choices=["sequential", "pairwise", "blocked"],
+                   help="summation order of the emulated reductions")
+    p.add_argument("--eps", type=float, default=0.0, help="eps of the normalization")
     p.add_argument("--threshold", type=float, default=0.01, help="error bound of the usable range")
     p.add_argument("--quick", action="store_true", help="n = 2^6, 2^10, 2^14 only, scale step 8 (seconds)")
-    p.add_argument("--out", default="runs/precision", help="directory for the CSV and heatmaps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for precision.csv and the heatmaps "
+                                               "(default: runs/precision-<date>-<time>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--train", action="store_true",
                    help="instead of the sweep: train an MLP on sklearn digits per norm and precision")
     p.add_argument("--epochs", type=int, default=8, help="--train: epochs per run")
@@ -34,9 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.train:
         from ..precision.train_evidence import evidence_table, run_evidence
+        from ..progress import elapsed_bar
 
         t = time.time()
-        res = run_evidence(norms=tuple(args.norms), epochs=args.epochs, seed=args.seed)
+        with elapsed_bar("precision --train (a few minutes)"):
+            res = run_evidence(norms=tuple(args.norms), epochs=args.epochs, seed=args.seed)
         print(evidence_table(res))
         print(f"\n(test accuracy of an MLP 64-128-128-10 on sklearn digits, {args.epochs} epochs; "
               f"{time.time() - t:.0f} s)")
@@ -51,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     t = time.time()
     rec = run_sweep(args.formats, args.norms, args.dists, scales, ns, eps=args.eps, order=args.order,
                     seed=args.seed)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out("precision")
     csv_path = write_csv(rec, out / "precision.csv")
     pngs = plot_heatmaps(rec, out, threshold=args.threshold)
     print(f"Usable dynamic range: input scales (log2, step {step}) where the output error vs float64, "

@@ -6,9 +6,25 @@ import argparse
 import time
 from pathlib import Path
 
+from . import default_out
+
+#: the help of flags whose default depends on the study (set after the flags are added)
+_HELP = {
+    "seeds": "seeds (default: 0 1 2; --quick: 0)",
+    "epochs": "epochs per run (default: weight-decay 12; weight-norm 6 for the CNN, 10 for the LSTM, 3 for the "
+              "batch-size runs; --quick: fewer)",
+    "model": "CNN model (default: weight-decay resnet8, weight-norm resnet20; --quick: resnet8)",
+    "out": "output folder (default: runs/<study>-<date>-<time>)",
+    "quick": "1 seed, few epochs: a smoke test",
+}
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="run one of the paper's studies and write a report")
+    p = sub.add_parser(
+        "reproduce", help="run one of the paper's studies and write a report",
+        description="Run one of the paper's studies on a small model and write report.md, results.csv and plots. "
+        "weight-decay: weight decay before a normalization only changes the effective step size (Hoffer et al. "
+        "2018, sec. 5); weight-norm: (bounded) weight norm against batch norm (sec. 6).")
     p.add_argument("study", choices=["weight-decay", "weight-norm"], help="which study")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run")
@@ -18,9 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
     p.set_defaults(func=run)
 
+    for action in p._actions:
+        action.help = _HELP.get(action.dest, action.help)
+
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or Path(f"normmatters-{args.study}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or default_out(args.study)
+    print(f"normmatters reproduce {args.study}: writing to {out}/", flush=True)
     t0 = time.perf_counter()
     if args.study == "weight-norm":
         report, table = _weight_norm(args, out)

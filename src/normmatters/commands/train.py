@@ -50,36 +50,50 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "full config is written to OUT/config.yaml with metrics and checkpoint.pt. "
         "Under torchrun each process trains a shard (DDP).",
     )
-    p.add_argument("--config", type=Path, help="YAML or TOML file of TrainConfig keys")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--config", type=Path,
+                   help="YAML or TOML file of TrainConfig keys (default: none; flags override it)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (required)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (config from OUT)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    defaults = _config_defaults()
     for key, (typ, help_) in _FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None, help=help_)
-    p.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs of schedule=multistep")
-    p.add_argument(
-        "--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum"
-    )
-    p.add_argument(
-        "--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip"
-    )
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None,
+                       help=f"{help_} (default: {defaults[key]})")
+    p.add_argument("--milestones", type=int, nargs="+", default=None,
+                   help="epochs of schedule=multistep (default: none)")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"Nesterov momentum (default: {defaults['nesterov']})")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"random horizontal flip (default: {defaults['hflip']})")
     p.add_argument("--record-norms", dest="record_norms", metavar="FILE", default=None,
-                   help="record the scale-invariant weights' per-channel norms before every step (.npz)")
+                   help="record the scale-invariant weights' per-channel norms before every step (.npz; default: "
+                        "not recorded)")
     p.add_argument("--mimic-weight-decay", dest="mimic_weight_decay", metavar="FILE|online", default=None,
                    help="weight decay off on scale-invariant weights, reproduced from a recorded trajectory "
-                        "or online (λ = --wd-normalized, else --weight-decay)")
+                        "or online (λ = --wd-normalized, else --weight-decay; default: off)")
     p.add_argument("--norm-schedule", dest="norm_schedule", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule the scale-invariant weights' norm instead of the learning rate")
+                   help="schedule the scale-invariant weights' norm instead of the learning rate (default: False)")
     p.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=None,
-                   help="effective learning rate of scale-invariant weights (default on)")
+                   help="effective learning rate of scale-invariant weights (default: True)")
     p.add_argument(
         "--norm-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="norm layer option, e.g. k=5, ghost_batch_size=32 (repeatable)",
+        help="norm layer option, e.g. k=5, ghost_batch_size=32 (repeatable; default: none)",
     )
     p.set_defaults(func=run)
+
+
+def _config_defaults() -> dict[str, Any]:
+    """TrainConfig's defaults by key, for the help text (config.py imports no torch)."""
+    import dataclasses
+
+    from ..experiments.config import TrainConfig
+
+    shown = {"wd_normalized": "same as --weight-decay", "wd_other": "same as --weight-decay",
+             "threads": "torch's default"}
+    return {f.name: shown.get(f.name, f.default) for f in dataclasses.fields(TrainConfig)}
 
 
 def _parse_value(text: str) -> Any:
@@ -104,11 +118,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import progress
     from ..experiments import distributed as D
     from ..experiments.checkpoint import CheckpointError
     from ..experiments.config import ConfigError, TrainConfig, load_config
     from ..experiments.data import DataError
-    from ..experiments.trainer import Trainer
+    from ..experiments.trainer import DivergedError, Trainer
 
     if args.quiet:
         logging.getLogger().setLevel(logging.WARNING)
@@ -127,8 +142,7 @@ def run(args: argparse.Namespace) -> int:
             source = str(args.config) if args.config else "flags"
         cfg = TrainConfig.from_dict({**base, **overrides}, source=source)
         info = D.init_from_env(cfg.device)
-        progress = not args.quiet and sys.stderr.isatty()
-        trainer = Trainer(cfg, args.out, dist_info=info, progress=progress)
+        trainer = Trainer(cfg, args.out, dist_info=info, progress=progress.enabled())  # on in a terminal
         if info.is_main:
             print(
                 f"normmatters train: {cfg.model} / {cfg.norm} on {trainer.data.name}, {cfg.epochs} epochs, "
@@ -139,28 +153,45 @@ def run(args: argparse.Namespace) -> int:
         # every rank past its last collective before any rank tears the group down: a rank that destroys it
         # while another still talks to it can abort that one (gloo: "terminate called without an active exception")
         D.barrier(info)
+    except DivergedError as e:  # the run itself failed, not its settings
+        print(f"train: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, DataError, CheckpointError, ValueError, RuntimeError) as e:
         print(f"train: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk (DiskFullError says so), a vanished folder, ...
+        print(f"train: {e}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if info.is_main:
-        from ..experiments.report import plot_run
+        _report(args, result, trainer)
+    return {"finished": 0, "complete": 0, "stopped": 0, "SIGINT": 130, "SIGTERM": 143}.get(result.status, 1)
 
+
+def _report(args: argparse.Namespace, result: Any, trainer: Any) -> None:
+    from ..experiments.report import plot_run
+
+    if result.status == "complete":
+        print(f"{args.out} is already complete: {trainer.epoch} of {trainer.cfg.epochs} epochs trained. To train "
+              f"longer: normmatters train --out {args.out} --resume --epochs N (N > {trainer.epoch})")
+        return
+    try:
         plot_run(args.out)
-        f = result.final
-        if f:
-            print(
-                f"epoch {f['epoch']}: train loss {f['train_loss']:.4f}, test loss {f['test_loss']:.4f}, "
-                f"test acc {100 * f['test_acc']:.2f} %"
-            )
-        if result.status != "finished":
-            print(
-                f"stopped by {result.status}; checkpoint saved: resume with "
-                f"normmatters train --out {args.out} --resume",
-                flush=True,
-            )
-    return {"finished": 0, "stopped": 0, "SIGINT": 130, "SIGTERM": 143}.get(result.status, 1)
+    except (ValueError, OSError) as e:  # a damaged metrics file must not hide the result
+        print(f"train: no plot ({e})", file=sys.stderr)
+    f = result.final
+    if f:
+        print(
+            f"epoch {f['epoch']}: train loss {f['train_loss']:.4f}, test loss {f['test_loss']:.4f}, "
+            f"test acc {100 * f['test_acc']:.2f} %"
+        )
+    if result.status != "finished":
+        print(
+            f"stopped by {result.status}; checkpoint saved: resume with "
+            f"normmatters train --out {args.out} --resume",
+            flush=True,
+        )

@@ -7,9 +7,12 @@ says how it was produced and ``--resume`` can rebuild the run from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..atomic_write import atomic_write
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "save_config", "OPTIMIZERS", "SCHEDULES", "DTYPES"]
 
@@ -23,6 +26,45 @@ BATCH_ORDERS = ("shuffle", "class_sorted")
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the key (and the file)."""
+
+
+def _kind(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_value(key: str, expected: str, value: Any) -> None:
+    """Raise ConfigError unless ``value`` has the type the field annotation ``expected`` names."""
+    optional = expected.endswith(" | None")
+    base = expected.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"config: {key} must be {base}, got None")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": number,
+        "bool": isinstance(value, bool),
+        "dict[str, Any]": isinstance(value, dict) and all(isinstance(k, str) for k in value),
+        "list[int]": isinstance(value, list | tuple)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+        "tuple[float, float]": isinstance(value, list | tuple)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value),
+    }.get(base)
+    if ok is None:  # pragma: no cover - a new field with an unlisted type
+        raise TypeError(f"TrainConfig: no type check for {key}: {expected}")
+    if not ok:
+        words = {"str": "a string", "int": "an int", "float": "a number", "bool": "true or false (a boolean, "
+                 "not a string)", "dict[str, Any]": "a mapping of option names to values",
+                 "list[int]": "a list of ints", "tuple[float, float]": "two numbers"}[base]
+        raise ConfigError(f"config: {key} must be {words}{' or absent' if optional else ''}, got {_kind(value)}")
+
+
+def check_types(config: Any) -> None:
+    """Check every field of a :class:`TrainConfig` against its annotation (YAML/TOML give any type)."""
+    for f in dataclasses.fields(config):
+        _check_value(f.name, str(f.type), getattr(config, f.name))
 
 
 @dataclass
@@ -79,6 +121,7 @@ class TrainConfig:
     norm_schedule: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         self.milestones = [int(m) for m in self.milestones]
         self.validate()
@@ -97,26 +140,43 @@ class TrainConfig:
         ):
             if getattr(self, key) not in choices:
                 raise bad(key, f"one of {choices}")
-        for key in ("epochs", "batch_size", "width", "checkpoint_every", "log_every"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        for key in ("epochs", "batch_size", "width", "checkpoint_every", "log_every", "step_size"):
+            if getattr(self, key) < 1:
                 raise bad(key, "a positive int")
-        if self.workers < 0:
-            raise bad("workers", "≥ 0")
+        for key in ("workers", "crop_padding"):
+            if getattr(self, key) < 0:
+                raise bad(key, "≥ 0")
+        if self.threads is not None and self.threads < 1:
+            raise bad("threads", "a positive int (or absent: torch's default)")
+        if not 0 <= self.seed < 2**32:
+            raise bad("seed", "an int in 0 .. 2**32 - 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "a finite number > 0")
+        if not 0 <= self.momentum < 1:  # NaN fails too
+            raise bad("momentum", "in [0, 1)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise bad("betas", "two numbers in [0, 1)")
+        for key in ("weight_decay", "wd_normalized", "wd_norm", "wd_other"):
+            v = getattr(self, key)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise bad(key, "a finite number ≥ 0")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise bad("gamma", "a finite number > 0 (the factor each step/milestone multiplies the rate by)")
+        if any(m < 1 for m in self.milestones) or sorted(set(self.milestones)) != list(self.milestones):
+            raise bad("milestones", "increasing epochs ≥ 1")
+        if not 0 <= self.warmup_epochs <= self.epochs:  # NaN fails too
+            raise ConfigError(f"config: warmup_epochs must lie in [0, epochs={self.epochs}], "
+                              f"got {self.warmup_epochs!r}")
+        if not 0 <= self.warmup_start <= 1:
+            raise bad("warmup_start", "in [0, 1] (a fraction of lr)")
+        if not self.weight_norm_p > 0:
+            raise bad("weight_norm_p", "> 0 (1, 2 or inf)")
         if self.norm_schedule and self.schedule not in ("step", "multistep"):
             raise ConfigError(f"config: norm_schedule replaces a step/multistep rate schedule, got schedule="
                               f"{self.schedule!r}")
         if self.mimic_weight_decay == "online" and self.optimizer != "sgd":
             raise ConfigError(f"config: mimic_weight_decay='online' models SGD, got optimizer={self.optimizer!r}; "
                               "record a trajectory (record_norms) of the decay run and pass its file instead")
-        if not self.lr > 0:
-            raise bad("lr", "> 0")
-        if len(self.betas) != 2:
-            raise bad("betas", "two floats")
-        for key in ("weight_decay", "wd_normalized", "wd_norm", "wd_other", "warmup_epochs", "crop_padding"):
-            v = getattr(self, key)
-            if v is not None and v < 0:
-                raise bad(key, "≥ 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -168,4 +228,4 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write ``config`` as YAML (every key, defaults included)."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

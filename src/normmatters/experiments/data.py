@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import gzip
 import logging
-import pickle
+import math
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .cifar_pickle import RefusedGlobalError, load_cifar_pickle
 
 __all__ = [
     "ArrayDataset",
@@ -178,12 +181,14 @@ def read_idx(path: Path, expected_dims: int) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX file: {len(raw)} bytes, header needs {header}")
     shape = struct.unpack(">" + "I" * ndim, raw[4:header])
-    need = int(np.prod(shape))
+    need = math.prod(shape)  # Python ints: a crafted header cannot overflow the size check
     have = len(raw) - header
     if have < need:
         raise DataError(f"{path}: truncated IDX file: shape {shape} needs {need} data bytes, found {have}")
     if have > need:
         raise DataError(f"{path}: IDX file has {have - need} unexpected trailing bytes after shape {shape}")
+    if shape[0] == 0 or need == 0:
+        raise DataError(f"{path}: IDX file holds no data (shape {shape})")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -216,8 +221,9 @@ def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"CIFAR dataset: missing file {path}")
     try:
-        with path.open("rb") as f:
-            d = pickle.load(f, encoding="bytes")
+        d = load_cifar_pickle(path)
+    except RefusedGlobalError as e:
+        raise DataError(f"{path}: not a CIFAR batch: {e}") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
     if not isinstance(d, dict):
@@ -225,18 +231,31 @@ def _unpickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
-def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(path: Path, label_key: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     d = _unpickle(path)
     for key in ("data", label_key):
         if key not in d:
             raise DataError(f"{path}: missing key {key!r} (found {sorted(d)})")
-    data = np.asarray(d["data"], dtype=np.uint8)
-    labels = np.asarray(d[label_key], dtype=np.int64)
+    try:
+        data = np.asarray(d["data"])
+        labels = np.asarray(d[label_key])
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: data/labels are not arrays of numbers ({e})") from e
+    if data.ndim == 0 or data.shape[0] == 0:
+        raise DataError(f"{path}: holds no images")
+    if data.dtype.kind not in "iu" or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: expected integer pixels and labels, found dtypes {data.dtype} and {labels.dtype}")
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: expected data of shape (N, 3072), found {data.shape}")
-    if data.shape[0] != labels.shape[0]:
-        raise DataError(f"{path}: {data.shape[0]} images but {labels.shape[0]} labels")
-    return data.reshape(-1, 3, 32, 32), labels
+    if labels.ndim != 1 or data.shape[0] != labels.shape[0]:
+        raise DataError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
+    if data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{path}: pixel values must lie in 0..255, found {data.min()}..{data.max()}")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise DataError(
+            f"{path}: {label_key} must lie in 0..{n_classes - 1}, found {labels.min()}..{labels.max()}"
+        )
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def load_cifar(folder: str | Path) -> DataSplit:
@@ -247,13 +266,13 @@ def load_cifar(folder: str | Path) -> DataSplit:
             folder = folder / sub
             break
     if (folder / "data_batch_1").exists() or (folder / "test_batch").exists():
-        parts = [_cifar_batch(folder / f"data_batch_{i}", "labels") for i in range(1, 6)]
-        test = _cifar_batch(folder / "test_batch", "labels")
+        parts = [_cifar_batch(folder / f"data_batch_{i}", "labels", 10) for i in range(1, 6)]
+        test = _cifar_batch(folder / "test_batch", "labels", 10)
         train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
         n_classes, name = 10, "cifar10"
     elif (folder / "train").is_file() or (folder / "test").is_file():
-        train = _cifar_batch(folder / "train", "fine_labels")
-        test = _cifar_batch(folder / "test", "fine_labels")
+        train = _cifar_batch(folder / "train", "fine_labels", 100)
+        test = _cifar_batch(folder / "test", "fine_labels", 100)
         n_classes, name = 100, "cifar100"
     else:
         raise DataError(
@@ -299,10 +318,15 @@ def _read_images(files: list[Path], mode: str | None = None) -> tuple[Tensor, st
     pics = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                im.load()
-                pics.append(im.copy())
-        except (UnidentifiedImageError, OSError) as e:
+            with warnings.catch_warnings():
+                # PIL warns above MAX_IMAGE_PIXELS and raises above twice that: refuse both
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    im.load()
+                    pics.append(im.copy())
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise DataError(f"{f}: refused as a possible decompression bomb ({e})") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"{f}: cannot read image ({e})") from e
     if mode is None:
         mode = "L" if all(p.mode in ("L", "1", "I;16", "I") for p in pics) else "RGB"

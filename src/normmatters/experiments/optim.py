@@ -122,3 +122,22 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step ``LambdaLR`` following :func:`lr_multiplier` (its state is ``last_epoch`` = steps taken)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))
+
+
+def describe_length_change(saved: TrainConfig, cfg: TrainConfig, steps_per_epoch: int, step: int) -> str | None:
+    """What resuming a run saved with ``saved.epochs`` as ``cfg.epochs`` does to its learning rate at ``step``.
+
+    Only the cosine schedule depends on the run length: it is recomputed for the new length, so the rate jumps
+    (said in the returned text). Constant, step and multistep schedules continue unchanged. None when the
+    length is the same.
+    """
+    if saved.epochs == cfg.epochs:
+        return None
+    if cfg.schedule != "cosine" or cfg.norm_schedule:
+        return (f"run length changed from {saved.epochs} to {cfg.epochs} epochs; the {cfg.schedule} schedule "
+                "continues unchanged")
+    old = lr_multiplier(saved, steps_per_epoch)(step) * cfg.lr
+    new = lr_multiplier(cfg, steps_per_epoch)(step) * cfg.lr
+    return (f"run length changed from {saved.epochs} to {cfg.epochs} epochs: the cosine schedule is recomputed "
+            f"for {cfg.epochs} epochs (it restarts from the new curve), so the learning rate at step {step} jumps "
+            f"from {old:.4g} (old schedule) to {new:.4g} and then decays to 0 at epoch {cfg.epochs}")

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
-import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,20 +29,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
+from ..functional import NonFiniteBatchError
 from ..nn.weightnorm import to_weight_norm_form
+from ..progress import progress_bar
 from . import distributed as D
 from .augment import Augment
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import TrainConfig, save_config
+from .batches import iterate_batches
+from .checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, save_config
 from .data import ArrayDataset, DataSplit, load_dataset
-from .metrics import MetricsWriter
+from .metrics import METRICS_FILES, MetricsWriter
 from .models import build_model
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, describe_length_change
+from .rng_state import capture_rng_state, restore_rng_state
+from .run_folder import check_output_folder, tidy_run_folder
+from .stop_signals import stop_on_signals
 from .wd_tools import WeightDecayTools
 
-__all__ = ["Trainer", "TrainResult", "CHECKPOINT_NAME", "RESUMABLE_CHANGES"]
+__all__ = ["Trainer", "TrainResult", "DivergedError", "CHECKPOINT_NAME", "RESUMABLE_CHANGES"]
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +57,14 @@ CHECKPOINT_NAME = "checkpoint.pt"
 RESUMABLE_CHANGES = frozenset({"epochs", "workers", "threads", "log_every", "checkpoint_every"})
 
 
+class DivergedError(RuntimeError):
+    """The loss (or a normalization's batch statistics) became NaN/Inf: training stopped, nothing saved."""
+
+
 @dataclass
 class TrainResult:
-    """``status``: "finished", or the reason it stopped early ("SIGINT", "SIGTERM", "stopped")."""
+    """``status``: "finished"; "complete" (resumed a run that had already reached ``epochs``: nothing trained);
+    or the reason it stopped early ("SIGINT", "SIGTERM", "stopped")."""
 
     status: str
     epochs: list[dict[str, Any]]
@@ -70,39 +80,6 @@ class TrainResult:
         return statistics.median(self.step_times) if self.step_times else float("nan")
 
 
-class _Gather(torch.utils.data.Dataset):
-    """Dataset of whole batches (for DataLoader workers): item i is the batch of index tensor i."""
-
-    def __init__(self, data: ArrayDataset, batches: list[Tensor]) -> None:
-        self.data, self.batches = data, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        idx = self.batches[i]
-        return self.data.images[idx], self.data.labels[idx]
-
-
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "augment": gen.get_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    gen.set_state(state["augment"])
-
-
 class Trainer:
     """Build data, model, optimizer and schedule from a :class:`TrainConfig` and train.
 
@@ -111,7 +88,8 @@ class Trainer:
         out_dir: where rank 0 writes config, metrics and checkpoints; ``None`` writes nothing.
         data: an already loaded :class:`DataSplit` (else ``config.dataset`` is loaded).
         dist_info: the process group (default: the current one, or single-process).
-        progress: show a tqdm bar (rank 0 only).
+        progress: show a tqdm bar (rank 0 only): True/False, a label (a bar that clears itself when done, for
+            runs within a study), or None: as the command line set :func:`normmatters.progress.enable`.
         on_step: ``f(trainer)`` called after every optimizer step (tests use it to stop mid-epoch).
     """
 
@@ -122,13 +100,15 @@ class Trainer:
         *,
         data: DataSplit | None = None,
         dist_info: D.DistInfo | None = None,
-        progress: bool = False,
+        progress: bool | str | None = None,
         on_step: Callable[[Trainer], None] | None = None,
     ) -> None:
         self.cfg = config
         self.out = Path(out_dir) if out_dir is not None else None
         self.info = dist_info or D.current()
-        self.progress = progress and self.info.is_main
+        self.progress = progress if self.info.is_main else False
+        if self.out is not None and self.info.is_main:
+            check_output_folder(self.out)
         self.on_step = on_step
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -152,15 +132,13 @@ class Trainer:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
-        model = build_model(
-            config.model,
-            config.norm,
-            in_channels=self.data.in_channels,
-            image_size=self.data.image_size,
-            num_classes=self.data.num_classes,
-            width=config.width,
-            **config.norm_options,
-        )
+        try:
+            model = build_model(config.model, config.norm, in_channels=self.data.in_channels,
+                                image_size=self.data.image_size, num_classes=self.data.num_classes,
+                                width=config.width, **config.norm_options)
+        except TypeError as e:  # an option the norm layer does not take
+            raise ConfigError(f"config: norm_options {config.norm_options} are not accepted by norm="
+                              f"{config.norm!r}: {e}") from None
         if config.weight_norm != "none":  # the paper's form: (bounded) weight norm + mean-only batch norm
             mean, std = self.data.channel_stats()
             n0 = min(256, len(self.data.train))
@@ -209,7 +187,7 @@ class Trainer:
         """Everything needed to continue exactly (collective under DDP: every rank must call it)."""
         D.broadcast_buffers(self.model, self.info)
         return {
-            "version": 1,
+            "version": CHECKPOINT_VERSION,
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -217,7 +195,7 @@ class Trainer:
             "model": D.unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": D.all_gather_objects(_rng_state(self.generator), self.info),
+            "rng": D.all_gather_objects(capture_rng_state(self.generator), self.info),
             "world_size": self.info.world_size,
             "epoch_accumulators": dict(self._acc),
             "history": list(self.history),
@@ -248,10 +226,14 @@ class Trainer:
             raise CheckpointError(f"{source} does not match the model/optimizer of this config: {e}") from e
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
+        change = describe_length_change(TrainConfig.from_dict(state["config"], source=source), self.cfg,
+                                        self.steps_per_epoch, self.global_step)
+        if change and self.info.is_main and self.epoch < self.cfg.epochs:
+            log.warning("%s", change)
         self._acc = dict(state.get("epoch_accumulators", self._acc))
         self.history = list(state.get("history", []))
         self.wd_tools.load_state_dict(state.get("wd_tools", {}))
-        _set_rng_state(state["rng"][self.info.rank], self.generator)
+        restore_rng_state(state["rng"][self.info.rank], self.generator)
 
     def save(self) -> None:
         """Write ``checkpoint.pt`` atomically (rank 0) after gathering every rank's RNG state."""
@@ -260,7 +242,7 @@ class Trainer:
         state = self.state_dict()
         if self.info.is_main:
             save_checkpoint(state, self.checkpoint_path)
-            log.info(
+            log.debug(
                 "saved checkpoint %s (epoch %d, step %d)",
                 self.checkpoint_path,
                 self.epoch,
@@ -273,10 +255,16 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise CheckpointError("resume needs a checkpoint path or an out_dir")
+        if not path.is_file() and self.out is not None and (self.out / METRICS_FILES[0]).is_file():
+            raise CheckpointError(
+                f"cannot resume: {self.out} holds no checkpoint yet (the run stopped before its first one was "
+                "saved); start it again without --resume (its metrics so far are discarded)"
+            )
         self.load_state_dict(load_checkpoint(path, map_location=self.device), source=f"checkpoint {path}")
         if self._writer is not None:
             self._writer.truncate_after(self.global_step)
-        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
+        log.info("resumed from %s at epoch %d, step %d (global step %d)", path, self.epoch, self.step_in_epoch,
+                 self.global_step)
 
     # ------------------------------------------------------------------------------------------- loop
     def _epoch_batches(self, epoch: int) -> list[Tensor]:
@@ -292,17 +280,7 @@ class Trainer:
         return [order[i * b : (i + 1) * b] for i in range(self.steps_per_epoch)]
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = self._epoch_batches(epoch)[start:]
-        if self.cfg.workers > 0:
-            yield from DataLoader(
-                _Gather(self.data.train, batches),
-                batch_size=None,
-                shuffle=False,
-                num_workers=self.cfg.workers,
-            )
-        else:
-            for idx in batches:
-                yield self.data.train.images[idx], self.data.train.labels[idx]
+        return iterate_batches(self.data.train, self._epoch_batches(epoch)[start:], self.cfg.workers)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.dtype == "autocast":
@@ -313,8 +291,11 @@ class Trainer:
         x = self.augment(x.to(self.device), self.generator, train=True).to(self.param_dtype)
         y = y.to(self.device)
         t0 = time.perf_counter()
-        with self._autocast():
-            out = self.model(x)
+        try:
+            with self._autocast():
+                out = self.model(x)
+        except NonFiniteBatchError as e:
+            self._diverged(str(e))
         loss = F.cross_entropy(out.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -324,22 +305,25 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         self.step_times.append(time.perf_counter() - t0)
         lv = float(loss.item())
+        if not math.isfinite(lv):
+            self._diverged(f"the loss is {lv}")
         self._acc["loss"] += lv * len(y)
         self._acc["correct"] += int((out.argmax(1) == y).sum())
         self._acc["count"] += len(y)
         self.step_in_epoch += 1
         self.global_step += 1
         if self._writer is not None and self.global_step % self.cfg.log_every == 0:
-            self._writer.write(
-                {
-                    "kind": "step",
-                    "global_step": self.global_step,
-                    "epoch": self.epoch,
-                    "loss": lv,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    **self.wd_tools.metrics(),
-                }
-            )
+            self._writer.write({"kind": "step", "global_step": self.global_step, "epoch": self.epoch, "loss": lv,
+                                "lr": self.optimizer.param_groups[0]["lr"], **self.wd_tools.metrics()})
+
+    def _diverged(self, what: str) -> None:
+        last = f"{self.checkpoint_path} holds epoch {self.epoch}" if self.checkpoint_path is not None and \
+            self.checkpoint_path.is_file() else "no checkpoint was saved"
+        raise DivergedError(
+            f"training diverged at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} (global step "
+            f"{self.global_step + 1}): {what}; stopped without saving ({last}). Try a lower learning rate "
+            f"(lr={self.cfg.lr:g}) or a warm-up (warmup_epochs)"
+        )
 
     @torch.no_grad()
     def evaluate(self, data: ArrayDataset | None = None, batch_size: int = 512) -> dict[str, float]:
@@ -377,13 +361,15 @@ class Trainer:
         if self._writer is not None:
             self._writer.write(record)
         (log.info if self.info.is_main else log.debug)(
-            "epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f",
+            "epoch %d/%d (step %d): train loss %.4f acc %.2f %%, test loss %.4f acc %.2f %%, lr %.4g",
             record["epoch"],
             self.cfg.epochs,
+            record["global_step"],
             record["train_loss"],
-            record["train_acc"],
+            100 * record["train_acc"],
             record["test_loss"],
-            record["test_acc"],
+            100 * record["test_acc"],
+            record["lr"],
         )
         self.epoch += 1
         self.step_in_epoch = 0
@@ -391,24 +377,13 @@ class Trainer:
         return record
 
     @contextlib.contextmanager
-    def _signals(self, enabled: bool) -> Iterator[None]:
-        if not enabled or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            name = signal.Signals(signum).name
-            if self._stop is not None:  # second signal: give up immediately (the last checkpoint is intact)
-                raise KeyboardInterrupt(name)
-            log.warning("%s received: finishing this step, saving a checkpoint and exiting", name)
-            self.request_stop(name)
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def _progress_bar(self) -> Iterator[Any]:
+        """A tqdm bar over all steps (or None); log lines go through tqdm meanwhile so they do not garble it."""
+        label = self.progress if isinstance(self.progress, str) else None
+        with progress_bar(self.cfg.epochs * self.steps_per_epoch, desc=label, unit="step", leave=self.progress is True,
+                          force=None if self.progress is None else bool(self.progress)) as bar:
+            bar.update(self.global_step)
+            yield bar
 
     def fit(
         self, resume: bool = False, handle_signals: bool = False, stop_after_epoch: int | None = None
@@ -424,32 +399,24 @@ class Trainer:
             raise CheckpointError(
                 f"{self.checkpoint_path} already exists; resume it (--resume) or choose another output folder"
             )
+        if resume and self.epoch >= self.cfg.epochs:  # nothing to do: leave the folder as it is
+            log.info("%s is complete: %d of %d epochs trained; pass a larger epochs to extend it",
+                     self.out, self.epoch, self.cfg.epochs)
+            return TrainResult("complete", list(self.history), [], self.out)
         if self.out is not None and self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            tidy_run_folder(self.out, fresh=not resume, writer=self._writer)
             save_config(self.cfg, self.out / "config.yaml")
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=self.cfg.epochs * self.steps_per_epoch,
-                initial=self.global_step,
-                unit="step",
-                dynamic_ncols=True,
-            )
         status = "finished"
-        with self._signals(handle_signals):
+        with stop_on_signals(self.request_stop, lambda: self._stop is not None, handle_signals), \
+                self._progress_bar() as bar:
             while self.epoch < self.cfg.epochs:
                 if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
                     status = "stopped"
                     break
                 for x, y in self._batches(self.epoch, self.step_in_epoch):
                     self._train_step(x, y)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(
-                            epoch=self.epoch + 1, loss=f"{self._acc['loss'] / self._acc['count']:.3f}"
-                        )
+                    bar.update(1)
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{self._acc['loss'] / self._acc['count']:.3f}")
                     if self.on_step is not None:
                         self.on_step(self)
                     if D.any_rank(self._stop is not None, self.info, self.device):
@@ -462,8 +429,6 @@ class Trainer:
                 if stopping:
                     status = self._stop or "stopped"
                     break
-        if bar is not None:
-            bar.close()
         if self.info.is_main:
             self.wd_tools.finish(self.out, self.cfg.record_norms)
         if (

@@ -65,7 +65,7 @@ class WeightDecayTools:
             log.info("no scale-invariant weights: effective-LR monitor off")
             return
         opt = trainer.optimizer
-        log.info("scale-invariant weights: %s", ", ".join(n for n, _ in self.named))
+        log.debug("%d scale-invariant weights: %s", len(self.named), ", ".join(n for n, _ in self.named))
         if cfg.record_norms:
             self.trajectory = NormTrajectory()
             traj = self.trajectory

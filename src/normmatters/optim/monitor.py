@@ -91,26 +91,45 @@ class EffectiveLRMonitor:
         self._pre.remove()
         self._post.remove()
 
-    def plot(self, path: str | Path, title: str | None = None) -> Path:
-        """Effective learning rate and angular update per layer over steps, as a PNG (matplotlib)."""
+    def plot(self, path: str | Path, title: str | None = None, max_lines: int = 8) -> Path:
+        """Effective learning rate and angular update per layer over steps, as a PNG (matplotlib).
+
+        Up to ``max_lines`` layers: one line each, legend beside the plots. More (a ResNet has 20+): the median
+        over layers as a line, the 25–75 % and min–max ranges over layers as bands, so the plot stays readable.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import numpy as np
 
         path = Path(path)
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
         steps = [r["step"] for r in self.history]
-        for name, _ in self.named_params:
-            axes[0].plot(steps, [r[f"{name}/effective_lr"] for r in self.history], label=name)
-            axes[1].plot(steps, [r.get(f"{name}/angle_deg", math.nan) for r in self.history], label=name)
+        keys = ("effective_lr", "angle_deg")
+        names = [name for name, _ in self.named_params]
+        for ax, key in zip(axes, keys, strict=True):
+            values = np.array([[r.get(f"{n}/{key}", math.nan) for n in names] for r in self.history], dtype=float)
+            if len(names) <= max_lines:
+                for i, name in enumerate(names):
+                    ax.plot(steps, values[:, i], label=name)
+            elif len(steps):
+                ok = np.isfinite(values).any(axis=1)
+                s, v = np.asarray(steps)[ok], values[ok]
+                ax.fill_between(s, np.nanmin(v, 1), np.nanmax(v, 1), alpha=0.15, color="C0",
+                                label=f"min–max of {len(names)} layers")
+                ax.fill_between(s, *np.nanpercentile(v, [25, 75], axis=1), alpha=0.35, color="C0",
+                                label="25–75 % of layers")
+                ax.plot(s, np.nanmedian(v, 1), color="C0", label="median layer")
         axes[0].set(yscale="log", xlabel="step",
                     ylabel="η/‖w‖" if self.adaptive else "η/‖w‖²", title="effective learning rate")
         axes[1].set(yscale="log", xlabel="step", ylabel="degrees", title="angular update per step")
-        axes[0].legend(fontsize=7)
+        if len(names) <= max_lines:
+            fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+        else:
+            axes[0].legend(fontsize=7)
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path

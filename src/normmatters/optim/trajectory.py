@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..atomic_write import atomic_write
 
 __all__ = ["NormTrajectory", "channel_norms"]
 
@@ -75,17 +76,7 @@ class NormTrajectory:
             raise ValueError("NormTrajectory.save: nothing recorded yet")
         header = json.dumps({"format": self.FORMAT, "shapes": self._shapes, "steps": len(self)})
         arrays = {f"param{i}": np.stack([s[i] for s in self._steps]) for i in range(len(self._shapes))}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, header=np.array(header), **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda fh: np.savez(fh, header=np.array(header), **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NormTrajectory:

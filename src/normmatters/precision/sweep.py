@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
+from ..progress import progress_bar
 from .emulate import Precision, emulate_norms, get_precision
 
 __all__ = ["SweepRecord", "DISTRIBUTIONS", "sample", "reference", "run_sweep", "usable_range",
@@ -102,8 +103,9 @@ def run_sweep(formats: Sequence[str] = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8
     """
     out: list[SweepRecord] = []
     scales = torch.tensor([2.0 ** s for s in log2_scales], dtype=torch.float64)
-    for dist in dists:
-        for ln in log2_ns:
+    with progress_bar(len(dists) * len(log2_ns), "precision sweep", unit="grid row") as bar:
+        for dist, ln in ((d, n) for d in dists for n in log2_ns):
+            bar.set_postfix(dist=dist, n=f"2^{ln}")
             g = torch.Generator().manual_seed(seed * 1000 + ln)
             z = sample(dist, 2 ** ln, 1, g)
             x = z * scales[:, None]  # rows = scales, exact
@@ -125,6 +127,7 @@ def run_sweep(formats: Sequence[str] = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8
                     for i, s in enumerate(log2_scales):
                         out.append(SweepRecord(fname, norm, dist, ln, s, float(e_out[i]), float(e_stat[i]),
                                                *counts[i]))
+            bar.update(1)
     return out
 
 
@@ -208,8 +211,9 @@ def plot_heatmaps(records: Sequence[SweepRecord], outdir: str | Path, metric: st
     ns = sorted({r.log2_n for r in records})
     paths = []
     for f in fmts:
-        fig, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms) + 1, 3.4), squeeze=False,
-                                 sharey=True)
+        # constrained layout keeps the figure title, the panel titles and the colour bar apart
+        fig, axes = plt.subplots(1, len(norms), figsize=(3.2 * len(norms) + 1.5, 3.8), squeeze=False,
+                                 sharey=True, layout="constrained")
         for ax, nm in zip(axes[0], norms, strict=True):
             grid = np.full((len(ns), len(scales)), -8.0)
             for r in records:
@@ -228,7 +232,7 @@ def plot_heatmaps(records: Sequence[SweepRecord], outdir: str | Path, metric: st
         fig.colorbar(im, ax=axes[0].tolist(), label=f"log10 {metric} (worst of distributions)")
         fig.suptitle(f"{f}: relative error vs float64 (red: {threshold:.0%})")
         p = outdir / f"precision_{f}.png"
-        fig.savefig(p, dpi=110, bbox_inches="tight")
+        fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
     return paths
