@@ -329,7 +329,7 @@ class Launch:
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor, run_mean: Tensor | None = None,
                 run_var: Tensor | None = None, nbt: Tensor | None = None, momentum: float = 0.0,
-                unbias: float = 0.0, buf_bf16: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
+                unbias: float = 0.0, buf_bf16: int = 0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], int]:
         """:func:`forward` for this launch; the running buffers (each possibly None, :func:`update_fusable`)
         are updated by the kernel with ``momentum`` and ``unbias`` = n / (n − 1); ``buf_bf16``: they are
         bfloat16 (with float32 statistics)."""
@@ -363,7 +363,7 @@ class Launch:
             aux = (pos,) if pos is not None else (hi, lo)
         else:
             aux = (hi,) if hi is not None else ()
-        return y, mean, raw, aux, bool(ok)
+        return y, mean, raw, aux, int(ok)
 
     def backward(self, gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Tensor,
                  aux: tuple[Tensor, ...], need_x: bool, need_w: bool, need_b: bool,
@@ -414,7 +414,7 @@ def running_args(running: tuple | None) -> tuple:
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm: str,
             running: tuple | None = None, k: int = 10,
-            inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], bool]:
+            inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], int]:
     """(y, μ (C,), raw (C,), aux, ok) — aux for range: (pos,) from the channel kernels, pos (2, C) int32 the
     per-channel position (sample·S + spatial index) of the max (row 0) and min (row 1), p if that element is
     the only one equal to it, -(p + 1) for the first of several; (hi, lo) per channel from the rows kernels;
@@ -423,8 +423,9 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm:
     ``running`` = (running_mean, running_var, num_batches_tracked, momentum, n), each buffer possibly None
     and all :func:`update_fusable`: the kernel then also applies
     :func:`normmatters.functional.update_running_stats` (one group) to them, in the same call, and ``ok`` is
-    its "statistics are finite" flag (False: buffers unchanged). Without ``running``, ``ok`` is still the
-    flag (the kernel checks every call; no buffer is touched).
+    its status: 1 updated, 0 non-finite statistics, 2 finite statistics whose running_var would overflow the
+    buffer's dtype (0 and 2: every buffer unchanged). Without ``running``, ``ok`` is still the finite flag (the
+    kernel checks every call; no buffer is touched).
     The update is done here rather than by a separate (compiled) call because that call, coming right
     after a kernel that has streamed the activations through every cache, costs ~0.3 ms of cache misses.
     ``inplace``: y is written over x and returned as x itself.

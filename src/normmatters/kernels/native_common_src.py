@@ -84,6 +84,12 @@ static int nm_update_running_bf16buf(const float *restrict mean, const float *re
         if (norm != NM_MEAN && !isfinite(ct * raw[c])) ok = 0;
     }
     if (!ok) return 0;
+    /* finite statistics whose running_var would overflow bfloat16 (σ̂²·n/(n−1) > max): every buffer unchanged, 2 */
+    if (run_var && norm != NM_MEAN) for (int64_t c = 0; c < C; ++c) {
+        const float sigma = ct * raw[c], b = nm_ld_bf16(run_var[c]);
+        const float d = nm_ld_bf16(nm_st_bf16(nm_ld_bf16(nm_st_bf16((sigma * sigma) * unb)) - b));
+        if (!isfinite(nm_ld_bf16(nm_st_bf16(b + nm_ld_bf16(nm_st_bf16(d * mom)))))) return 2;
+    }
     for (int64_t c = 0; c < C; ++c) {
         if (run_mean) {
             const float b = nm_ld_bf16(run_mean[c]);

@@ -249,6 +249,14 @@ int nm_forward_rows_##SFX(const TS *x, TS *y, const T *restrict w, const T *rest
                         }                                                                                 \
                     }                                                                                     \
                 }                                                                                         \
+                if (norm == NM_L2) for (int64_t c = 0; c < C; ++c) if (!isfinite(blk[c])) {               \
+                    /* d² overflowed T (|d| > ~1.8e19 in float): this channel's rows again in double */   \
+                    double s2 = 0.0;                                                                      \
+                    for (int64_t r = rb; r < re; ++r) {                                                   \
+                        const double d = (double)LD(x[r * C + c]) - mean_out[c]; s2 += d * d;             \
+                    }                                                                                     \
+                    ps[c] += s2; blk[c] = 0;                                                              \
+                }                                                                                         \
                 for (int64_t c = 0; c < C; ++c)                                                           \
                     ps[c] = norm != NM_LINF ? ps[c] + (double)blk[c]                                      \
                                             : ((double)blk[c] > ps[c] ? (double)blk[c] : ps[c]);          \

@@ -45,7 +45,7 @@ static inline void nm_coefs_##SFX(int norm, int k, double n, double cn, double e
         const double r = 1.0 / sqrt(sigma * sigma + eps);                                                 \
         A = wc * r; sum_gx = sgd * r;                                                                     \
         const double coef = -sigma * r * r * wc * sum_gx;                                                 \
-        if (norm == NM_L2) { K = coef / (n * sigma); }                                                    \
+        if (norm == NM_L2) { K = -r * r * wc * sum_gx / n; } /* coef/(nσ) without 0/0 at σ = 0 */         \
         else if (norm == NM_L1) { K = coef * cn / n; ebar = ssign * cn / n / n; }                         \
         else if (norm == NM_LINF || norm == NM_TOPK) { /* linf is top-1 */                                \
             const double kk = norm == NM_TOPK ? (double)k : 1.0;                                          \
@@ -71,6 +71,11 @@ static int nm_update_running_##SFX(const T *restrict mean, const T *restrict raw
         if (norm != NM_MEAN && !isfinite((T)(ct * raw[c]))) ok = 0;                                       \
     }                                                                                                     \
     if (!ok) return 0;                                                                                    \
+    /* finite statistics whose running_var would overflow T (σ̂²·n/(n−1) > max): every buffer unchanged, 2 */ \
+    if (run_var && norm != NM_MEAN) for (int64_t c = 0; c < C; ++c) {                                     \
+        const T sigma = ct * raw[c];                                                                      \
+        if (!isfinite(run_var[c] + ((T)(sigma * sigma) * unb - run_var[c]) * mom)) return 2;              \
+    }                                                                                                     \
     for (int64_t c = 0; c < C; ++c) {                                                                     \
         if (run_mean) run_mean[c] = run_mean[c] + (mean[c] - run_mean[c]) * mom;                          \
         if (run_var && norm != NM_MEAN) {                                                                 \
@@ -177,7 +182,12 @@ int nm_forward_##SFX(const TS *x, TS *y, const T *restrict w, const T *restrict 
                 } else if (norm == NM_L2) {                                                               \
                     _Pragma("omp simd reduction(+:s)")                                                    \
                     for (int64_t j = 0; j < S; ++j) { T d = LD(xr[j]) - m; s += d * d; }                  \
-                    acc[q] += (double)s;                                                                  \
+                    if (isfinite(s)) acc[q] += (double)s;                                                 \
+                    else { /* d² overflowed T (|d| > ~1.8e19 in float): this row again in double */      \
+                        double s2 = 0.0;                                                                  \
+                        for (int64_t j = 0; j < S; ++j) { double d = (double)LD(xr[j]) - m; s2 += d * d; } \
+                        acc[q] += s2;                                                                     \
+                    }                                                                                     \
                 } else {                                                                                  \
                     T a = mx[q];                                                                          \
                     _Pragma("omp simd reduction(max:a)")                                                  \
