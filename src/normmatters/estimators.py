@@ -108,6 +108,9 @@ class Estimator:
         ``normmatters::dispersion_constant`` under ``torch.compile`` (a symbolic n stays symbolic)."""
         if torch.compiler.is_compiling():
             return _constant_op(self.name, n, k, chunks or 0, dtype, device)
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+            # under a FakeTensorMode (torch.export, shape inference) a cached real tensor cannot mix with fake ones
+            return torch.tensor(self.constant(n, k=k, chunks=chunks), dtype=dtype, device=device)
         key = (self.name, n, k, chunks, dtype, device)
         c = _CONSTANT_TENSORS.get(key)
         if c is None:

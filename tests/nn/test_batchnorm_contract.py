@@ -152,9 +152,9 @@ def test_zero_dispersion_channel(inplace, impl, layout, dtype, tol):
         assert torch.isfinite(m.weight.grad).all() and torch.isfinite(m.running_var).all(), norm
         if norm == "l2":
             torch.testing.assert_close(xb.grad.float(), xa.grad.float(), atol=tol, rtol=tol)
-        else:  # the limit: a constant channel's gradient is w·r·(g − mean g), r = 1/sqrt(eps)
+        else:  # the limit: a constant channel's gradient is w·r·(g − mean g), r = 1/sqrt(eps) (mean-only: 1)
             gc = g[:, 2].double()
-            want = (gc - gc.mean()) / (1e-5) ** 0.5
+            want = (gc - gc.mean()) / (1.0 if norm == "mean" else 1e-5 ** 0.5)
             torch.testing.assert_close(xb.grad[:, 2].double(), want, atol=tol * 400, rtol=tol)
 
 

@@ -64,7 +64,10 @@ def _check_option(layer: LpBatchNorm, name: str, value: Any) -> None:
     where = type(layer).__name__
     d = layer.__dict__
     if name == "norm":
-        get_estimator(value)  # unknown names fail here
+        try:
+            get_estimator(value)  # unknown names fail here
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         if d.get("chunks") is not None and value != "range":
             raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={value!r} with "
                              f"chunks={d['chunks']} (set chunks=None first)")
