@@ -229,8 +229,8 @@ class _L2(Estimator):
     def lean_stats(self, x, k=10):
         # σ̂ finite for every finite x (σ̂² of float32 overflows above ~1.8e19). float32 (also the accumulation
         # dtype of half/bfloat16 input): one Welford pass in float64, which holds the square of every float32
-        # (1.32x the float32 pass's time on Inductor CPU at 64x64x32x32, against 1.80x for the two scaled passes
-        # below: docs/bench/l2_compiled_overflow_cost.py). float64: two passes, scaled before squaring: μ and
+        # (1.29-1.32x the float32 pass's time on Inductor CPU at 64x64x32x32, against 1.73-1.80x for the two
+        # scaled passes below: docs/bench/l2_compiled_overflow_cost.py). float64: two scaled passes: μ and
         # max|x| (one fused reduction), then Σ((x − μ)/s)² with s a power of two near max|x| (exact, so equal to
         # the unscaled sum wherever that neither overflows nor underflows).
         if x.dtype == torch.float32:
