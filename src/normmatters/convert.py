@@ -4,6 +4,7 @@
 same rank; ``to_torch_batchnorm`` swaps back so a model exports with stock layers. Both reuse the original
 ``Parameter`` and buffer objects (as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does), so device, dtype,
 ``requires_grad`` and any optimizer holding the parameters stay valid, and keep each layer's training mode.
+An affine layer without bias (``bias=False``, torch ≥ 2.10) stays without bias both ways: same state_dict keys.
 Eval outputs are identical both ways for every norm that divides (eval uses ``running_var`` exactly like
 ``nn.BatchNorm``); mean-only layers become ``nn.BatchNorm`` with ``running_var = 1 − eps``, equal up to
 rounding.
@@ -84,7 +85,7 @@ def convert_batchnorm(module: nn.Module, norm: str = "l1", **options: Any) -> nn
             ``module`` itself is a batch norm).
         norm: estimator name for the new layers.
         **options: further :class:`~normmatters.nn.LpBatchNorm` arguments (``k``, ``chunks``,
-            ``ghost_batch_size``, ``nonfinite``); ``eps``, ``momentum``, ``affine`` and
+            ``ghost_batch_size``, ``nonfinite``); ``eps``, ``momentum``, ``affine``, ``bias`` and
             ``track_running_stats`` are taken from each original layer unless given here.
 
     ``nn.SyncBatchNorm`` becomes the rank-agnostic :class:`~normmatters.nn.LpBatchNorm`, whose statistics
@@ -100,7 +101,8 @@ def convert_batchnorm(module: nn.Module, norm: str = "l1", **options: Any) -> nn
             log.warning("convert_batchnorm: %s becomes LpBatchNorm with per-process statistics", m)
         ref = m.weight if m.weight is not None else m.running_mean
         kwargs = {"eps": m.eps, "momentum": m.momentum, "affine": m.affine,
-                  "track_running_stats": m.track_running_stats, **options}
+                  "track_running_stats": m.track_running_stats, "bias": not m.affine or m.bias is not None,
+                  **options}
         new = cls(m.num_features, norm=norm, **kwargs,
                   device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
         _move_state(m, new)
@@ -124,7 +126,7 @@ def to_torch_batchnorm(module: nn.Module) -> nn.Module:
         cls = _torch_class_for(m)
         ref = m.weight if m.weight is not None else m.running_mean
         new = cls(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
-                  track_running_stats=m.track_running_stats,
+                  track_running_stats=m.track_running_stats, bias=not m.affine or m.bias is not None,
                   device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
         _move_state(m, new)
         if m.norm == "mean" and new.running_var is not None:

@@ -108,11 +108,16 @@ class Estimator:
         ``normmatters::dispersion_constant`` under ``torch.compile`` (a symbolic n stays symbolic)."""
         if torch.compiler.is_compiling():
             return _constant_op(self.name, n, k, chunks or 0, dtype, device)
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+            # under a FakeTensorMode (torch.export, shape inference) a cached real tensor cannot mix with fake ones
+            return torch.tensor(self.constant(n, k=k, chunks=chunks), dtype=dtype, device=device)
         key = (self.name, n, k, chunks, dtype, device)
         c = _CONSTANT_TENSORS.get(key)
         if c is None:
-            c = _CONSTANT_TENSORS[key] = torch.tensor(self.constant(n, k=k, chunks=chunks), dtype=dtype,
-                                                      device=device)
+            c = torch.tensor(self.constant(n, k=k, chunks=chunks), dtype=dtype, device=device)
+            if _is_fake(c):  # made under a FakeTensorMode (torch.export, shape inference): valid only there
+                return c
+            _CONSTANT_TENSORS[key] = c
         return c
 
     def statistic(self, x: Tensor, mean: Tensor | None, dims: tuple[int, ...], n: int, k: int = 10,
@@ -128,8 +133,9 @@ class Estimator:
     # Layout: x is viewed as (G, m, q, C, S) — G ghost groups, m range chunks (1 unless norm="range" with
     # chunks), q samples per chunk, C channels, S spatial elements — in the accumulation dtype. Per-channel
     # tensors keep their dims: (G, 1, 1, C, 1); per-chunk ones are (G, m, 1, C, 1). ``c`` is constant(n) as
-    # a tensor. σ̂ = c · raw. The backward of σ̂ is written as ∂σ̂/∂x_i = e_i − mean_j e_j with e_i the
-    # "elementwise part" below (the mean term is the gradient that flows through μ).
+    # a tensor. σ̂ = c · raw. The backward of σ̂ is written as σ̂·∂σ̂/∂x_i = e_i − mean_j e_j with e_i the
+    # "elementwise part" below (the mean term is the gradient that flows through μ). Scaled by σ̂ so that no
+    # piece divides by σ̂: l2's is d_i/n, finite (and 0) on a channel of zero dispersion.
 
     def lean_stats(self, x: Tensor, k: int = 10) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """(μ, raw, aux): the mean, the unscaled statistic and the small tensors backward needs."""
@@ -157,7 +163,7 @@ class Estimator:
     def lean_dstat(self, x: Tensor, d: Tensor, c: Tensor, raw: Tensor, sigma: Tensor,
                    aux: tuple[Tensor, ...], sums: tuple[Tensor, ...], n: int,
                    k: int = 10) -> tuple[Tensor, Tensor]:
-        """(e, mean_j e_j): the elementwise part of ∂σ̂/∂x and its per-channel mean (see above)."""
+        """(e, mean_j e_j): the elementwise part of σ̂·∂σ̂/∂x and its per-channel mean (see above)."""
         raise NotImplementedError(f"norm={self.name!r} has no lean kernel")
 
 
@@ -187,6 +193,13 @@ def _extreme_sums(d: Tensor, tau: Tensor) -> tuple[Tensor, ...]:
             (gt * sd).sum(_LEAN_DIMS, keepdim=True), (eq * sd).sum(_LEAN_DIMS, keepdim=True))
 
 
+def _pow2_scale(a: Tensor) -> Tensor:
+    """A power of two within a factor 2 of ``a`` (≥ 0; at least the dtype's smallest normal): dividing by it is
+    exact, and after it the squares of values up to a few times ``a`` neither overflow nor underflow."""
+    tiny = torch.finfo(a.dtype).tiny
+    return torch.exp2(torch.floor(torch.log2(a.clamp_min(tiny))))
+
+
 def _centered(x: Tensor, mean: Tensor, dims: tuple[int, ...]) -> Tensor:
     shape = list(x.shape)
     for d in dims:
@@ -204,14 +217,33 @@ class _L2(Estimator):
     def finalize(self, part, n, k=10, chunks=None):
         return (part["sum_sq"] / n).sqrt()
 
+    def statistic(self, x, mean, dims, n, k=10, chunks=None):
+        # scaled before squaring (no d² overflows or underflows for a finite x), and a square root whose
+        # gradient at 0 is 0 (a constant channel: ∂L/∂σ̂ = 0 there, and sqrt's inf would make it NaN)
+        d = _centered(x, mean, dims)
+        s = _pow2_scale(d.detach().abs().amax(dims, keepdim=True))
+        v = (d / s).square().sum(dims) / n
+        pos = v > 0
+        return torch.where(pos, torch.where(pos, v, 1.0).sqrt(), 0.0) * s.reshape(v.shape)
+
     def lean_stats(self, x, k=10):
-        # one Welford pass (Inductor lowers var_mean to a single fused reduction)
-        var, mean = torch.var_mean(x, _LEAN_DIMS, correction=0, keepdim=True)
-        return mean, var.sqrt(), ()
+        # σ̂ finite for every finite x (σ̂² of float32 overflows above ~1.8e19). float32 (also the accumulation
+        # dtype of half/bfloat16 input): one Welford pass in float64, which holds the square of every float32
+        # (1.29-1.32x the float32 pass's time on Inductor CPU at 64x64x32x32, against 1.73-1.80x for the two
+        # scaled passes below: docs/bench/l2_compiled_overflow_cost.py). float64: two scaled passes: μ and
+        # max|x| (one fused reduction), then Σ((x − μ)/s)² with s a power of two near max|x| (exact, so equal to
+        # the unscaled sum wherever that neither overflows nor underflows).
+        if x.dtype == torch.float32:
+            var, mean = torch.var_mean(x.to(torch.float64), _LEAN_DIMS, correction=0, keepdim=True)
+            return mean.to(x.dtype), var.sqrt().to(x.dtype), ()
+        mean = x.mean(_LEAN_DIMS, keepdim=True)
+        s = _pow2_scale(x.abs().amax(_LEAN_DIMS, keepdim=True))
+        d = (x - mean) / s
+        return mean, (d * d).mean(_LEAN_DIMS, keepdim=True).sqrt() * s, ()
 
     def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
-        # ∂σ̂/∂d_i = d_i / (n σ̂); Σ d_i = 0 so the mean term vanishes (as in nn.BatchNorm's backward)
-        return d / (n * sigma), torch.zeros_like(sigma)
+        # σ̂·∂σ̂/∂d_i = d_i / n; Σ d_i = 0 so the mean term vanishes (as in nn.BatchNorm's backward)
+        return d / n, torch.zeros_like(sigma)
 
 
 class _L1(Estimator):
@@ -232,7 +264,7 @@ class _L1(Estimator):
 
     def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
         # σ̂ = c · mean|d|  →  ∂σ̂/∂d_i = c · sign(d_i) / n
-        return torch.sign(d) * (c / n), sums[0] * (c / n / n)
+        return torch.sign(d) * (sigma * c / n), sums[0] * (sigma * c / n / n)
 
 
 class _Linf(Estimator):
@@ -256,7 +288,7 @@ class _Linf(Estimator):
 
     def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
         e, e_sum = _extreme_pieces(d, raw, sums, 1)
-        return e * c, e_sum * (c / n)
+        return e * (sigma * c), e_sum * (sigma * c / n)
 
 
 def _move_reduced_last(x: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -301,7 +333,7 @@ class _TopK(Estimator):
 
     def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
         e, e_sum = _extreme_pieces(d, aux[0], sums, k)
-        return e * c, e_sum * (c / n)
+        return e * (sigma * c), e_sum * (sigma * c / n)
 
 
 class _Range(Estimator):
@@ -350,7 +382,7 @@ class _Range(Estimator):
         # evenly among ties, like autograd's amax/amin); it does not depend on μ, so the mean term is 0
         hi, lo = aux
         m = hi.shape[1]
-        e = ((x == hi).to(x.dtype) / sums[0] - (x == lo).to(x.dtype) / sums[1]) * (c / m)
+        e = ((x == hi).to(x.dtype) / sums[0] - (x == lo).to(x.dtype) / sums[1]) * (sigma * c / m)
         return e, torch.zeros_like(sigma)
 
 
@@ -363,6 +395,11 @@ class _MeanOnly(Estimator):
 
     def finalize(self, part, n, k=10, chunks=None):
         raise TypeError("norm='mean' has no dispersion statistic (mean-only batch norm)")
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
 
 
 ESTIMATORS: dict[str, Estimator] = {}

@@ -244,10 +244,13 @@ def test_zero_weight_is_a_clear_error():
     layer(x)
 
 
-def test_leaf_requiring_grad_raises_pytorchs_error():
+def test_leaf_requiring_grad_is_refused_before_any_write():
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
-    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
-        nm.LpBatchNorm2d(3, inplace=True, impl="eager")(x)
+    before = x.detach().clone()
+    m = nm.LpBatchNorm2d(3, inplace=True, impl="eager")
+    with pytest.raises(RuntimeError, match="inplace=True cannot overwrite a leaf tensor that requires grad"):
+        m(x)
+    assert torch.equal(x.detach(), before) and int(m.num_batches_tracked) == 0
 
 
 @pytest.mark.parametrize("impl", ["eager", "reference", "native"])

@@ -7,11 +7,13 @@ statistics keep their dims, ``(G, 1, 1, C, 1)``. With n = m·q·S elements per (
 
     forward   μ = mean(x),  σ̂ = c·raw(x − μ),  r = 1/sqrt(σ̂² + eps),  y = w·r·(x − μ) + b
     backward  x̂ = r·(x − μ),  g = ∂L/∂y,  Σg and Σg·x̂ per channel (one fused pass), then
-              ∂L/∂x = w·r·(g − Σg/n) − σ̂·r²·w·Σg·x̂ · (e − mean(e))    (e: ∂σ̂/∂x, estimators.lean_dstat)
+              ∂L/∂x = w·r·(g − Σg/n) − w·r·Σg·x̂ · r·(e − mean(e))    (e: σ̂·∂σ̂/∂x, estimators.lean_dstat)
               ∂L/∂w = Σ_G Σg·x̂,  ∂L/∂b = Σ_G Σg
 
 The first line of ∂L/∂x is the gradient through (x − μ) at fixed σ̂ and the second the one through σ̂
-(chain rule: ∂L/∂σ̂ = −σ̂ r² Σ ∂L/∂x̂ · x̂). Backward reads only the input x, the per-channel μ and raw
+(chain rule: ∂L/∂σ̂ = −σ̂ r² Σ ∂L/∂x̂ · x̂), grouped so that nothing divides by σ̂ (finite on a constant
+channel) and no product leaves the dtype's range for finite x (r = 1/hypot(σ̂, sqrt(eps)), never σ̂²:
+:func:`normmatters.functional.inv_std`). Backward reads only the input x, the per-channel μ and raw
 statistic and (range) the per-chunk extremes: the centered input, |d| and sign(d) are recomputed in
 registers. Mean-only normalization: y = w·(x − μ) + b, ∂L/∂x = w·(g − Σg/n).
 
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import acc_dtype, update_running_stats
+from ..functional import acc_dtype, inv_std, update_running_stats
 
 DIMS = (1, 2, 4)
 
@@ -85,7 +87,7 @@ def _normalize(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, raw: Tenso
     if not divides:
         return (x - mean) * w + b
     sigma = c.to(x.dtype) * raw
-    scale = torch.rsqrt(sigma * sigma + eps) * w
+    scale = inv_std(sigma, eps) * w
     return (x - mean) * scale + b
 
 
@@ -111,7 +113,7 @@ def backward_inplace(gy5: Tensor, y5: Tensor, weight: Tensor, bias: Tensor, raw:
         d = (y - b) / w
         return _backward(gy5, d, d, weight, d, d, (), c, eps, norm, k, need_w, need_b, y5.dtype)
     sigma = c.to(acc) * raw
-    d = (y - b) / (w * torch.rsqrt(sigma * sigma + eps))
+    d = (y - b) / (w * inv_std(sigma, eps))
     raw_t, aux_t = est.lean_thresholds(d, raw, (), k)
     return _backward(gy5, d, d, weight, raw, raw_t, aux_t, c, eps, norm, k, need_w, need_b, y5.dtype)
 
@@ -132,12 +134,12 @@ def _backward(gy5: Tensor, x: Tensor, d: Tensor, weight: Tensor, raw: Tensor, ra
         sum_gx = (g * d).sum(DIMS, keepdim=True) if need_w else None
     else:
         sigma = c.to(acc) * raw
-        r = torch.rsqrt(sigma * sigma + eps)
+        r = inv_std(sigma, eps)
         sum_gx = (g * d).sum(DIMS, keepdim=True) * r  # Σ g·x̂
         sums = est.lean_sums(x, d, raw_t, aux)
-        e, e_mean = est.lean_dstat(x, d, c.to(acc), raw_t, sigma, aux, sums, n, k)
-        coef = -sigma * r * r * w * sum_gx
-        gx = (w * r) * (g - sum_g / n) + coef * (e - e_mean)
+        e, e_mean = est.lean_dstat(x, d, c.to(acc), raw_t, sigma, aux, sums, n, k)  # σ̂·∂σ̂/∂x
+        wr = w * r
+        gx = wr * (g - sum_g / n) - (wr * sum_gx) * (r * (e - e_mean))
     gw = sum_gx.sum(DIMS + (0,)).to(weight.dtype) if need_w else None
     gb = sum_g.sum(DIMS + (0,)).to(weight.dtype) if need_b else None
     return gx.to(dtype), gw, gb

@@ -38,10 +38,14 @@ from ..functional import (
     NONFINITE_MODES,
     acc_dtype,
     check_channel_vectors,
+    check_eps,
+    check_inplace_input,
     check_inplace_weight,
     check_input,
     check_running_stats,
+    empty_batch_norm,
     lp_batch_norm,
+    no_values,
     report_nonfinite,
     training_groups,
 )
@@ -79,8 +83,10 @@ def _unview5(t5: Tensor, like: Tensor, channels_last: bool) -> Tensor:
 
 
 def _kernel(direction: str, norm: str, impl: str, device: torch.device):
-    if impl == "eager" or torch.compiler.is_compiling():
-        return getattr(formulas, direction)  # traced into the caller's graph under torch.compile
+    if impl == "eager" or torch.compiler.is_compiling() or device.type == "meta":
+        # traced into the caller's graph under torch.compile; on the meta device (shapes only) there is
+        # nothing to compile
+        return getattr(formulas, direction)
     return compiled.get(direction, norm, device)
 
 
@@ -158,8 +164,8 @@ class LeanBatchNormInplaceFunction(torch.autograd.Function):
 def _use_native(impl: str, x: Tensor, w: Tensor, b: Tensor, norm: str, groups: int, m: int, k: int = 10) -> bool:
     """"native" runs the native kernels where eligible and the library builds (else Inductor); "auto" too, where
     they measured faster (:func:`.native.auto_prefers`)."""
-    if impl not in ("auto", "native") or not native.eligible(x, w, b, norm, groups, m, k):
-        return False
+    if impl not in ("auto", "native") or not native.eligible(x, w, b, norm, groups, m, k) or no_values(x):
+        return False  # (fake tensors say "cpu" but have no memory for the kernels to read)
     return (impl == "native" or native.auto_prefers(x, norm)) and native.available()
 
 
@@ -219,13 +225,25 @@ def lean_batch_norm(
       checked in eager mode only). Autograd's in-place rules apply: a leaf that requires grad cannot be
       passed, and an input that another op saved for its backward (e.g. the output of ``torch.sigmoid``),
       or an output modified in place afterwards (e.g. by ``ReLU(inplace=True)``), raises autograd's
-      "modified by an inplace operation" error at backward. If ``nonfinite="raise"`` raises, the input
+      "modified by an inplace operation" error at backward. An input autograd refuses to see modified in
+      place (a leaf that requires grad, a view of one, a multi-output view, an inference tensor:
+      :func:`~normmatters.functional.check_inplace_input`) is refused before anything — input, running
+      buffers, num_batches_tracked — is written. If ``nonfinite="raise"`` raises, the input
       has already been overwritten (the running buffers are untouched). With ``impl="reference"`` the
       reference is computed (on a clone when grad is enabled) and copied into ``input`` — for testing.
     * eval: ``input·scale + shift`` in place when ``input`` does not require grad (same values as the
       reference within rounding); out of place (a new tensor) when it does.
     """
     impl = resolve_impl(impl, where)
+    if impl != "reference" and no_values(input):
+        impl = "eager"  # meta / fake tensors: no memory for a native or Inductor kernel to read
+    check_eps(eps, training, where)
+    if training:
+        check_input(input, where=where)
+        if inplace:
+            check_inplace_input(input, where, weight, bias)
+        if input.numel() == 0:
+            return empty_batch_norm(input, weight, bias, num_batches_tracked)
     if training and impl in ("auto", "native") and ghost_batch_size is None and chunks is None:
         y = native_training(input, running_mean, running_var, weight, bias, momentum, eps, norm, k,
                              num_batches_tracked, nonfinite, where, impl, inplace)
@@ -290,5 +308,6 @@ def lean_batch_norm(
         ok = _kernel("update_running", norm, impl, input.device)(
             mean, raw, c, running_mean, running_var if est.divides else None, num_batches_tracked,
             momentum, n, est.divides)
-    report_nonfinite(ok, nonfinite, where)
+    report_nonfinite(ok, nonfinite, where,
+                     tracked=not (running_mean is None and running_var is None and num_batches_tracked is None))
     return y

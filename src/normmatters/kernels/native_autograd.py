@@ -14,8 +14,12 @@ from torch import Tensor
 from ..estimators import get_estimator
 from ..functional import (
     NONFINITE_MODES,
+    STORED,
     check_channel_vectors,
+    check_eps,
+    check_inplace_input,
     check_inplace_weight,
+    no_values,
     report_nonfinite,
     training_groups,
 )
@@ -114,7 +118,7 @@ class NativePlan:
     the value it was built with (0.7 µs a call), so the switch takes effect on the next step.
     """
 
-    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "layouts", "env")
+    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "layouts", "env", "tracked")
 
     @staticmethod
     def build(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
@@ -129,12 +133,15 @@ class NativePlan:
         if impl not in ("auto", "native"):
             return None
         eligible = native.inplace_eligible if inplace else native.eligible
-        if not (isinstance(input, Tensor) and weight is not None and bias is not None
+        if not isinstance(input, Tensor) or no_values(input):  # fake tensors say "cpu" but have no memory
+            return None
+        if not (weight is not None and bias is not None
                 and nonfinite in NONFINITE_MODES and eligible(input, weight, bias, norm, 1, 1, k)
                 and (impl == "native" or native.auto_prefers(input, norm))):
             return None
         check_channel_vectors(input.shape[1], where, weight=weight, bias=bias, running_mean=running_mean,
                               running_var=running_var)
+        check_eps(eps, True, where)
         est = get_estimator(norm)
         rv = running_var if est.divides else None
         if not (native.update_fusable(input, running_mean, rv, num_batches_tracked) and native.available()):
@@ -146,6 +153,7 @@ class NativePlan:
         plan.where, plan.nonfinite, plan.inplace = where, nonfinite, inplace
         plan.running = native.running_args((running_mean, rv, num_batches_tracked, momentum, n))
         plan.tensors = (weight, bias, running_mean, running_var, num_batches_tracked)
+        plan.tracked = not (running_mean is None and running_var is None and num_batches_tracked is None)
         plan.layouts = tuple((t, t.shape, t.stride(), t.dtype) for t in plan.tensors if t is not None)
         plan.env = env
         return plan
@@ -168,14 +176,15 @@ class NativePlan:
         """The step without the validity check (:meth:`build` has just made the plan for this call);
         ``stacklevel`` of the "skip" warning (4: the caller of :meth:`__call__`)."""
         if self.inplace:
+            check_inplace_input(input, self.where, weight, bias)  # before the kernel writes the input and the buffers
             check_inplace_weight(weight, self.where)
-            status: list[bool] = []
+            status: list[int] = []
             y = NativeBatchNormInplaceFunction.apply(input, weight, bias, self.launch, self.running, status)
             ok = status[0]
         else:
             y, ok = NativeBatchNormFunction.apply(input, weight, bias, self.launch, self.running)
-        if not ok and self.nonfinite != "ignore":
-            report_nonfinite(ok, self.nonfinite, self.where, stacklevel)
+        if ok != STORED and self.nonfinite != "ignore":  # 0 non-finite, 2 running_var unrepresentable
+            report_nonfinite(ok, self.nonfinite, self.where, stacklevel, tracked=self.tracked)
         return y
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..estimators import get_estimator
-from ..functional import NONFINITE_MODES, check_input
+from ..functional import NONFINITE_MODES, LayerName, check_eps, check_input, empty_batch_norm
 from ..kernels import lean_batch_norm, resolve_impl
 from ..kernels.native_autograd import NativePlan
 
@@ -54,6 +54,67 @@ def _check_positive_int(where: str, name: str, value: Any, allow_none: bool) -> 
                          f"got {value!r}")
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def _check_option(layer: LpBatchNorm, name: str, value: Any) -> None:
+    """Validate one option of ``layer`` (on construction and on every later assignment); errors name the layer
+    (its class, as the option may be what is being set)."""
+    where = type(layer).__name__
+    d = layer.__dict__
+    if name == "norm":
+        try:
+            get_estimator(value)  # unknown names fail here
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if d.get("chunks") is not None and value != "range":
+            raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={value!r} with "
+                             f"chunks={d['chunks']} (set chunks=None first)")
+    elif name == "k":
+        _check_positive_int(where, "k", value, allow_none=False)
+    elif name == "chunks":
+        _check_positive_int(where, "chunks", value, allow_none=True)
+        if value is not None and d.get("norm", "range") != "range":
+            raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={d['norm']!r}")
+    elif name == "ghost_batch_size":
+        _check_positive_int(where, "ghost_batch_size", value, allow_none=True)
+    elif name == "nonfinite":
+        if value not in NONFINITE_MODES:
+            raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {value!r}")
+    elif name == "momentum":  # (a 0-dim tensor is read afresh every step; its value is not checked)
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{where}: momentum must be a number in [0, 1], None or a 1-element tensor, "
+                                 f"got a tensor of shape {tuple(value.shape)}")
+        elif value is not None and not (_is_real(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{where}: momentum must be in [0, 1] or None, got {value!r}")
+    elif name == "eps":
+        if not _is_real(value):  # the sign is checked where torch checks it: eps > 0 in training, >= 0 in eval
+            raise ValueError(f"{where}: eps must be a real number (> 0 to train), got {value!r}")
+    elif name == "impl":
+        if value is not None:
+            resolve_impl(value, where)
+    elif name == "precision":
+        if value is not None:  # imported here: precision is optional machinery on top of the layers
+            from ..precision.emulate import get_precision
+            get_precision(value, where)
+            if d.get("inplace"):
+                raise ValueError(f"{where}: inplace=True is not supported with precision= emulation (the "
+                                 "emulated forward keeps its own intermediates); use one or the other")
+    elif name == "inplace":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: inplace must be a bool, got {value!r}")
+        if value and d.get("precision") is not None:
+            raise ValueError(f"{where}: inplace=True is not supported with precision= emulation (the emulated "
+                             "forward keeps its own intermediates); use one or the other")
+
+
+#: the options :func:`_check_option` validates on every assignment
+_OPTIONS = frozenset({"norm", "k", "chunks", "ghost_batch_size", "nonfinite", "momentum", "eps", "impl",
+                      "precision", "inplace"})
+
+
 class LpBatchNorm(_NormBase):
     """Lp batch normalization over the channel dim of an (N, C, *) input of any rank ≥ 2.
 
@@ -72,6 +133,11 @@ class LpBatchNorm(_NormBase):
         nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
         impl: kernel — None (default: $NORMMATTERS_KERNEL or "auto"), "auto", "native", "compiled", "eager"
             or "reference" (see :mod:`normmatters.kernels.lean`).
+        bias: keyword-only, as ``nn.BatchNorm*d`` (torch ≥ 2.10): ``bias=False`` with ``affine=True`` keeps the
+            weight and registers no bias (state_dict without ``bias``).
+
+    Every option above is validated again when it is assigned after construction (``layer.momentum = 5``
+    raises ``ValueError``). ``eps`` must be > 0 to train and >= 0 in eval (as ``F.batch_norm``).
         inplace: In-Place ABN style (Rota Bulò et al. 2018): in training the output overwrites the input
             (the same tensor is returned) and backward reconstructs the input from the output, saving
             only the output, weight, bias and (C,) statistics. Needs every weight entry != 0 (checked
@@ -96,47 +162,42 @@ class LpBatchNorm(_NormBase):
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
                  chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
                  device: Any = None, dtype: Any = None, impl: str | None = None,
-                 precision: Any = None, inplace: bool = False) -> None:
-        where = type(self).__name__
-        get_estimator(norm)  # unknown names fail here, before any state exists
-        _check_positive_int(where, "num_features", num_features, allow_none=False)
-        _check_positive_int(where, "k", k, allow_none=False)
-        _check_positive_int(where, "chunks", chunks, allow_none=True)
-        _check_positive_int(where, "ghost_batch_size", ghost_batch_size, allow_none=True)
-        if chunks is not None and norm != "range":
-            raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={norm!r}")
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{where}: momentum must be in [0, 1] or None, got {momentum!r}")
+                 precision: Any = None, inplace: bool = False, *, bias: bool = True) -> None:
+        _check_positive_int(type(self).__name__, "num_features", num_features, allow_none=False)
+        # each assignment is validated (__setattr__ → _check_option), before any state exists
         self.norm = norm
         self.k = k
         self.chunks = chunks
         self.ghost_batch_size = ghost_batch_size
         self.nonfinite = nonfinite
-        if impl is not None:
-            resolve_impl(impl, where)
         self.impl = impl
-        if precision is not None:  # imported here: precision is optional machinery on top of the layers
-            from ..precision.emulate import get_precision
-            get_precision(precision, where)
         self.precision = precision
-        if not isinstance(inplace, bool):
-            raise ValueError(f"{where}: inplace must be a bool, got {inplace!r}")
-        if inplace and precision is not None:
-            raise ValueError(f"{where}: inplace=True is not supported with precision= emulation (the emulated "
-                             "forward keeps its own intermediates); use one or the other")
         self.inplace = inplace
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
 
     def _describe(self) -> str:
         return f"{type(self).__name__}({self.num_features}, norm={self.norm!r})"
+
+    def _where(self) -> LayerName:
+        """The layer's description for messages, carrying its once-per-layer warning state."""
+        warned = self.__dict__.get("_warned")
+        if warned is None:
+            warned = self.__dict__["_warned"] = set()
+        return LayerName(self._describe(), warned)
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls this on every submodule first
+        raise RuntimeError(f"{self._describe()}: torch.jit.script is not supported by normmatters layers; use "
+                           "torch.compile(model) or torch.export.export(model, args) instead, or "
+                           "nm.to_torch_batchnorm(model) first to script a model with stock nn.BatchNorm layers")
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_input(input, where=self._describe(), num_features=self.num_features,
                     expected_dim=self._expected_dim)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OPTIONS:
+            _check_option(self, name, value)
         if name in _PLAN_INPUTS:  # an option or tensor the native plan was built with
             self.__dict__.pop("_plan", None)
         super().__setattr__(name, value)
@@ -152,8 +213,9 @@ class LpBatchNorm(_NormBase):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        if "_plan" in state:  # it holds operator handles; rebuilt on the first training step
-            state = {key: value for key, value in state.items() if key != "_plan"}
+        # _plan holds operator handles (rebuilt on the first training step); a copy warns afresh (_warned)
+        if "_plan" in state or "_warned" in state:
+            state = {key: value for key, value in state.items() if key not in ("_plan", "_warned")}
         return state
 
     def forward(self, input: Tensor) -> Tensor:
@@ -174,14 +236,19 @@ class LpBatchNorm(_NormBase):
                 return y
             self.__dict__.pop("_plan", None)  # (another thread may have dropped it already)
         self._check_input_dim(input)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        check_eps(self.eps, bn_training, self._describe())
+        track = self.training and self.track_running_stats
+        if bn_training and input.numel() == 0:  # as nn.BatchNorm: empty output, num_batches_tracked counts it
+            return empty_batch_norm(input, self.weight, self.bias, self.num_batches_tracked if track else None)
+        where = self._describe() if compiling else self._where()  # (nothing warns under torch.compile)
         if (self.training and type(self.momentum) in (float, int) and self.chunks is None
                 and self.ghost_batch_size is None and self.precision is None and not compiling):
-            track = self.track_running_stats
             tensors = (self.weight, self.bias, self.running_mean if track else None,
                        self.running_var if track else None, self.num_batches_tracked if track else None)
             plan = NativePlan.build(
                 input, tensors[2], tensors[3], tensors[0], tensors[1], self.momentum, self.eps, self.norm, self.k,
-                tensors[4], self.nonfinite, self._describe(), self.impl, self.inplace)
+                tensors[4], self.nonfinite, where, self.impl, self.inplace)
             if plan is not None:
                 # kept only for registered parameters: a parametrized weight is a new tensor on every access
                 if tensors[0] is self._parameters.get("weight") and tensors[1] is self._parameters.get("bias"):
@@ -191,8 +258,6 @@ class LpBatchNorm(_NormBase):
         if self.training and self.track_running_stats and self.momentum is None:
             # cumulative moving average over the batches that will have been tracked after this one
             momentum = 1.0 / (self.num_batches_tracked + 1).to(torch.float32)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = self.training and self.track_running_stats
         if self.precision is not None and bn_training:
             from ..precision.layer import emulated_lp_batch_norm
             return emulated_lp_batch_norm(
@@ -200,7 +265,7 @@ class LpBatchNorm(_NormBase):
                 self.weight, self.bias, True, momentum, self.eps, norm=self.norm, k=self.k,
                 chunks=self.chunks, ghost_batch_size=self.ghost_batch_size, precision=self.precision,
                 num_batches_tracked=self.num_batches_tracked if track else None,
-                nonfinite=self.nonfinite, where=self._describe())
+                nonfinite=self.nonfinite, where=where)
         return lean_batch_norm(
             input,
             self.running_mean if (track or not self.training) else None,
@@ -208,7 +273,7 @@ class LpBatchNorm(_NormBase):
             self.weight, self.bias, bn_training, momentum, self.eps,
             norm=self.norm, k=self.k, chunks=self.chunks, ghost_batch_size=self.ghost_batch_size,
             num_batches_tracked=self.num_batches_tracked if track else None,
-            nonfinite=self.nonfinite, where=self._describe(), impl=self.impl, inplace=self.inplace,
+            nonfinite=self.nonfinite, where=where, impl=self.impl, inplace=self.inplace,
         )
 
     @staticmethod
@@ -224,8 +289,10 @@ class LpBatchNorm(_NormBase):
             s += f", chunks={self.chunks}"
         if self.ghost_batch_size is not None:
             s += f", ghost_batch_size={self.ghost_batch_size}"
-        s += (f", eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-              f"track_running_stats={self.track_running_stats}")
+        s += f", eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+        if self.affine and self.bias is None:
+            s += "bias=False, "
+        s += f"track_running_stats={self.track_running_stats}"
         if self.nonfinite != "raise":
             s += f", nonfinite={self.nonfinite!r}"
         if self.precision is not None:

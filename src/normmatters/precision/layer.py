@@ -27,18 +27,19 @@ scheme with their σ̂.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from ..functional import (
+    NONFINITE,
     NONFINITE_MODES,
     NonFiniteBatchError,
     check_input,
     lp_batch_norm,
+    report_nonfinite,
     training_groups,
     update_running_stats,
+    warn_once,
 )
 from .emulate import PRESETS, EmulationResult, Events, Precision, emulate_normalization, get_precision
 
@@ -157,10 +158,14 @@ def emulated_lp_batch_norm(
     with torch.no_grad():
         ok = update_running_stats(res.mean.reshape(groups, C), sigma, running_mean, running_var,
                                   num_batches_tracked, momentum, n)
-    if nonfinite != "ignore" and not bool(ok):
-        msg = (f"{where}: emulated {p.name or 'low-precision'} statistics are non-finite "
-               f"({res.events}); running statistics left unchanged")
-        if nonfinite == "raise":
-            raise NonFiniteBatchError(msg + " (pass nonfinite='skip' to warn instead)")
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    if nonfinite != "ignore":
+        code = int(ok)
+        if code != NONFINITE:  # stored, or finite but too large for running_var (that warns once per layer)
+            report_nonfinite(code, nonfinite, where, stacklevel=3)
+        else:
+            msg = (f"{where}: emulated {p.name or 'low-precision'} statistics are non-finite "
+                   f"({res.events}); running statistics left unchanged")
+            if nonfinite == "raise":
+                raise NonFiniteBatchError(msg + " (pass nonfinite='skip' to warn instead)")
+            warn_once(where, "nonfinite", msg, stacklevel=3)
     return out
