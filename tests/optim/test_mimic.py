@@ -5,6 +5,7 @@ from torch import nn
 from normmatters.optim import NormTrajectory, WeightDecayMimic
 
 N, T, LR, LAM = 256, 200, 0.003, 0.1
+ADAM_LR, ADAM_LAM = 1e-3, 1.0
 X = torch.randn(N, 3, 6, 6, generator=torch.Generator().manual_seed(0))
 Y = (X.flatten(1) @ torch.randn(108, 4, generator=torch.Generator().manual_seed(1))).argmax(1)
 BATCHES = [torch.randint(0, N, (32,), generator=torch.Generator().manual_seed(i)) for i in range(T)]
@@ -17,18 +18,23 @@ def _net():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
-def _run(mode, momentum, traj=None, nesterov=False):
+def _run(mode, momentum, traj=None, nesterov=False, rule="rescale", adamw=False, dampening=0.0):
     lr = LR if momentum else LR * 10  # same effective step with and without momentum
     net = _net().train()
     si = [net[0].weight, net[3].weight]
     rest = [p for p in net.parameters() if all(p is not q for q in si)]
-    opt = torch.optim.SGD([{"params": si, "weight_decay": LAM if mode == "wd" else 0.0}, {"params": rest}],
-                          lr=lr, momentum=momentum, nesterov=nesterov)
+    lam = ADAM_LAM if adamw else LAM
+    groups = [{"params": si, "weight_decay": lam if mode == "wd" else 0.0}, {"params": rest, "weight_decay": 0.0}]
+    if adamw:  # λ·η of the SGD runs' order: AdamW's decay per step is η·λ
+        opt = torch.optim.AdamW(groups, lr=ADAM_LR)
+    else:
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, dampening=dampening)
     stepper = {"wd": opt, "none": opt, "ref": None, "online": None}[mode]
     if mode == "ref":
-        stepper = WeightDecayMimic(opt, si, reference=traj)
+        stepper = WeightDecayMimic(opt, si, reference=traj, rule=rule,
+                                   weight_decay=lam if rule == "replay" else None)
     if mode == "online":
-        stepper = WeightDecayMimic(opt, si, weight_decay=LAM)
+        stepper = WeightDecayMimic(opt, si, weight_decay=lam, rule=rule)
     rec = NormTrajectory() if mode == "wd" else None
     for idx in BATCHES:
         if rec is not None:
