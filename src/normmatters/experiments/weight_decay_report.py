@@ -22,8 +22,17 @@ def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def _early_ratio(r: dict[str, Any], results: list[dict[str, Any]]) -> float:
+    """The run's angle to ``wd`` after the first epoch over the twin's (the floor then), before chaos has
+    grown the floor to its final size."""
+    twin = next((t for t in results if t["mode"] == "wd-twin" and t["seed"] == r["seed"]), None)
+    if twin is None or not r["angle_deg"] or not twin["angle_deg"][0] > 0:
+        return float("nan")
+    return r["angle_deg"][0] / twin["angle_deg"][0]
+
+
 def summarize_weight_decay(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per mode: means over seeds (accuracy with its sample std; the phase-1 angular update)."""
+    """One row per mode: means over seeds (accuracy with its sample std; the angular update per phase)."""
     rows = []
     for mode in MODES:
         rs = [r for r in results if r["mode"] == mode]
@@ -36,6 +45,7 @@ def summarize_weight_decay(results: list[dict[str, Any]]) -> list[dict[str, Any]
             "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "angle_final": _mean([r["angle_final"] for r in rs]),
             "angle_floor": _mean([r["angle_floor"] for r in rs]),
+            "early_ratio": _mean([_early_ratio(r, results) for r in rs]),
             "elr_median": _mean([r["elr_ratio_median"] for r in rs]),
             "elr_iqr": _mean([r["elr_ratio_iqr"] for r in rs]),
             "phases": [{"measured_deg": _mean([a[i]["measured_deg"] for a in au]),
@@ -53,18 +63,22 @@ def format_weight_decay_table(results: list[dict[str, Any]]) -> str:
     """Markdown: accuracy, angles against the floor, effective-step ratio and angular update per step."""
     rows = summarize_weight_decay(results)
     phases = rows[0]["phases"] if rows else []
-    head = ("| mode | seeds | test acc (mean ± std) | angle to wd, final | ÷ floor | effective-step ratio, median "
-            "(IQR) | " + " | ".join(f"angular update/step, phase {i + 1} (η {p['lr']:.2g})"
-                                    for i, p in enumerate(phases)) + " |")
-    lines = [head, "|" + "---|" * (6 + len(phases))]
+    head = ("| mode | seeds | test acc (mean ± std) | angle to wd ÷ floor, epoch 1 | angle to wd, final | ÷ floor "
+            "| effective-step ratio, median (IQR) | "
+            + " | ".join(f"angular update/step, phase {i + 1} (η {p['lr']:.2g})" for i, p in enumerate(phases)) + " |")
+    lines = [head, "|" + "---|" * (7 + len(phases))]
+
+    def num(x: float) -> str:
+        return "—" if math.isnan(x) else f"{x:.2f}"
+
     for r in rows:
         ratio = r["angle_final"] / r["angle_floor"] if r["angle_floor"] > 0 else float("nan")
         lines.append(f"| {r['mode']} | {r['seeds']} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} % | "
-                     f"{_deg(r['angle_final'])} | {'—' if math.isnan(ratio) else f'{ratio:.2f}'} | "
+                     f"{num(r['early_ratio'])} | {_deg(r['angle_final'])} | {num(ratio)} | "
                      f"{r['elr_median']:.3f} ({r['elr_iqr']:.3f}) | "
                      + " | ".join(f"{p['measured_deg']:.3f}°" for p in r["phases"]) + " |")
     if phases and not math.isnan(phases[0]["equilibrium_deg"]):
-        lines.append("| equilibrium √(2ηλ/(1+μ)) | | | | | | "
+        lines.append("| equilibrium √(2ηλ/(1+μ)) | | | | | | | "
                      + " | ".join(f"{p['equilibrium_deg']:.3f}°" for p in phases) + " |")
     return "\n".join(lines)
 
@@ -151,7 +165,8 @@ def write_weight_decay_report(study: WeightDecayStudy, results: list[dict[str, A
         "",
         "* angle to wd: mean over channels and scale-invariant layers, then over seeds, to the same seed's `wd` "
         f"run at the end; floor: `wd` against `wd-twin` (the rate × {TWIN_LR_FACTOR}, same seed and batches) — "
-        "an angle near the floor (÷ floor ≈ 1) is as close as chaos lets two runs be.",
+        "an angle near the floor (÷ floor ≈ 1) is as close as chaos lets two runs be. Epoch 1: the same ratio "
+        "after the first epoch, before chaos has grown the floor (the twin's angle then).",
         "* effective-step ratio: per channel and step, η·f_c/‖w_c‖² (f_c the mimic's factor) over the `wd` run's "
         "at the same step; median and interquartile range over channels and steps, mean over seeds.",
         "* angular update per step: mean over channels and over the second half of each rate phase "
