@@ -213,3 +213,19 @@ def test_replay_argument_errors():
     with pytest.raises(TypeError, match="or rule='replay' \\(AdamW\\)"):
         WeightDecayMimic(torch.optim.AdamW([p], weight_decay=0.0), [p], weight_decay=0.1)
     WeightDecayMimic(torch.optim.AdamW([p], weight_decay=0.0), [p], weight_decay=0.1, rule="replay")
+
+
+def test_zero_channel():
+    # rescale from a reference needs no direction: a zero channel stays zero; online/replay need one
+    p = nn.Parameter(torch.randn(3, 4))
+    with torch.no_grad():
+        p[1] = 0
+    traj = NormTrajectory()
+    traj.append([torch.ones(3, 4)])
+    mimic = WeightDecayMimic(torch.optim.SGD([p], lr=0.1), [p], reference=traj)
+    p.grad = torch.randn(3, 4)
+    mimic.step()
+    assert torch.equal(p.detach()[1], torch.zeros(4))
+    online = WeightDecayMimic(torch.optim.SGD([p], lr=0.1), [p], weight_decay=0.1, rule="replay")
+    with pytest.raises(FloatingPointError, match="a channel has zero norm"):
+        online.step()

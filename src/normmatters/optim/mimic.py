@@ -174,7 +174,7 @@ class WeightDecayMimic:
         ref = [r.to(p.device) for r, p in zip(self._reference_norms(), self.params)]  # ρ before this step
         before = [p.detach().clone() for p in self.params]
         norms = [channel_norms(b).to(torch.float64) for b in before]
-        if any((n == 0).any() for n in norms):
+        if (self.rule == "replay" or self.reference is None) and any((n == 0).any() for n in norms):
             raise FloatingPointError("WeightDecayMimic: a channel has zero norm; its direction is undefined")
         dirs = [b / _view(n, b).to(b.dtype) for b, n in zip(before, norms)]
         self.last_factors = [(n / r).pow(self.power) for n, r in zip(norms, ref)]
