@@ -32,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model name (default resnet8)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default ./normmatters-<study>-<time>)")
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
+    p.add_argument("--milestones", type=int, nargs="+", default=None,
+                   help="weight-decay: epochs where the rate drops ×0.1 (default 40 90)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
+                   help="weight-decay: sgd (default; lr 0.005, λ 0.1) or adamw (decoupled decay)")
+    p.add_argument("--lr", type=float, default=None, help="weight-decay: learning rate")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight-decay: λ of the decay run")
     p.set_defaults(func=run)
 
     for action in p._actions:
@@ -73,14 +79,13 @@ def _weight_norm(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
 
 
 def _weight_decay(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
-    from ..experiments.weight_decay import (
-        WeightDecayStudy,
-        format_weight_decay_table,
-        run_weight_decay_study,
-        write_weight_decay_report,
-    )
+    import shlex
+    import sys
 
-    study = WeightDecayStudy(dataset=args.dataset)
+    from ..experiments.weight_decay import WeightDecayStudy, run_weight_decay_study
+    from ..experiments.weight_decay_report import format_weight_decay_table, write_weight_decay_report
+
+    study = WeightDecayStudy(dataset=args.dataset, optimizer=args.optimizer or "sgd")
     if args.quick:
         study.seeds, study.epochs, study.milestones = (0,), 4, (2, 3)
     if args.seeds:
@@ -88,7 +93,14 @@ def _weight_decay(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
     if args.epochs:
         study.epochs = args.epochs
         study.milestones = tuple(m for m in study.milestones if m < args.epochs) or (max(1, args.epochs // 2),)
+    if args.milestones:
+        study.milestones = tuple(args.milestones)
     if args.model:
         study.model = args.model
+    if args.lr is not None:
+        study.lr = args.lr
+    if args.weight_decay is not None:
+        study.weight_decay = args.weight_decay
     results = run_weight_decay_study(study)
-    return write_weight_decay_report(study, results, out), format_weight_decay_table(results)
+    command = "normmatters " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else None
+    return write_weight_decay_report(study, results, out, command), format_weight_decay_table(results)

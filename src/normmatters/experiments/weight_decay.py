@@ -1,53 +1,70 @@
 """The weight-decay study: reproduce weight decay's effect with weight decay off (Hoffer et al. 2018, sec. 3).
 
-Five training modes on the same data, model and batches, for each seed (decay only ever acts on the
-scale-invariant weights — conv/linear weights that feed a normalization; every other parameter has none):
+Training modes on the same data, model and batches, for each seed (decay only ever acts on the scale-invariant
+weights — conv/linear weights that feed a normalization; every other parameter has none):
 
 * ``wd``: weight decay λ on, learning-rate schedule (multi-step); its per-channel norms are recorded.
+* ``wd-twin``: ``wd`` with the rate × (1 + 1e-3): how far two runs drift apart by chaos alone (the floor).
 * ``none``: weight decay off, same rate schedule.
-* ``mimic-ref``: off + :class:`~normmatters.optim.WeightDecayMimic` from ``wd``'s recorded trajectory.
-* ``mimic-online``: off + the online mimic (no earlier run needed).
+* ``mimic-ref``: off + :class:`~normmatters.optim.WeightDecayMimic` (rule ``rescale``) from ``wd``'s norms.
+* ``mimic-online``: off + the online mimic, rule ``rescale`` (no earlier run needed; SGD only).
+* ``mimic-replay``: off + the online mimic, rule ``replay`` (momentum friction included; SGD and AdamW).
 * ``norm-schedule``: off, constant rate, :class:`~normmatters.optim.NormSchedule` at the milestones instead.
 
-Reported per mode: final test accuracy (mean ± std over seeds), and the angle between each scale-invariant
-weight and the ``wd`` run's at the end of every epoch (mean over channels and layers). The effective learning
-rate η/‖w‖² of each scale-invariant layer is recorded with :class:`~normmatters.optim.EffectiveLRMonitor`.
+Measured per mode and seed (``experiments.weight_decay_report`` writes them):
+
+* ``test_acc``; ``angle_final``: the mean angle (degrees, over channels and layers) between the run's
+  scale-invariant weights and the ``wd`` run's at the end; ``angle_floor``: the same between ``wd`` and
+  ``wd-twin`` — once training is chaotic an angle is only read against it;
+* ``elr_ratio_median`` / ``elr_ratio_iqr``: the run's per-channel effective step η·f_c/‖w_c‖^p over the
+  ``wd`` run's at the same step (:func:`~normmatters.optim.effective_step_ratio`), over channels and steps;
+* the angular update per step, mean over channels and the second half of each rate phase, against the
+  spherical-motion equilibrium √(2ηλ/(1+μ)) (:func:`~normmatters.optim.equilibrium_angular_update`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..optim import EffectiveLRMonitor, NormSchedule, NormTrajectory, WeightDecayMimic, scale_invariant_parameters
+from ..optim import (
+    ChannelStepLog,
+    NormSchedule,
+    NormTrajectory,
+    WeightDecayMimic,
+    effective_step_ratio,
+    equilibrium_angular_update,
+    scale_invariant_parameters,
+)
 from .config import TrainConfig
 from .data import DataSplit, load_dataset
 from .optim import param_groups
 from .trainer import Trainer
 
-__all__ = ["WeightDecayStudy", "MODES", "run_weight_decay_study", "format_weight_decay_table",
-           "write_weight_decay_report"]
+__all__ = ["WeightDecayStudy", "MODES", "run_weight_decay_study", "channel_angles"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("wd", "none", "mimic-ref", "mimic-online", "norm-schedule")
+MODES = ("wd", "wd-twin", "none", "mimic-ref", "mimic-online", "mimic-replay", "norm-schedule")
+#: the rate factor of the ``wd-twin`` run
+TWIN_LR_FACTOR = 1.0 + 1e-3
 
 
 @dataclass
 class WeightDecayStudy:
-    """Settings of the study (``quick``: 1 seed, 4 epochs)."""
+    """Settings of the study. The defaults (100 epochs = 2,200 steps on digits) give the decay run time to
+    reach the spherical-motion equilibrium in the first two rate phases."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 12
-    milestones: tuple[int, ...] = (6, 9)
+    epochs: int = 100
+    milestones: tuple[int, ...] = (40, 90)
     gamma: float = 0.1
+    optimizer: str = "sgd"
     lr: float = 0.005
     momentum: float = 0.9
     weight_decay: float = 0.1
@@ -58,16 +75,33 @@ class WeightDecayStudy:
     threads: int | None = 1
     results: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"WeightDecayStudy: optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes this optimizer supports (the online rescale rule models SGD only)."""
+        return MODES if self.optimizer == "sgd" else tuple(m for m in MODES if m != "mimic-online")
+
     def config(self, mode: str, seed: int) -> TrainConfig:
+        decay = mode in ("wd", "wd-twin")
         return TrainConfig(model=self.model, dataset=self.dataset, norm=self.norm, epochs=self.epochs,
-                           batch_size=self.batch_size, optimizer="sgd", lr=self.lr, momentum=self.momentum,
-                           weight_decay=0.0, wd_normalized=self.weight_decay if mode == "wd" else 0.0,
+                           batch_size=self.batch_size, optimizer=self.optimizer,
+                           lr=self.lr * (TWIN_LR_FACTOR if mode == "wd-twin" else 1.0), momentum=self.momentum,
+                           weight_decay=0.0, wd_normalized=self.weight_decay if decay else 0.0,
                            wd_norm=0.0, wd_other=0.0,
                            schedule="constant" if mode == "norm-schedule" else "multistep", monitor=False,
                            milestones=list(self.milestones), gamma=self.gamma, seed=seed, threads=self.threads)
 
+    def phases(self, steps_per_epoch: int) -> list[tuple[int, int, float]]:
+        """``(first_step, end_step, lr)`` of each phase of the rate schedule."""
+        cuts = [m * steps_per_epoch for m in self.milestones if 0 < m < self.epochs]
+        bounds = [0, *cuts, self.epochs * steps_per_epoch]
+        return [(a, b, self.lr * self.gamma**i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
-def _angles(a: list[Tensor], b: list[Tensor]) -> float:
+
+def channel_angles(a: list[Tensor], b: list[Tensor]) -> float:
     """Mean over layers of the mean over output channels of the angle (degrees) between a and b."""
     out = []
     for x, y in zip(a, b):
@@ -94,15 +128,19 @@ def _run(study: WeightDecayStudy, mode: str, seed: int, data: DataSplit,
     traj = NormTrajectory() if mode == "wd" else None
     if traj is not None:
         opt.register_step_pre_hook(lambda *_: traj.append(params))
+    mimic = None
     if mode == "mimic-ref":
-        WeightDecayMimic(opt, params, reference=reference).attach()
+        mimic = WeightDecayMimic(opt, params, reference=reference).attach()
     elif mode == "mimic-online":
-        WeightDecayMimic(opt, params, weight_decay=study.weight_decay).attach()
+        mimic = WeightDecayMimic(opt, params, weight_decay=study.weight_decay).attach()
+    elif mode == "mimic-replay":
+        mimic = WeightDecayMimic(opt, params, weight_decay=study.weight_decay, rule="replay").attach()
     elif mode == "norm-schedule":
-        steps = [m * trainer.steps_per_epoch for m in study.milestones]
-        sched = NormSchedule(params, steps, 1.0 / study.gamma, optimizer=opt)
+        steps = [m * trainer.steps_per_epoch for m in study.milestones if 0 < m < study.epochs]
+        sched = NormSchedule(params, steps, 1.0 / study.gamma, optimizer=opt, adaptive=study.optimizer != "sgd")
         opt.register_step_post_hook(lambda *_: sched.step())
-    monitor = EffectiveLRMonitor(opt, named)
+    # registered last: its post-hook sees the step the mimic / norm schedule made
+    steplog = ChannelStepLog(opt, params, factors=(lambda: mimic.last_factors) if mimic is not None else None)
     snapshots: list[list[Tensor]] = []
 
     def on_step(t: Trainer) -> None:
@@ -111,115 +149,58 @@ def _run(study: WeightDecayStudy, mode: str, seed: int, data: DataSplit,
 
     trainer.on_step = on_step
     res = trainer.fit()
+    steplog.remove()
     return {"mode": mode, "seed": seed, "test_acc": float(res.epochs[-1]["test_acc"]), "epochs": res.epochs,
-            "names": [n for n, _ in named], "snapshots": snapshots, "trajectory": traj,
-            "effective_lr": [statistics.fmean(v for k, v in row.items() if k.endswith("/effective_lr"))
-                             for row in monitor.history]}
+            "names": [n for n, _ in named], "snapshots": snapshots, "trajectory": traj, "log": steplog,
+            "steps_per_epoch": trainer.steps_per_epoch}
+
+
+def _angular_updates(study: WeightDecayStudy, steplog: ChannelStepLog, steps_per_epoch: int) -> list[dict]:
+    """Per rate phase: the mean angular update per step (degrees; over channels and the phase's second half,
+    where the decay run has had time to settle) and the equilibrium √(2ηλ/(1+μ)) of the decay run."""
+    angles = torch.rad2deg(steplog.angles()).mean(1)
+    steps = torch.tensor(steplog.steps)
+    out = []
+    for i, (a, b, lr) in enumerate(study.phases(steps_per_epoch)):
+        sel = (steps >= (a + b) // 2) & (steps < b)
+        eq = (equilibrium_angular_update(lr, study.weight_decay, study.momentum) if study.optimizer == "sgd"
+              else float("nan"))  # the SGD theory; AdamW's equilibrium is not derived here
+        out.append({"phase": i + 1, "lr": lr, "first_step": a, "end_step": b,
+                    "measured_deg": float(angles[sel].mean()) if sel.any() else float("nan"),
+                    "equilibrium_deg": float(torch.rad2deg(torch.tensor(eq)))})
+    return out
+
+
+def _summarize_run(study: WeightDecayStudy, r: dict[str, Any], ref: dict[str, Any], floor: float) -> None:
+    """Add the measurements against the same seed's ``wd`` run and drop the bulky records."""
+    r["angle_deg"] = [channel_angles(a, b) for a, b in zip(ref["snapshots"], r["snapshots"])]
+    r["angle_final"] = r["angle_deg"][-1]
+    r["angle_floor"] = floor
+    elr = effective_step_ratio(r["log"], ref["log"])
+    r["elr_ratio_median"], r["elr_ratio_iqr"] = elr["median"], elr["iqr"]
+    r["angular_update"] = _angular_updates(study, r["log"], r["steps_per_epoch"])
+    r["effective_lr"] = r["log"].effective_steps().mean(1).tolist()  # mean over channels, per step
+    r["angle_per_step_deg"] = torch.rad2deg(r["log"].angles()).mean(1).tolist()
 
 
 def run_weight_decay_study(study: WeightDecayStudy, data: DataSplit | None = None) -> list[dict[str, Any]]:
-    """Train every (seed, mode); adds ``angle_deg`` (per epoch, to the same seed's ``wd`` run) and, except for
-    ``wd``, ``angle_to_none_deg`` (final, to the same seed's ``none`` run) to each result."""
+    """Train every (seed, mode) and measure each against the same seed's ``wd`` run (see the module
+    docstring); each result holds ``test_acc``, ``angle_deg`` (per epoch), ``angle_final``, ``angle_floor``,
+    ``elr_ratio_median``, ``elr_ratio_iqr``, ``angular_update`` (per phase) and per-step curves."""
     data = data if data is not None else load_dataset(study.dataset)
     results = []
     for seed in study.seeds:
         ref = _run(study, "wd", seed, data, None)
-        ref["angle_deg"] = [0.0] * len(ref["snapshots"])
-        ref["angle_to_none_deg"] = float("nan")
-        results.append(ref)
-        plain = None
-        for mode in MODES[1:]:
-            r = _run(study, mode, seed, data, ref["trajectory"])
-            r["angle_deg"] = [_angles(a, b) for a, b in zip(ref["snapshots"], r["snapshots"])]
-            plain = plain or r  # the "none" run: the rate-schedule twin of the norm schedule
-            r["angle_to_none_deg"] = _angles(plain["snapshots"][-1], r["snapshots"][-1])
-            log.info("weight decay study seed %d %s: test acc %.4f, final angle to wd %.2f deg", seed, mode,
-                     r["test_acc"], r["angle_deg"][-1])
-            results.append(r)
+        runs = [ref] + [_run(study, m, seed, data, ref["trajectory"]) for m in study.modes[1:]]
+        twin = next(r for r in runs if r["mode"] == "wd-twin")
+        floor = channel_angles(ref["snapshots"][-1], twin["snapshots"][-1])
+        for r in runs:
+            _summarize_run(study, r, ref, floor)
+            log.info("weight decay study seed %d %s: test acc %.4f, final angle to wd %.2f deg (floor %.2f), "
+                     "effective-step ratio %.3f", seed, r["mode"], r["test_acc"], r["angle_final"], floor,
+                     r["elr_ratio_median"])
+        for r in runs:
+            del r["log"], r["snapshots"]
+        results.extend(runs)
     study.results = results
     return results
-
-
-def summarize_weight_decay(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for mode in MODES:
-        rs = [r for r in results if r["mode"] == mode]
-        if not rs:
-            continue
-        accs = [r["test_acc"] for r in rs]
-        final = [r["angle_deg"][-1] for r in rs]
-        mid = [r["angle_deg"][len(r["angle_deg"]) // 2] for r in rs]
-        rows.append({"mode": mode, "seeds": len(rs), "acc_mean": statistics.fmean(accs),
-                     "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "angle_mid": statistics.fmean(mid), "angle_final": statistics.fmean(final),
-                     "angle_none": statistics.fmean(r["angle_to_none_deg"] for r in rs)})
-    return rows
-
-
-def format_weight_decay_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| mode | seeds | test acc (mean ± std) | angle to wd run, mid-training | angle to wd run, final "
-             "| angle to no-decay run, final |", "|---|---|---|---|---|---|"]
-    for r in summarize_weight_decay(results):
-        lines.append(f"| {r['mode']} | {r['seeds']} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} % | "
-                     f"{r['angle_mid']:.2f}° | {r['angle_final']:.2f}° | "
-                     + ("—" if math.isnan(r["angle_none"]) else f"{r['angle_none']:.2f}°") + " |")
-    return "\n".join(lines)
-
-
-def write_weight_decay_report(study: WeightDecayStudy, results: list[dict[str, Any]], out: Path) -> Path:
-    """report.md, results.csv, effective_lr.png and angles.png in ``out``."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["mode", "seed", "test_acc", "final_angle_deg"])
-        for r in results:
-            w.writerow([r["mode"], r["seed"], f"{r['test_acc']:.6f}", f"{r['angle_deg'][-1]:.4f}"])
-    seed0 = results[0]["seed"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        if r["seed"] == seed0:
-            ax.plot(r["effective_lr"], label=r["mode"])
-    ax.set(yscale="log", xlabel="step", ylabel="mean η/‖w‖² of scale-invariant layers",
-           title=f"effective learning rate (seed {seed0})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "effective_lr.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for mode in MODES[1:]:
-        rs = [r for r in results if r["mode"] == mode]
-        if rs:
-            curve = [statistics.fmean(v) for v in zip(*(r["angle_deg"] for r in rs))]
-            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=mode)
-    ax.set(xlabel="epoch", ylabel="degrees", title="angle between each run's weights and the weight-decay run's")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "angles.png", dpi=110)
-    plt.close(fig)
-    text = [
-        "# Weight decay ⇄ learning rate: the study",
-        "",
-        f"{study.model} with {study.norm} on {study.dataset}, {study.epochs} epochs, SGD lr {study.lr} momentum "
-        f"{study.momentum}, multi-step schedule at epochs {list(study.milestones)} (×{study.gamma}); weight decay "
-        f"λ = {study.weight_decay} on the scale-invariant weights only in mode `wd`; seeds {list(study.seeds)}.",
-        "",
-        format_weight_decay_table(results),
-        "",
-        "Angles: mean over channels and scale-invariant layers, then over seeds, to the same seed's `wd` run at "
-        "the end of the epoch (mid-training: epoch " f"{math.ceil(study.epochs / 2)}).",
-        "`norm-schedule` keeps the rate of the other parameters constant, while the rate schedule lowers it for "
-        "every parameter; differences there come from those parameters too.",
-        "",
-        "![effective learning rate](effective_lr.png)",
-        "![angles](angles.png)",
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(text))
-    return out / "report.md"

@@ -10,12 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .effective_step import norm_power
 from .trajectory import channel_norms
 
 __all__ = ["EffectiveLRMonitor"]
-
-_ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
-             torch.optim.Adagrad, torch.optim.RMSprop)
 
 
 class EffectiveLRMonitor:
@@ -40,7 +38,7 @@ class EffectiveLRMonitor:
         if not self.named_params:
             raise ValueError("EffectiveLRMonitor: got no parameters")
         self.per_channel = per_channel
-        self.adaptive = isinstance(optimizer, _ADAPTIVE)
+        self.adaptive = norm_power(optimizer) == 1
         self.history: list[dict[str, Any]] = []
         # group indices, not the dicts: optimizer.load_state_dict replaces the dicts
         self._group_index: dict[str, int] = {}
