@@ -11,7 +11,7 @@ from . import default_out
 #: the help of flags whose default depends on the study (set after the flags are added)
 _HELP = {
     "seeds": "seeds (default: 0 1 2; --quick: 0)",
-    "epochs": "epochs per run (default: weight-decay 12; weight-norm 6 for the CNN, 10 for the LSTM, 3 for the "
+    "epochs": "epochs per run (default: weight-decay 100; weight-norm 6 for the CNN, 10 for the LSTM, 3 for the "
               "batch-size runs; --quick: fewer)",
     "model": "CNN model (default: weight-decay resnet8, weight-norm resnet20; --quick: resnet8)",
     "out": "output folder (default: runs/<study>-<date>-<time>)",
@@ -36,8 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight-decay: epochs where the rate drops ×0.1 (default 40 90)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
                    help="weight-decay: sgd (default; lr 0.005, λ 0.1) or adamw (decoupled decay)")
-    p.add_argument("--lr", type=float, default=None, help="weight-decay: learning rate")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight-decay: λ of the decay run")
+    p.add_argument("--lr", type=float, default=None, help="weight-decay: learning rate (default 0.005)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight-decay: λ of the decay run (default 0.1)")
     p.set_defaults(func=run)
 
     for action in p._actions:
