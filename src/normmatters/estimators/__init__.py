@@ -47,6 +47,7 @@ from .base import (
     combine,
     get_estimator,
     mean_partial,
+    norms_with_option,
     paper_linf_constant,
     paper_range_constant,
     register_estimator,
@@ -66,6 +67,7 @@ __all__ = [
     "available_norms",
     "combine",
     "mean_partial",
+    "norms_with_option",
     "paper_linf_constant",
     "paper_range_constant",
 ]

@@ -26,12 +26,22 @@ class Estimator:
         needs_mean: whether stage 2 needs the (global) mean; ``range`` does not.
         reductions: partial field → how shards combine it: ``"sum"``, ``"max"``, ``"min"``, ``"topk"``
             (concatenate along the last dim and keep the k largest).
+        options: the norm-specific options it takes besides the common ones (``"k"``: top-k,
+            ``"chunks"``: range); layers and the functional API reject the others.
+        native_aux_rows: rows of the ``aux`` output of the native forward operator
+            (``normmatters::lp_batch_norm_fwd``, csrc/common.h) for this norm.
+        native_preferred: "auto" takes the native kernels for every eligible input (not only long rows).
+        native_inplace_rows: the native in-place backward covers the rows (channels-innermost) layout.
     """
 
     name: str = ""
     divides: bool = True
     needs_mean: bool = True
     reductions: Mapping[str, str] = field(default_factory=dict)
+    options: frozenset[str] = frozenset()
+    native_aux_rows: int = 0
+    native_preferred: bool = False
+    native_inplace_rows: bool = True
 
     def constant(self, n: int, k: int = 10, chunks: int | None = None) -> float:
         """c(n): the factor that makes E[σ̂] = E[s_n] for n Gaussian elements."""
@@ -78,6 +88,37 @@ class Estimator:
     def validate(self, n: int, k: int = 10, chunks: int | None = None) -> str | None:
         """A problem with reducing n elements per channel under these options, or None."""
         return None
+
+    def expected_raw(self, n: int, k: int = 10) -> float:
+        """E[raw statistic]/σ for n iid N(0, σ²) draws, before the constant (``normmatters constants``)."""
+        raise TypeError(f"norm={self.name!r} has no dispersion statistic")
+
+    def paper_constant(self, n: int) -> float:
+        """The published constant for this norm (Hoffer et al. 2018; the authors' code for range)."""
+        raise TypeError(f"norm={self.name!r} has no published constant")
+
+    def native_covers(self, x: Tensor, k: int, channel_layout: bool) -> bool:
+        """Norm-specific limits of the native kernels (the generic ones are in :func:`.kernels.native.covers`);
+        ``channel_layout``: x goes to the channel kernels (contiguous, spatial size > 1)."""
+        return True
+
+    # --- emulated low precision (:mod:`normmatters.precision.emulate`) ---------------------------------
+    # xq: the rounded input (rows, n), d = xq − μ its rounded deviations; ``rsum(t, step)`` sums the last dim
+    # in the accumulation format; ``rounder.c`` / ``rounder.s`` round to the compute / statistics format and
+    # count the event under ``step``.
+
+    def emulate_sigma(self, xq: Tensor, d: Tensor, n: int, eps: float, rsum, rounder, k: int = 10,
+                      chunks: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """(σ̂, √(σ̂² + eps) or None for the caller's overflow-safe form) in emulated arithmetic: the constant
+        times :meth:`emulate_raw`, each product rounded to the statistics format."""
+        c = torch.tensor(self.constant(n, k=k, chunks=chunks), dtype=torch.float64)
+        raw = self.emulate_raw(xq, d, n, rsum, rounder, k=k, chunks=chunks)
+        return rounder.s(rounder.s(c, "constant") * raw, "constant"), None
+
+    def emulate_raw(self, xq: Tensor, d: Tensor, n: int, rsum, rounder, k: int = 10,
+                    chunks: int | None = None) -> Tensor:
+        """The raw statistic (rows,) in emulated arithmetic."""
+        raise ValueError(f"emulate_normalization: no emulation for norm={self.name!r}")
 
     # --- backward pieces for the lean kernels (:mod:`normmatters.kernels`) -----------------------------
     # Layout: x is viewed as (G, m, q, C, S) — G ghost groups, m range chunks (1 unless norm="range" with
@@ -161,6 +202,11 @@ def register_estimator(est: Estimator) -> Estimator:
 
 def available_norms() -> tuple[str, ...]:
     return tuple(ESTIMATORS)
+
+
+def norms_with_option(option: str) -> str:
+    """The registered norms that take ``option`` (``"k"``, ``"chunks"``), for error messages: ``'range'``."""
+    return " / ".join(repr(name) for name, est in ESTIMATORS.items() if option in est.options)
 
 
 def get_estimator(norm: str) -> Estimator:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import constants
@@ -17,6 +19,15 @@ class _L1(Estimator):
 
     def finalize(self, part, n, k=10, chunks=None):
         return part["sum_abs"] * (self.scale(n, part["sum_abs"]) / n)
+
+    def expected_raw(self, n, k=10):
+        return constants.expected_mean_abs_deviation(n)
+
+    def paper_constant(self, n):
+        return math.sqrt(math.pi / 2)
+
+    def emulate_raw(self, xq, d, n, rsum, rounder, k=10, chunks=None):
+        return rounder.s(rsum(d.abs(), "sum_abs") / n, "div_n")
 
     def lean_raw(self, x, d, k=10):
         return d.abs().mean(_LEAN_DIMS, keepdim=True), ()

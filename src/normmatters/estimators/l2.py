@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import constants
 from .base import _LEAN_DIMS, Estimator, _centered
 
 
@@ -48,6 +49,18 @@ class _L2(Estimator):
         s = _pow2_scale(x.abs().amax(_LEAN_DIMS, keepdim=True))
         d = (x - mean) / s
         return mean, (d * d).mean(_LEAN_DIMS, keepdim=True).sqrt() * s, ()
+
+    def expected_raw(self, n, k=10):
+        return constants.expected_biased_std(n)
+
+    def paper_constant(self, n):
+        return 1.0
+
+    def emulate_sigma(self, xq, d, n, eps, rsum, rounder, k=10, chunks=None):
+        # σ̂² is formed directly (as nn.BatchNorm does): v = Σd²/n, denominator √(v + eps)
+        R = rounder
+        v = R.s(rsum(R.c(d * d, "square"), "sum_sq") / n, "div_n")
+        return torch.sqrt(v), R.s(torch.sqrt(R.s(v + eps, "add_eps")), "sqrt")
 
     def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
         # σ̂·∂σ̂/∂d_i = d_i / n; Σ d_i = 0 so the mean term vanishes (as in nn.BatchNorm's backward)

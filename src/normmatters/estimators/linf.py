@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import constants
-from .base import _LEAN_DIMS, Estimator, _centered, _sqrt_ratio
+from .base import _LEAN_DIMS, Estimator, _centered, _sqrt_ratio, paper_linf_constant
 from .extremes import _extreme_pieces, _extreme_sums
 
 
@@ -16,6 +16,15 @@ class _Linf(Estimator):
 
     def finalize(self, part, n, k=10, chunks=None):
         return part["max_abs"] * self.scale(n, part["max_abs"])
+
+    def expected_raw(self, n, k=10):
+        return _sqrt_ratio(n) * constants.expected_top_k_mean(n, 1)
+
+    def paper_constant(self, n):
+        return paper_linf_constant(n)
+
+    def emulate_raw(self, xq, d, n, rsum, rounder, k=10, chunks=None):
+        return d.abs().amax(-1)
 
     def lean_raw(self, x, d, k=10):
         return d.abs().amax(_LEAN_DIMS, keepdim=True), ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import constants
-from .base import _LEAN_CHUNK_DIMS, Estimator
+from .base import _LEAN_CHUNK_DIMS, Estimator, paper_range_constant
 
 
 class _Range(Estimator):
@@ -21,6 +21,23 @@ class _Range(Estimator):
         if n // m < 2:
             return f"norm='range' with chunks={m} needs at least 2 elements per chunk, got n={n}"
         return None
+
+    def expected_raw(self, n, k=10):
+        return constants.expected_range(n)
+
+    def paper_constant(self, n):
+        return paper_range_constant(n)
+
+    def native_covers(self, x, k, channel_layout):
+        return not (channel_layout and x.numel() // x.shape[1] >= 2**31)  # the max/min positions are int32
+
+    def emulate_raw(self, xq, d, n, rsum, rounder, k=10, chunks=None):
+        m = chunks or 1
+        if n % m:
+            raise ValueError(f"emulate_normalization: chunks={m} must divide n={n}")
+        xc = xq.reshape(xq.shape[0], m, n // m)
+        rng = rounder.c(xc.amax(-1) - xc.amin(-1), "range")
+        return rounder.s(rsum(rng, "sum_range") / m, "div_n") if m > 1 else rng[:, 0]
 
     def partial(self, x, mean, dims, k=10, chunks=None):
         m = chunks or 1
@@ -58,5 +75,5 @@ class _Range(Estimator):
         return e, torch.zeros_like(sigma)
 
 
-ESTIMATOR = _Range(name="range", needs_mean=False,
-                   reductions={"range_sum": "sum", "chunk_count": "sum"})
+ESTIMATOR = _Range(name="range", needs_mean=False, reductions={"range_sum": "sum", "chunk_count": "sum"},
+                   options=frozenset({"chunks"}), native_aux_rows=2)

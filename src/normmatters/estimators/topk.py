@@ -5,8 +5,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import constants
-from .base import Estimator, _centered, _sqrt_ratio
+from .base import Estimator, _centered, _sqrt_ratio, paper_linf_constant
 from .extremes import _extreme_pieces, _extreme_sums
+
+#: largest k of the native top-k kernels (csrc)
+NATIVE_MAX_K = 64
 
 
 def _move_reduced_last(x: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -22,6 +25,19 @@ class _TopK(Estimator):
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
             return f"norm='topk' needs 1 <= k <= n (elements reduced per channel), got k={k!r}, n={n}"
         return None
+
+    def expected_raw(self, n, k=10):
+        return _sqrt_ratio(n) * constants.expected_top_k_mean(n, k)
+
+    def paper_constant(self, n):
+        return paper_linf_constant(n)  # the paper gives top-k the L∞ constant
+
+    def native_covers(self, x, k, channel_layout):
+        return 1 <= k <= NATIVE_MAX_K
+
+    def emulate_raw(self, xq, d, n, rsum, rounder, k=10, chunks=None):
+        top = d.abs().topk(min(k, n), dim=-1).values
+        return rounder.s(rsum(top, "sum_topk") / top.shape[-1], "div_n")
 
     def partial(self, x, mean, dims, k=10, chunks=None):
         d = _move_reduced_last(_centered(x, mean, dims), dims).abs()
@@ -54,4 +70,5 @@ class _TopK(Estimator):
         return e * (sigma * c), e_sum * (sigma * c / n)
 
 
-ESTIMATOR = _TopK(name="topk", reductions={"topk": "topk"})
+ESTIMATOR = _TopK(name="topk", reductions={"topk": "topk"}, options=frozenset({"k"}), native_aux_rows=1,
+                  native_preferred=True, native_inplace_rows=False)

@@ -39,11 +39,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..estimators import available_norms
 from . import pool
 
 log = logging.getLogger(__name__)
 
-NORMS = ("l2", "l1", "linf", "topk", "range", "mean")
+NORMS = available_norms()
 FULL_SHAPES = ((64, 64, 32, 32), (128, 128, 16, 16), (256, 256, 8, 8), (32, 512, 7, 7), (256, 1024))
 QUICK_SHAPES = ((64, 64, 32, 32),)
 

@@ -40,7 +40,8 @@ import os
 import torch
 from torch import Tensor
 
-from ..estimators import get_estimator
+from ..estimators import available_norms, get_estimator
+from ..estimators.topk import NATIVE_MAX_K
 from . import native_ops, pool
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,10 @@ log = logging.getLogger(__name__)
 __all__ = ["NORMS", "available", "channels_innermost", "covers", "eligible", "inplace_eligible", "update_fusable",
            "Launch", "running_args", "forward", "backward"]
 
-#: the norms the C++ kernels implement (csrc/common.h: NM_MEAN ... NM_TOPK)
-NORMS = ("mean", "l2", "l1", "linf", "range", "topk")
+#: the norms the C++ kernels implement (csrc/common.h: NM_MEAN ... NM_TOPK; the registry holds no others yet)
+NORMS = available_norms()
 #: largest k of norm="topk"
-TOPK_MAX = 64
+TOPK_MAX = NATIVE_MAX_K
 #: the dtype the kernel computes in and keeps per-channel vectors (weight, bias, statistics, buffers) in:
 #: float32 for bfloat16 elements (as nn.BatchNorm and the reference), else the element dtype
 _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
@@ -104,7 +105,7 @@ def auto_prefers(x: Tensor, norm: str | None = None) -> bool:
     """Whether "auto" should take the native kernels for an eligible ``x``: the rows kernels for
     channels-innermost layouts; the channel kernels by row length (:data:`AUTO_MIN_ROW_BYTES`), and always
     for top-k (the Inductor top-k is 3-5x slower than the native one at every benchmark shape)."""
-    if channels_innermost(x) or norm == "topk":
+    if channels_innermost(x) or (norm is not None and get_estimator(norm).native_preferred):
         return True
     return _row_bytes(x) >= (AUTO_MIN_ROW_BYTES_BF16 if x.dtype == torch.bfloat16 else AUTO_MIN_ROW_BYTES)
 
@@ -114,10 +115,8 @@ def covers(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: i
     ``normmatters::lp_batch_norm_fwd`` operator inside torch.compile / torch.export); builds nothing."""
     if not (norm in NORMS and groups == 1 and m == 1 and x.device.type == "cpu" and x.dtype in _COMPUTE):
         return False
-    if norm == "topk" and not 1 <= k <= TOPK_MAX:
+    if not get_estimator(norm).native_covers(x, k, _channel_layout(x)):
         return False
-    if norm == "range" and _channel_layout(x) and x.numel() // x.shape[1] >= 2**31:
-        return False  # the max/min positions are int32
     params = (x.dtype, _COMPUTE[x.dtype])  # bfloat16 elements: bfloat16 or float32 parameters
     return (weight.dtype in params and bias.dtype == weight.dtype
             and x.dim() >= 2 and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) < 2**31
@@ -135,7 +134,8 @@ def inplace_eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups:
                      k: int = 10) -> bool:
     """Whether the native kernels cover this call in in-place mode: :func:`eligible`, except top-k in the
     rows layout (its in-place backward would need the top-k of the rebuilt d per thread)."""
-    return eligible(x, weight, bias, norm, groups, m, k) and (norm != "topk" or _channel_layout(x))
+    return eligible(x, weight, bias, norm, groups, m, k) and (get_estimator(norm).native_inplace_rows
+                                                        or _channel_layout(x))
 
 
 def _stream(x: Tensor) -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
-from ..estimators import get_estimator
+from ..estimators import get_estimator, norms_with_option
 from ..functional import NONFINITE_MODES, LayerName, check_eps, check_input, empty_batch_norm
 from ..kernels import lean_batch_norm, resolve_impl
 from ..kernels.native_autograd import NativePlan
@@ -68,15 +68,16 @@ def _check_option(layer: LpBatchNorm, name: str, value: Any) -> None:
             get_estimator(value)  # unknown names fail here
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        if d.get("chunks") is not None and value != "range":
-            raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={value!r} with "
-                             f"chunks={d['chunks']} (set chunks=None first)")
+        if d.get("chunks") is not None and "chunks" not in get_estimator(value).options:
+            raise ValueError(f"{where}: chunks is an option of norm={norms_with_option('chunks')} only, "
+                             f"got norm={value!r} with chunks={d['chunks']} (set chunks=None first)")
     elif name == "k":
         _check_positive_int(where, "k", value, allow_none=False)
     elif name == "chunks":
         _check_positive_int(where, "chunks", value, allow_none=True)
-        if value is not None and d.get("norm", "range") != "range":
-            raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={d['norm']!r}")
+        if value is not None and "norm" in d and "chunks" not in get_estimator(d["norm"]).options:
+            raise ValueError(f"{where}: chunks is an option of norm={norms_with_option('chunks')} only, "
+                             f"got norm={d['norm']!r}")
     elif name == "ghost_batch_size":
         _check_positive_int(where, "ghost_batch_size", value, allow_none=True)
     elif name == "nonfinite":
@@ -283,7 +284,7 @@ class LpBatchNorm(_NormBase):
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, norm={self.norm!r}"
-        if self.norm == "topk":
+        if "k" in get_estimator(self.norm).options:
             s += f", k={self.k}"
         if self.chunks is not None:
             s += f", chunks={self.chunks}"
