@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from ..functional import NonFiniteBatchError
-from ..nn.weightnorm import to_weight_norm_form
 from ..progress import progress_bar
+from ..weight_norm_form import to_weight_norm_form
 from . import distributed as D
 from .augment import Augment
 from .batches import iterate_batches

@@ -26,6 +26,8 @@ from ..estimators import get_estimator, norms_with_option
 from ..functional import NONFINITE_MODES, LayerName, check_eps, check_input, empty_batch_norm
 from ..kernels import lean_batch_norm, resolve_impl
 from ..kernels.native_autograd import NativePlan
+from ..precision.emulate import get_precision
+from ..precision.layer import emulated_lp_batch_norm
 
 __all__ = [
     "LpBatchNorm", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d",
@@ -97,8 +99,7 @@ def _check_option(layer: LpBatchNorm, name: str, value: Any) -> None:
         if value is not None:
             resolve_impl(value, where)
     elif name == "precision":
-        if value is not None:  # imported here: precision is optional machinery on top of the layers
-            from ..precision.emulate import get_precision
+        if value is not None:
             get_precision(value, where)
             if d.get("inplace"):
                 raise ValueError(f"{where}: inplace=True is not supported with precision= emulation (the "
@@ -260,7 +261,6 @@ class LpBatchNorm(_NormBase):
             # cumulative moving average over the batches that will have been tracked after this one
             momentum = 1.0 / (self.num_batches_tracked + 1).to(torch.float32)
         if self.precision is not None and bn_training:
-            from ..precision.layer import emulated_lp_batch_norm
             return emulated_lp_batch_norm(
                 input, self.running_mean if track else None, self.running_var if track else None,
                 self.weight, self.bias, True, momentum, self.eps, norm=self.norm, k=self.k,
