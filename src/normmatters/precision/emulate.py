@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -311,9 +310,3 @@ def emulate_norms(x: Tensor, norms: list[str] | tuple[str, ...], precision: str 
     d = R.c(xq - mean[:, None], "center")
     return {norm: emulate_normalization(x, norm, p, eps=eps, k=k, count_events=count_events,
                                         _centered=(xq, mean, d, R.events)) for norm in norms}
-
-
-def describe(precision: Precision) -> Mapping[str, str]:
-    """Format names per class of intermediate (for logs and reports)."""
-    return {"compute": precision.compute.name, "accumulate": precision.accumulate.name,
-            "stats": precision.stats_format.name, "order": precision.order, "rounding": precision.rounding}
