@@ -20,6 +20,7 @@ _SUBMODULES = ("constants", "estimators", "functional")
 _NAMES = {
     "convert_batchnorm": "convert",
     "to_torch_batchnorm": "convert",
+    "to_weight_norm_form": "weight_norm_form",
     "norm_layer": "factory",
     "available_norms": "estimators",
     "get_estimator": "estimators",

@@ -129,7 +129,7 @@ def to_torch_batchnorm(module: nn.Module) -> nn.Module:
                   track_running_stats=m.track_running_stats, bias=not m.affine or m.bias is not None,
                   device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
         _move_state(m, new)
-        if m.norm == "mean" and new.running_var is not None:
+        if not get_estimator(m.norm).divides and new.running_var is not None:
             # mean-only never divides; 1 − eps makes sqrt(running_var + eps) = 1 in nn.BatchNorm's eval
             new.running_var = torch.full_like(new.running_var, 1.0 - m.eps)
         return new

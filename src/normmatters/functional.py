@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .estimators import get_estimator
+from .estimators import get_estimator, norms_with_option
 
 __all__ = ["lp_batch_norm", "NonFiniteBatchError", "NONFINITE_MODES", "check_input", "training_groups",
            "update_running_stats", "report_nonfinite", "acc_dtype", "check_running_stats",
@@ -169,8 +169,9 @@ def training_groups(input: Tensor, where: str, norm: str, k: int, chunks: int | 
                              f"got batch size {batch}")
         g = ghost_batch_size
     if chunks is not None:
-        if norm != "range":
-            raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={norm!r}")
+        if "chunks" not in get_estimator(norm).options:
+            raise ValueError(f"{where}: chunks is an option of norm={norms_with_option('chunks')} only, "
+                             f"got norm={norm!r}")
         if g % chunks:
             what = "ghost batch size" if ghost_batch_size is not None else "batch size"
             raise ValueError(f"{where}: chunks={chunks} must divide the {what}, got {what} {g}")

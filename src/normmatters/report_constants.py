@@ -8,41 +8,29 @@ range): L1 sqrt(π/2); L∞ and top-k 0.5·(1+sqrt(π·ln 4))/sqrt(2·ln n); ran
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from . import constants
-from .estimators import get_estimator, paper_linf_constant, paper_range_constant
+from .estimators import available_norms, get_estimator
 from .progress import progress_bar
 
 __all__ = ["constants_rows", "constants_table", "paper_sigma_ratio", "monte_carlo_ratio"]
 
-NORMS = ("l2", "l1", "linf", "topk", "range")
+
+def _norms() -> tuple[str, ...]:
+    """The registered norms that have a dispersion statistic (all but mean-only)."""
+    return tuple(name for name in available_norms() if get_estimator(name).divides)
 
 
 def _expected_raw(norm: str, n: int, k: int) -> float:
     """E[raw statistic]/σ for n Gaussian draws (before any constant)."""
-    r = math.sqrt((n - 1) / n)
-    if norm == "l2":
-        return constants.expected_biased_std(n)
-    if norm == "l1":
-        return constants.expected_mean_abs_deviation(n)
-    if norm == "linf":
-        return r * constants.expected_top_k_mean(n, 1)
-    if norm == "topk":
-        return r * constants.expected_top_k_mean(n, k)
-    if norm == "range":
-        return constants.expected_range(n)
-    raise ValueError(norm)
+    return get_estimator(norm).expected_raw(n, k=k)
 
 
 def paper_sigma_ratio(norm: str, n: int, k: int = 10) -> float:
     """E[σ̂]/σ with the published constant (1 means consistent)."""
-    paper = {"l2": 1.0, "l1": math.sqrt(math.pi / 2), "linf": paper_linf_constant(n),
-             "topk": paper_linf_constant(n), "range": paper_range_constant(n)}[norm]
-    return paper * _expected_raw(norm, n, k)
+    return get_estimator(norm).paper_constant(n) * _expected_raw(norm, n, k)
 
 
 def monte_carlo_ratio(norm: str, n: int, k: int = 10, draws: int = 2 ** 22, seed: int = 0) -> float:
@@ -66,8 +54,9 @@ def monte_carlo_ratio(norm: str, n: int, k: int = 10, draws: int = 2 ** 22, seed
 
 def constants_rows(ns: Sequence[int], k: int = 10, monte_carlo: bool = True) -> list[dict]:
     rows = []
-    with progress_bar(len(NORMS) * len(ns), "constants", unit="row") as bar:
-        for norm, n in ((a, b) for a in NORMS for b in ns):
+    norms = _norms()
+    with progress_bar(len(norms) * len(ns), "constants", unit="row") as bar:
+        for norm, n in ((a, b) for a in norms for b in ns):
             bar.set_postfix(norm=norm, n=n)
             est = get_estimator(norm)
             kk = min(k, n)

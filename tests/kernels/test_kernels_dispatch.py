@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import normmatters as nm
+from normmatters.bench import saved_bytes
 from normmatters.kernels import compiled, lean_batch_norm
-from normmatters.kernels.bench import saved_bytes
 
 
 def _pair(norm, impl="compiled", **kw):

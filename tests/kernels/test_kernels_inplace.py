@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import normmatters as nm
+from normmatters.bench import saved_bytes
 from normmatters.functional import lp_batch_norm
 from normmatters.kernels import lean_batch_norm
-from normmatters.kernels.bench import saved_bytes
 
 K = 3
 # (norm, extra options): every estimator, and range with chunks

@@ -337,7 +337,7 @@ def test_range_positions_mark_unique_and_tied_extremes():
     x[1, 2, 0, 0] = x[1, 2, 1, 2] = -9.0  # channel 2: tied min (first at 1·S + 0)
     x[2, 3, 1, 2] = 9.0  # channel 3: unique max at the very last element
     w, b = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    _, _, _, (pos,), _ = native.forward(x, w, b, 1.0, 1e-5, "range")
+    _, _, _, (pos,), _ = native.Launch(x, "range", 1.0, 1e-5, 10, False).forward(x, w, b)
     flat = x.transpose(0, 1).reshape(4, -1)
     expect_hi = [int(flat[c].argmax()) for c in range(4)]
     expect_lo = [int(flat[c].argmin()) for c in range(4)]

@@ -122,15 +122,6 @@ def test_apply_filters_and_types():
     assert nm.apply_bounded_weight_norm(model) == []  # everything already parametrized
 
 
-def test_weight_norm_form_recipe():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
-    nm.to_weight_norm_form(model, p=math.inf)
-    assert isinstance(model[1], nm.LpBatchNorm2d) and model[1].norm == "mean"
-    assert not model[1].weight.requires_grad and model[1].bias.requires_grad
-    assert parametrize.is_parametrized(model[0], "weight") and parametrize.is_parametrized(model[4], "weight")
-    model(torch.randn(4, 3, 6, 6)).sum().backward()
-
-
 def test_errors():
     with pytest.raises(ValueError, match="bounded_weight_norm: p must be 1, 2 or inf, got 3.5"):
         nm.bounded_weight_norm(nn.Linear(5, 3), p=3.5)

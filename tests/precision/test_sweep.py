@@ -4,7 +4,6 @@ import math
 
 from normmatters.cli import main
 from normmatters.precision.sweep import run_sweep, usable_range
-from normmatters.precision.train_evidence import load_digits_split, train_one
 
 
 def test_sweep_finds_the_fp16_l2_overflow_and_l1_accumulator_limit():
@@ -28,13 +27,3 @@ def test_precision_command_quick(tmp_path, capsys):
     assert "| fp16 | l2 | 2^-8..2^0 |" in out
     assert (tmp_path / "precision.csv").read_text().count("\n") == 1 + 2 * 3 * 7
     assert (tmp_path / "precision_fp16.png").stat().st_size > 1000
-
-
-def test_training_evidence_l2_fp16_fails_at_large_activations_l1_does_not():
-    # fp16 l2 at x32: Σd² overflows, every emulated output is its bias; the network stays at chance, with a
-    # finite loss (a constant channel no longer gives a NaN gradient)
-    data = load_digits_split()
-    bad = train_one("l2", "fp16", input_scale=32.0, epochs=1, data=data)
-    good = train_one("l1", "fp16", input_scale=32.0, epochs=1, data=data)
-    assert bad.test_acc < 0.2 and not bad.diverged
-    assert not good.diverged and good.test_acc > 0.8

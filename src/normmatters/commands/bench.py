@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..kernels.bench import NORMS, run_benchmark
+    from ..bench import NORMS, run_benchmark
     from ..progress import elapsed_bar
 
     # the benchmark has no steps to count from outside kernels/: a line that counts the seconds meanwhile

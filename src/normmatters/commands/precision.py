@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.train:
-        from ..precision.train_evidence import evidence_table, run_evidence
+        from ..experiments.train_evidence import evidence_table, run_evidence
         from ..progress import elapsed_bar
 
         t = time.time()

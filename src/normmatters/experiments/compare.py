@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .. import progress
+from ..estimators import available_norms, get_estimator
 from .config import TrainConfig
 from .data import DataSplit, load_dataset
 from .memory import saved_activation_bytes
@@ -29,7 +30,7 @@ __all__ = ["CompareConfig", "RunResult", "run_compare", "time_side_by_side", "DE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NORMS = ("bn", "l2", "l1", "linf", "topk", "range")
+DEFAULT_NORMS = ("bn",) + tuple(n for n in available_norms() if get_estimator(n).divides)
 #: the norm every ratio is taken to, when compared (torch's nn.BatchNorm2d)
 BASELINE = "bn"
 

@@ -21,6 +21,7 @@ SCHEDULES = ("constant", "step", "multistep", "cosine")
 DTYPES = ("fp32", "bf16", "autocast")
 SYNC_NORM = ("none", "torch")
 WEIGHT_NORMS = ("none", "wn", "bwn")
+NO_WEIGHT_NORM, _, BOUNDED_WEIGHT_NORM = WEIGHT_NORMS
 BATCH_ORDERS = ("shuffle", "class_sorted")
 
 

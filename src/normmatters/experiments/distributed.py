@@ -81,10 +81,13 @@ def init_from_env(device: str = "cpu") -> DistInfo:
 
 def prepare_norm_layers(model: nn.Module, sync_norm: str, info: DistInfo) -> nn.Module:
     """The seam for cross-rank normalization statistics (see the module docstring)."""
-    if not info.active or sync_norm == "none":
-        return model
-    if sync_norm == "torch":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    match sync_norm:
+        case _ if not info.active:
+            return model
+        case "none":
+            return model
+        case "torch":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raise ValueError(f"sync_norm must be 'none' or 'torch', got {sync_norm!r}")
 
 

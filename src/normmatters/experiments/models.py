@@ -184,6 +184,9 @@ class RowLSTM(nn.Module):
         return self.fc(out[-1])
 
 
+#: the ``norm`` values that mean "no normalization layers"
+_NO_NORM = ("none", None)
+
 def build_model(
     name: str,
     norm: NormSpec = "bn",
@@ -204,7 +207,7 @@ def build_model(
     if key in VGG_CONFIGS:
         return VGG(key, norm, num_classes, in_channels, image_size, width, **norm_options)
     if key == "lstm":
-        if norm not in ("none", None):
+        if norm not in _NO_NORM:
             raise ValueError(f"build_model: the lstm model has no normalization layers; use norm='none', got {norm!r}")
         w = image_size if isinstance(image_size, int) else tuple(image_size)[1]
         return RowLSTM(in_channels * w, 64 * width, num_classes)

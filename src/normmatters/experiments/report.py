@@ -17,6 +17,7 @@ from typing import Any
 
 from ..atomic_write import atomic_write
 from .compare import BASELINE, RunResult
+from .metrics import read_jsonl
 
 __all__ = ["NormSummary", "summarize", "format_table", "write_report", "plot_curves"]
 
@@ -187,8 +188,6 @@ def plot_run(out_dir: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .metrics import read_jsonl
 
     epochs = [r for r in read_jsonl(Path(out_dir) / "metrics.jsonl") if r.get("kind") == "epoch"]
     if not epochs:

@@ -32,13 +32,13 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from ..functional import NonFiniteBatchError
-from ..nn.weightnorm import to_weight_norm_form
 from ..progress import progress_bar
+from ..weight_norm_form import to_weight_norm_form
 from . import distributed as D
 from .augment import Augment
 from .batches import iterate_batches
 from .checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig, save_config
+from .config import BOUNDED_WEIGHT_NORM, NO_WEIGHT_NORM, ConfigError, TrainConfig, save_config
 from .data import ArrayDataset, DataSplit, load_dataset
 from .metrics import METRICS_FILES, MetricsWriter
 from .models import build_model
@@ -139,11 +139,11 @@ class Trainer:
         except TypeError as e:  # an option the norm layer does not take
             raise ConfigError(f"config: norm_options {config.norm_options} are not accepted by norm="
                               f"{config.norm!r}: {e}") from None
-        if config.weight_norm != "none":  # the paper's form: (bounded) weight norm + mean-only batch norm
+        if config.weight_norm != NO_WEIGHT_NORM:  # the paper's form: (bounded) weight norm + mean-only batch norm
             mean, std = self.data.channel_stats()
             n0 = min(256, len(self.data.train))
             x0 = (self.data.train.images[:n0] - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
-            to_weight_norm_form(model, bounded=config.weight_norm == "bwn", p=config.weight_norm_p,
+            to_weight_norm_form(model, bounded=config.weight_norm == BOUNDED_WEIGHT_NORM, p=config.weight_norm_p,
                                 example_input=x0)
         model = D.prepare_norm_layers(model, config.sync_norm, self.info)
         self.param_dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32

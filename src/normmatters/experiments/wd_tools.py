@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..optim import EffectiveLRMonitor, NormSchedule, NormTrajectory, WeightDecayMimic, scale_invariant_parameters
 from .optim import param_groups
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 __all__ = ["WeightDecayTools", "norm_schedule_steps"]
 
@@ -43,7 +40,7 @@ def norm_schedule_steps(cfg: Any, steps_per_epoch: int) -> list[int]:
 
 
 class WeightDecayTools:
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Any) -> None:  # a Trainer (not imported: the trainer imports this module)
         cfg = trainer.cfg
         self.monitor: EffectiveLRMonitor | None = None
         self.trajectory: NormTrajectory | None = None

@@ -38,11 +38,6 @@ def _copy(fn: Callable[..., Any], suffix: str) -> Callable[..., Any]:
     return new
 
 
-def compile_available(device: torch.device) -> bool:
-    """Whether we still try Inductor on this device type (False after a failure)."""
-    return device.type not in _failed
-
-
 def get(direction: str, norm: str, device: torch.device) -> Callable[..., Any]:
     """The compiled ``formulas.<direction>`` for ``norm`` (falls back to eager after a failure)."""
     base = getattr(formulas, direction)

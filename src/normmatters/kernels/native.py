@@ -40,18 +40,19 @@ import os
 import torch
 from torch import Tensor
 
-from ..estimators import get_estimator
+from ..estimators import available_norms, get_estimator
+from ..estimators.topk import NATIVE_MAX_K
 from . import native_ops, pool
 
 log = logging.getLogger(__name__)
 
 __all__ = ["NORMS", "available", "channels_innermost", "covers", "eligible", "inplace_eligible", "update_fusable",
-           "Launch", "running_args", "forward", "backward"]
+           "Launch", "running_args"]
 
-#: the norms the C++ kernels implement (csrc/common.h: NM_MEAN ... NM_TOPK)
-NORMS = ("mean", "l2", "l1", "linf", "range", "topk")
+#: the norms the C++ kernels implement (csrc/common.h: NM_MEAN ... NM_TOPK; the registry holds no others yet)
+NORMS = available_norms()
 #: largest k of norm="topk"
-TOPK_MAX = 64
+TOPK_MAX = NATIVE_MAX_K
 #: the dtype the kernel computes in and keeps per-channel vectors (weight, bias, statistics, buffers) in:
 #: float32 for bfloat16 elements (as nn.BatchNorm and the reference), else the element dtype
 _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
@@ -104,7 +105,7 @@ def auto_prefers(x: Tensor, norm: str | None = None) -> bool:
     """Whether "auto" should take the native kernels for an eligible ``x``: the rows kernels for
     channels-innermost layouts; the channel kernels by row length (:data:`AUTO_MIN_ROW_BYTES`), and always
     for top-k (the Inductor top-k is 3-5x slower than the native one at every benchmark shape)."""
-    if channels_innermost(x) or norm == "topk":
+    if channels_innermost(x) or (norm is not None and get_estimator(norm).native_preferred):
         return True
     return _row_bytes(x) >= (AUTO_MIN_ROW_BYTES_BF16 if x.dtype == torch.bfloat16 else AUTO_MIN_ROW_BYTES)
 
@@ -114,10 +115,8 @@ def covers(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups: int, m: i
     ``normmatters::lp_batch_norm_fwd`` operator inside torch.compile / torch.export); builds nothing."""
     if not (norm in NORMS and groups == 1 and m == 1 and x.device.type == "cpu" and x.dtype in _COMPUTE):
         return False
-    if norm == "topk" and not 1 <= k <= TOPK_MAX:
+    if not get_estimator(norm).native_covers(x, k, _channel_layout(x)):
         return False
-    if norm == "range" and _channel_layout(x) and x.numel() // x.shape[1] >= 2**31:
-        return False  # the max/min positions are int32
     params = (x.dtype, _COMPUTE[x.dtype])  # bfloat16 elements: bfloat16 or float32 parameters
     return (weight.dtype in params and bias.dtype == weight.dtype
             and x.dim() >= 2 and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) < 2**31
@@ -135,7 +134,8 @@ def inplace_eligible(x: Tensor, weight: Tensor, bias: Tensor, norm: str, groups:
                      k: int = 10) -> bool:
     """Whether the native kernels cover this call in in-place mode: :func:`eligible`, except top-k in the
     rows layout (its in-place backward would need the top-k of the rebuilt d per thread)."""
-    return eligible(x, weight, bias, norm, groups, m, k) and (norm != "topk" or _channel_layout(x))
+    return eligible(x, weight, bias, norm, groups, m, k) and (get_estimator(norm).native_inplace_rows
+                                                        or _channel_layout(x))
 
 
 def _stream(x: Tensor) -> int:
@@ -183,7 +183,7 @@ class Launch:
     does not change between steps (the operators, (N, C, S), non-temporal stores, the block size per thread
     count) worked out once.
 
-    :func:`forward` and :func:`backward` build one per call; :class:`.native_autograd.NativePlan` keeps
+    The eager autograd Functions build one per call; :class:`.native_autograd.NativePlan` keeps
     one across a layer's steps (its Python before and after the kernel runs on caches the previous layer's
     kernel has just flushed, where each helper call costs 10-40 µs). Valid for tensors with ``x``'s shape,
     strides and dtype on the CPU, as :func:`eligible` accepted (callers check that; :meth:`matches`).
@@ -223,8 +223,16 @@ class Launch:
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor, run_mean: Tensor | None = None,
                 run_var: Tensor | None = None, nbt: Tensor | None = None, momentum: float = 0.0,
                 unbias: float = 0.0) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], int]:
-        """:func:`forward` for this launch; the running buffers (each possibly None, :func:`update_fusable`)
-        are updated by the kernel with ``momentum`` and ``unbias`` = n / (n − 1)."""
+        """(y, μ (C,), raw (C,), aux, ok) — aux for range: (pos,) from the channel kernels, pos (2, C) int32 the
+        per-channel position (sample·S + spatial index) of the max (row 0) and min (row 1), p if that element is
+        the only one equal to it, -(p + 1) for the first of several; from the rows kernels (hi_lo,), (2, C) the
+        per-channel max (row 0) and min (row 1); (τ,) for topk, (1, C) the k-th largest |d|; else ().
+
+        The running buffers (each possibly None, :func:`update_fusable`) are updated by the kernel with
+        ``momentum`` and ``unbias`` = n / (n − 1) (the update of :func:`normmatters.functional.update_running_stats`,
+        fused: a separate call right after the kernel costs ~0.3 ms of cache misses); ``ok`` is its status: 1
+        updated, 0 non-finite statistics, 2 finite statistics whose running_var would overflow the buffer's
+        dtype (0 and 2: every buffer unchanged). Without buffers ``ok`` is still the finite flag."""
         nt = self._threads()
         y = x if self.inplace else pool.empty_like(x)
         mean, raw, aux, ok = self.fwd(x, weight, bias, self.norm, self.c, self.eps, self.k, y, run_mean, run_var,
@@ -254,35 +262,3 @@ def running_args(running: tuple | None) -> tuple:
     rm, rv, nbt, momentum, n = running
     return rm, rv, nbt, float(momentum), n / (n - 1)
 
-
-def forward(x: Tensor, weight: Tensor, bias: Tensor, c: float, eps: float, norm: str,
-            running: tuple | None = None, k: int = 10,
-            inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], int]:
-    """(y, μ (C,), raw (C,), aux, ok) — aux for range: (pos,) from the channel kernels, pos (2, C) int32 the
-    per-channel position (sample·S + spatial index) of the max (row 0) and min (row 1), p if that element is
-    the only one equal to it, -(p + 1) for the first of several; from the rows kernels (hi_lo,), (2, C) the
-    per-channel max (row 0) and min (row 1); (τ,) for topk, (1, C) the k-th largest |d|; else ().
-
-    ``running`` = (running_mean, running_var, num_batches_tracked, momentum, n), each buffer possibly None
-    and all :func:`update_fusable`: the kernel then also applies
-    :func:`normmatters.functional.update_running_stats` (one group) to them, in the same call, and ``ok`` is
-    its status: 1 updated, 0 non-finite statistics, 2 finite statistics whose running_var would overflow the
-    buffer's dtype (0 and 2: every buffer unchanged). Without ``running``, ``ok`` is still the finite flag (the
-    kernel checks every call; no buffer is touched).
-    The update is done here rather than by a separate (compiled) call because that call, coming right
-    after a kernel that has streamed the activations through every cache, costs ~0.3 ms of cache misses.
-    ``inplace``: y is written over x and returned as x itself.
-    """
-    return Launch(x, norm, c, eps, k, inplace).forward(x, weight, bias, *running_args(running))
-
-
-def backward(gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor | None, raw: Tensor, aux: tuple[Tensor, ...],
-             c: float, eps: float, norm: str, need_x: bool, need_w: bool, need_b: bool,
-             k: int = 10, bias: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(∂L/∂x, ∂L/∂w, ∂L/∂b) from the saved input and per-channel statistics of :func:`forward`.
-
-    In-place mode (``bias`` given; no top-k in the rows layout): ``x`` is the output y that overwrote the input,
-    ``mean`` and ``aux`` are unused; the kernel rebuilds d = (y − b)/scale and, for linf/range/top-k, the
-    thresholds it compares against from d (as :func:`.formulas.backward_inplace`)."""
-    return Launch(x, norm, c, eps, k, bias is not None).backward(gy, x, weight, mean, raw, aux, need_x, need_w,
-                                                                 need_b, bias)

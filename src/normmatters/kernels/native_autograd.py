@@ -56,7 +56,7 @@ class NativeBatchNormFunction(torch.autograd.Function):
     same call) or (); ``ok`` is the Python bool "statistics are finite"; ``stats``, a list or None, receives
     the (1, C) μ and raw statistic (plain tensors) for a caller that updates buffers itself — not outputs,
     because each autograd output costs the common call ~10 µs on a cold cache. Saves x, w and the (C,)
-    statistics (range: also the positions of the per-channel max and min, see :func:`.native.forward`; top-k:
+    statistics (range: also the positions of the per-channel max and min, see :meth:`.native.Launch.forward`; top-k:
     the k-th largest |d|), as many bytes as the Inductor path saves. Once differentiable (double backward
     raises)."""
 

@@ -31,12 +31,11 @@ import threading
 import torch
 from torch import Tensor
 
+from ..estimators import get_estimator
 from . import native_build
 
-__all__ = ["ensure", "fwd", "bwd", "update_running_stats", "fwd_out", "bwd_out", "AUX_ROWS"]
+__all__ = ["ensure", "fwd", "bwd", "update_running_stats", "fwd_out", "bwd_out"]
 
-#: rows of the forward's ``aux`` output per norm (the others: 0)
-AUX_ROWS = {"range": 2, "topk": 1}
 
 _registered = False
 _lock = threading.Lock()
@@ -50,7 +49,7 @@ def _aux_like(x: Tensor, norm: str, inplace: bool = False) -> Tensor:
     """The ``aux`` output the kernel returns for x: int32 positions for range on the channel kernels (contiguous,
     spatial size > 1; not in place), else (A, C) values in the compute dtype."""
     C = x.shape[1]
-    rows = AUX_ROWS.get(norm, 0)
+    rows = get_estimator(norm).native_aux_rows
     channel = x.is_contiguous() and x.numel() > x.shape[0] * C
     if rows == 2 and channel and not inplace:
         return x.new_empty((2, C), dtype=torch.int32)

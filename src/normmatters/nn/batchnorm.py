@@ -22,10 +22,12 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
-from ..estimators import get_estimator
+from ..estimators import get_estimator, norms_with_option
 from ..functional import NONFINITE_MODES, LayerName, check_eps, check_input, empty_batch_norm
 from ..kernels import lean_batch_norm, resolve_impl
 from ..kernels.native_autograd import NativePlan
+from ..precision.emulate import get_precision
+from ..precision.layer import emulated_lp_batch_norm
 
 __all__ = [
     "LpBatchNorm", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d",
@@ -68,15 +70,16 @@ def _check_option(layer: LpBatchNorm, name: str, value: Any) -> None:
             get_estimator(value)  # unknown names fail here
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        if d.get("chunks") is not None and value != "range":
-            raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={value!r} with "
-                             f"chunks={d['chunks']} (set chunks=None first)")
+        if d.get("chunks") is not None and "chunks" not in get_estimator(value).options:
+            raise ValueError(f"{where}: chunks is an option of norm={norms_with_option('chunks')} only, "
+                             f"got norm={value!r} with chunks={d['chunks']} (set chunks=None first)")
     elif name == "k":
         _check_positive_int(where, "k", value, allow_none=False)
     elif name == "chunks":
         _check_positive_int(where, "chunks", value, allow_none=True)
-        if value is not None and d.get("norm", "range") != "range":
-            raise ValueError(f"{where}: chunks is an option of norm='range' only, got norm={d['norm']!r}")
+        if value is not None and "norm" in d and "chunks" not in get_estimator(d["norm"]).options:
+            raise ValueError(f"{where}: chunks is an option of norm={norms_with_option('chunks')} only, "
+                             f"got norm={d['norm']!r}")
     elif name == "ghost_batch_size":
         _check_positive_int(where, "ghost_batch_size", value, allow_none=True)
     elif name == "nonfinite":
@@ -96,8 +99,7 @@ def _check_option(layer: LpBatchNorm, name: str, value: Any) -> None:
         if value is not None:
             resolve_impl(value, where)
     elif name == "precision":
-        if value is not None:  # imported here: precision is optional machinery on top of the layers
-            from ..precision.emulate import get_precision
+        if value is not None:
             get_precision(value, where)
             if d.get("inplace"):
                 raise ValueError(f"{where}: inplace=True is not supported with precision= emulation (the "
@@ -259,7 +261,6 @@ class LpBatchNorm(_NormBase):
             # cumulative moving average over the batches that will have been tracked after this one
             momentum = 1.0 / (self.num_batches_tracked + 1).to(torch.float32)
         if self.precision is not None and bn_training:
-            from ..precision.layer import emulated_lp_batch_norm
             return emulated_lp_batch_norm(
                 input, self.running_mean if track else None, self.running_var if track else None,
                 self.weight, self.bias, True, momentum, self.eps, norm=self.norm, k=self.k,
@@ -283,7 +284,7 @@ class LpBatchNorm(_NormBase):
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, norm={self.norm!r}"
-        if self.norm == "topk":
+        if "k" in get_estimator(self.norm).options:
             s += f", k={self.k}"
         if self.chunks is not None:
             s += f", chunks={self.chunks}"

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "BoundedWeightNorm", "WeightNorm", "bounded_weight_norm", "weight_norm",
-    "apply_bounded_weight_norm", "apply_weight_norm", "to_weight_norm_form", "data_dependent_init",
+    "apply_bounded_weight_norm", "apply_weight_norm", "data_dependent_init",
 ]
 
 _P_VALUES = (1.0, 2.0, math.inf)
@@ -253,27 +253,3 @@ def data_dependent_init(model: nn.Module, example_input: Tensor, include: Any = 
         for k, v in model.named_buffers():
             v.copy_(buffers[k])
         model.train(was_training)
-
-
-def to_weight_norm_form(model: nn.Module, bounded: bool = True, p: float = 2, include: Any = None,
-                        exclude: Any = None, example_input: Tensor | None = None) -> nn.Module:
-    """The paper's weight-norm form of a batch-norm model (Hoffer et al. 2018, sec. 6; Salimans & Kingma 2016).
-
-    Every ``nn.BatchNorm*`` becomes mean-only batch norm whose scale is frozen (``weight.requires_grad=False``)
-    and whose bias learns, and every conv/linear/recurrent weight gets (bounded, if ``bounded``) weight norm,
-    whose per-channel magnitudes g take over the scale. With ``example_input`` the weights first get
-    :func:`data_dependent_init` (recommended for deep nets). Returns the model (changed in place).
-    """
-    from ..convert import convert_batchnorm  # the converter imports nn; import here to keep nn leaf-level
-
-    model = convert_batchnorm(model, norm="mean")
-    for m in model.modules():
-        if getattr(m, "norm", None) == "mean" and getattr(m, "weight", None) is not None:
-            m.weight.requires_grad_(False)
-    if example_input is not None:
-        data_dependent_init(model, example_input, include=include, exclude=exclude)
-    if bounded:
-        apply_bounded_weight_norm(model, p=p, include=include, exclude=exclude)
-    else:
-        apply_weight_norm(model, p=p, include=include, exclude=exclude)
-    return model

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -282,30 +281,8 @@ def emulate_normalization(x: Tensor, norm: str, precision: str | Precision, *, e
             R.events.add(step, **c)
     sigma = inv = None
     if est.divides:
-        if norm == "l2":
-            sq = R.c(d * d, "square")
-            v = R.s(rsum(sq, "sum_sq") / n, "div_n")
-            den = R.s(torch.sqrt(R.s(v + eps, "add_eps")), "sqrt")
-            sigma = torch.sqrt(v)
-        else:
-            c = torch.tensor(est.constant(n, k=k, chunks=chunks), dtype=torch.float64)
-            if norm == "l1":
-                base = R.s(rsum(d.abs(), "sum_abs") / n, "div_n")
-            elif norm == "linf":
-                base = d.abs().amax(-1)
-            elif norm == "topk":
-                top = d.abs().topk(min(k, n), dim=-1).values
-                base = R.s(rsum(top, "sum_topk") / top.shape[-1], "div_n")
-            elif norm == "range":
-                m = chunks or 1
-                if n % m:
-                    raise ValueError(f"emulate_normalization: chunks={m} must divide n={n}")
-                xc = xq.reshape(rows, m, n // m)
-                rng = R.c(xc.amax(-1) - xc.amin(-1), "range")
-                base = R.s(rsum(rng, "sum_range") / m, "div_n") if m > 1 else rng[:, 0]
-            else:
-                raise ValueError(f"emulate_normalization: no emulation for norm={norm!r}")
-            sigma = R.s(R.s(c, "constant") * base, "constant")
+        sigma, den = est.emulate_sigma(xq, d, n, eps, rsum, R, k=k, chunks=chunks)
+        if den is None:
             den = _denominator(sigma, eps, R)
         inv = R.s(1 / den, "reciprocal")
         y = R.c(d * inv[:, None], "normalize")
@@ -333,9 +310,3 @@ def emulate_norms(x: Tensor, norms: list[str] | tuple[str, ...], precision: str 
     d = R.c(xq - mean[:, None], "center")
     return {norm: emulate_normalization(x, norm, p, eps=eps, k=k, count_events=count_events,
                                         _centered=(xq, mean, d, R.events)) for norm in norms}
-
-
-def describe(precision: Precision) -> Mapping[str, str]:
-    """Format names per class of intermediate (for logs and reports)."""
-    return {"compute": precision.compute.name, "accumulate": precision.accumulate.name,
-            "stats": precision.stats_format.name, "order": precision.order, "rounding": precision.rounding}

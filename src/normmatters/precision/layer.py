@@ -43,10 +43,9 @@ from ..functional import (
 )
 from .emulate import PRESETS, EmulationResult, Events, Precision, emulate_normalization, get_precision
 
-__all__ = ["emulated_lp_batch_norm", "quantize_uniform", "last_events"]
+__all__ = ["emulated_lp_batch_norm", "quantize_uniform"]
 
 #: events of the most recent emulated forward per ``where`` name (inspection/debugging aid)
-last_events: dict[str, Events] = {}
 
 
 def quantize_uniform(x: Tensor, bits: int, lo: Tensor | float, hi: Tensor | float) -> Tensor:
@@ -150,7 +149,6 @@ def emulated_lp_batch_norm(
             res = _int8(rows, norm, eps, k, chunks, w, b)
         else:
             res = emulate_normalization(rows, norm, p, eps=eps, k=k, chunks=chunks, weight=w, bias=b)
-        last_events[where] = res.events
         y = _unrows(res.y, input.shape, groups)
     out = _StraightThrough.apply(native, y)
 

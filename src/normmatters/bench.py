@@ -39,11 +39,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import pool
+from .estimators import available_norms, get_estimator
+from .kernels import compiled, native_build, pool
+from .nn.batchnorm import LpBatchNorm1d, LpBatchNorm2d
+from .weight_norm_form import to_weight_norm_form
 
 log = logging.getLogger(__name__)
 
-NORMS = ("l2", "l1", "linf", "topk", "range", "mean")
+NORMS = available_norms()
 FULL_SHAPES = ((64, 64, 32, 32), (128, 128, 16, 16), (256, 256, 8, 8), (32, 512, 7, 7), (256, 1024))
 QUICK_SHAPES = ((64, 64, 32, 32),)
 
@@ -170,7 +173,6 @@ def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 
 def _layers(C: int, dim: int, norm: str | None, impl: str | None, device, dtype=torch.float32,
             inplace: bool = False) -> nn.Module:
-    from ..nn.batchnorm import LpBatchNorm1d, LpBatchNorm2d
 
     if norm is None:
         m = (nn.BatchNorm1d if dim == 2 else nn.BatchNorm2d)(C)
@@ -231,7 +233,6 @@ def bench_case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, norms: I
             saved=saved_bytes(run(mods[norm], False)) / base_saved,
             peak=peak_bytes(run(mods[norm], True), device) / base_peak,
             roof=roof_s / _median(step[norm]), step_ms=_median(step[norm]) * 1e3))
-    from ..estimators import get_estimator
 
     nan = math.nan
     for norm in (norms if inplace_norms is None else inplace_norms):
@@ -285,8 +286,6 @@ WEIGHT_NORM_VARIANTS = ("wn+mean", "bwn+mean")
 
 
 def _resnet20_variant(name: str, device: torch.device) -> nn.Module:
-    from ..nn.batchnorm import LpBatchNorm2d
-    from ..nn.weightnorm import to_weight_norm_form
 
     torch.manual_seed(0)
     if name == "bn":
@@ -358,7 +357,6 @@ def run_benchmark(quick: bool = False, device: str = "cpu", norms: Iterable[str]
                   shapes: Iterable[tuple[int, ...]] | None = None, rounds: int | None = None,
                   resnet: bool = True) -> dict[str, Any]:
     """Run the benchmark; returns a dict with rows, ResNet-20 ratios, bandwidth and compile seconds."""
-    from . import compiled, native_build
 
     dev = torch.device(device)
     norms = tuple(norms)

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from normmatters.kernels import bench
+from normmatters import bench
 
 
 def test_run_benchmark_rows_and_table():
