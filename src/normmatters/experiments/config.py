@@ -19,7 +19,7 @@ __all__ = ["TrainConfig", "ConfigError", "load_config", "save_config", "OPTIMIZE
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 DTYPES = ("fp32", "bf16", "autocast")
-SYNC_NORM = ("none", "torch")
+SYNC_NORM = ("none", "torch", "lp", "auto")
 WEIGHT_NORMS = ("none", "wn", "bwn")
 BATCH_ORDERS = ("shuffle", "class_sorted")
 
