@@ -52,10 +52,34 @@ from ..functional import (
     update_running_stats,
 )
 
-__all__ = ["sync_lp_batch_norm", "group_size"]
+__all__ = ["sync_lp_batch_norm", "group_size", "count_traffic"]
 
 #: norms whose statistic needs the global per-channel max and min of x (riding in the first all-gather)
 _NEEDS_EXTREMES = frozenset({"linf", "range"})
+
+
+#: while :func:`count_traffic` is active: (collective, "forward"/"backward", bytes this rank contributes)
+_TRAFFIC: list[tuple[str, str, int]] | None = None
+
+
+class count_traffic:  # noqa: N801 — used as a context manager, like torch.no_grad
+    """Record every collective this module runs while active (for the benchmark): ``with count_traffic() as t:``
+    then ``t.log`` lists (collective, phase, bytes this rank contributes)."""
+
+    def __enter__(self) -> count_traffic:
+        global _TRAFFIC
+        self.log: list[tuple[str, str, int]] = []
+        _TRAFFIC = self.log
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _TRAFFIC
+        _TRAFFIC = None
+
+
+def _record(op: str, t: Tensor, phase: str = "forward") -> None:
+    if _TRAFFIC is not None:
+        _TRAFFIC.append((op, phase, t.numel() * t.element_size()))
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -78,6 +102,7 @@ class _ReducedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous().clone()
+        _record("all_reduce", grad, "backward")
         dist.all_reduce(grad, group=ctx.group)
         return grad, None, None
 
@@ -85,12 +110,14 @@ class _ReducedSum(torch.autograd.Function):
 def _all_gather(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """(K, *t.shape): every rank's ``t``, in rank order (identical on every rank)."""
     out = [torch.empty_like(t) for _ in range(group_size(group))]
+    _record("all_gather", t)
     dist.all_gather(out, t.contiguous(), group=group)
     return torch.stack(out)
 
 
 def _all_reduce(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     t = t.contiguous().clone()
+    _record("all_reduce", t)
     dist.all_reduce(t, group=group)
     return t
 
