@@ -108,6 +108,22 @@ def _finite_difference(rank, world, norm):
     return worst
 
 
+def _gradcheck(norm, group):
+    """torch.autograd.gradcheck of the synced function over a one-rank group (its collectives run, the forward is
+    re-evaluated at every perturbation): input, weight and bias, float64."""
+    from normmatters.kernels.sync import sync_lp_batch_norm
+
+    torch.manual_seed(2)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return sync_lp_batch_norm(x, None, None, w, b, 0.1, 1e-5, norm, k=3, group=group)
+
+    return torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+
+
 def _nonfinite(rank, world):
     """Rank 0 holds a NaN: every rank raises NonFiniteBatchError, buffers unchanged; then a clean batch works."""
     syn = nm.SyncLpBatchNorm2d(3, norm="l1").double()
@@ -139,6 +155,9 @@ def _worker(rank, world, port, out):
 
     ranks = list(range(world))
     run("nonfinite", _nonfinite, rank, world)
+    singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    for norm in NORMS:
+        run(f"{norm}-gradcheck", _gradcheck, norm, singles[rank])
     for norm in NORMS:
         for split in SPLITS[world]:
             run(f"{norm}-{split}", _equality, rank, ranks, split, norm)
@@ -205,7 +224,7 @@ def test_every_case_matches_single_process_layer(ranks_results):
     world, results = ranks_results
     names = set().union(*results)
     for name in sorted(names):
-        if name in ("nonfinite",) or name.endswith("-fd"):
+        if name in ("nonfinite",) or name.endswith(("-fd", "-gradcheck")):
             continue
         tol = 1e-5 if "float32" in name else 1e-10
         for v in _values(results, name):
@@ -226,6 +245,12 @@ def test_gradient_matches_finite_differences_through_collectives(ranks_results):
     for norm in NORMS:
         for v in _values(results, f"{norm}-fd"):
             assert v < 1e-6, f"{world} ranks, {norm}: finite-difference error {v:.3g}"
+
+
+def test_gradcheck_through_the_synced_function(ranks_results):
+    _, results = ranks_results
+    for norm in NORMS:
+        assert all(v is True for v in _values(results, f"{norm}-gradcheck")), norm
 
 
 def test_nonfinite_batch_raises_on_every_rank_and_keeps_buffers(ranks_results):

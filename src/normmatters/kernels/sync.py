@@ -6,30 +6,30 @@ concatenated batch; parameter gradients are the rank's share (their sum over ran
 the single-process gradient). The estimators' partial statistics (:mod:`normmatters.estimators`) are what
 travels; per channel, in the order every rank runs them:
 
-========  =======================================================  ===========================================
-norm      forward collectives (C channels, K ranks, d = x − μ)     backward (all-reduce SUM)
-========  =======================================================  ===========================================
-every     all-gather [count, Σx] — (1 + C) float64 per rank        C (gradient through μ)
-``l2``    + all-reduce Σd² (C)                                     + C
-``l1``    + all-reduce Σ|d| (C)                                    + C
-``linf``  max x, min x ride in the first all-gather (+2C);         + C
-          + all-reduce the tie count of max|d| (C)
-          (max|x − μ| = max(max x − μ, μ − min x))
-``topk``  + all-gather each rank's k largest |d| (C·k), merged     + C
-          to the global k largest; + all-reduce the counts
-          above / at the k-th largest (2C)
-``range`` max x, min x ride in the first all-gather (+2C);         + C
+========  =========================================================  ===================================
+norm      forward collectives (C channels, k of topk, d = x − μ)       backward
+========  =========================================================  ===================================
+every     all-gather [count, Σx] — (1 + C) float64 per rank            one all-reduce [Σg·w, Σg·w·d] (2C)
+``l2``    + all-reduce Σd² (C)
+``l1``    + all-reduce [Σ|d|, Σ sign d] (2C)
+``linf``  max x, min x ride in the first all-gather (+2C), as
+          max|x − μ| = max(max x − μ, μ − min x); + all-reduce the
+          counts and sign sums above / at max|d| (4C)
+``topk``  + all-gather each rank's k largest |d| (C·k), merged to the
+          global k largest; + all-reduce the counts and sign sums
+          above / at the k-th largest (4C)
+``range`` max x, min x ride in the first all-gather (+2C);
           + all-reduce the tie counts at max and min (2C)
-``mean``  nothing more                                             nothing more (μ's C)
-========  =======================================================  ===========================================
+``mean``  nothing more
+========  =========================================================  ===================================
 
-The forward values are reduced without autograd; each reduced statistic is then tied to a local
-"surrogate" whose gradient is the rank's share of the statistic's gradient (:class:`_ReducedSum`): its
-backward all-reduces the gradient of the statistic over the group. The extreme elements of linf / topk /
-range live on some rank; ties across ranks share the gradient evenly, as in one process (autograd's amax
-rule, :func:`normmatters.estimators._extreme_pieces`). Every rank sees the same reduced statistics, so
-every rank raises (``nonfinite="raise"``), warns or updates its buffers alike. Ranks must agree on whether
-the input requires grad (each runs the same backward collectives), as with ``nn.SyncBatchNorm``.
+The reductions the backward needs besides Σg·w and Σg·w·d are the estimator's own
+(:meth:`~normmatters.estimators.Estimator.lean_sums`), reduced in the forward; the backward is the estimator's
+(:meth:`~normmatters.estimators.Estimator.lean_dstat`) with the union batch's thresholds, counts and n, so the
+extreme elements of linf / topk / range, which live on some rank, get their gradient there, and ties across ranks
+share it evenly as in one process. Every rank sees the same reduced statistics, so every rank raises
+(``nonfinite="raise"``), warns or updates its buffers alike. Ranks must agree on whether anything requires grad
+(each runs the backward all-reduce), as with ``nn.SyncBatchNorm``.
 
 Not supported with sync (``ValueError``): ``chunks`` (range), ``ghost_batch_size``, ``precision``,
 ``inplace``.
@@ -89,24 +89,6 @@ def group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-class _ReducedSum(torch.autograd.Function):
-    """``total`` (a statistic already reduced over the group, identical on every rank) whose gradient flows to
-    ``local``, the rank's differentiable share: backward all-reduces (SUM) the gradient of ``total``, since
-    the total loss Σ_r L_r depends on every rank's copy of the statistic."""
-
-    @staticmethod
-    def forward(ctx, local: Tensor, total: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        ctx.group = group
-        return total.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.contiguous().clone()
-        _record("all_reduce", grad, "backward")
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None, None
-
-
 def _all_gather(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """(K, *t.shape): every rank's ``t``, in rank order (identical on every rank)."""
     out = [torch.empty_like(t) for _ in range(group_size(group))]
@@ -128,46 +110,75 @@ def _local_extreme(x: Tensor, dims: tuple[int, ...], largest: bool) -> Tensor:
     return x.amax(dims) if largest else x.amin(dims)
 
 
-def _statistic(norm: str, k: int, x: Tensor, d: Tensor, mu: Tensor, hi: Tensor | None, lo: Tensor | None,
-               n: int, group) -> Tensor:
-    """σ̂ (C,) of the union batch, differentiable w.r.t. the local x (through d and μ)."""
+def _statistic(norm: str, k: int, x5: Tensor, d5: Tensor, mu: Tensor, hi: Tensor | None, lo: Tensor | None,
+               n: int, group) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """(raw, aux, sums) of the union batch in the lean layout (1, 1, N, C, S) (see
+    :meth:`normmatters.estimators.Estimator.lean_dstat`): the unscaled statistic, the thresholds the backward
+    compares elements with, and the estimator's backward sums (:meth:`~normmatters.estimators.Estimator.lean_sums`)
+    reduced over the group — in one all-reduce with l2's Σd² or l1's Σ|d|."""
     est = get_estimator(norm)
-    dims = (0, 2)
-    C = x.shape[1]
-    with torch.no_grad():
-        a = d.detach().abs()
-    if norm in ("l2", "l1"):
-        local = d.square().sum(dims) if norm == "l2" else d.abs().sum(dims)
-        total = _all_reduce(local.detach(), group)
-        field = "sum_sq" if norm == "l2" else "sum_abs"
-        return est.finalize({field: _ReducedSum.apply(local, total, group)}, n)
-    if norm == "linf":
-        tau = torch.maximum(hi - mu.detach(), mu.detach() - lo)  # = max|x − μ| exactly (fl(·) is monotone)
-        tied = (a == tau[None, :, None]).to(x.dtype)
-        count = _all_reduce(tied.sum(dims), group)
-        local = (d.abs() * tied).sum(dims) / count
-        return est.finalize({"max_abs": _ReducedSum.apply(local, tau, group)}, n)
+    lean = (1, 2, 4)
     if norm == "topk":
-        rows = a.transpose(0, 1).reshape(C, -1)
+        a = d5.abs()
+        C = a.shape[3]
+        rows = a.permute(3, 0, 1, 2, 4).reshape(C, -1)
         mine = rows.topk(min(k, rows.shape[1]), dim=-1).values
         if mine.shape[1] < k:  # a shard with fewer than k elements pads with values no merge keeps
             mine = torch.cat([mine, mine.new_full((C, k - mine.shape[1]), -math.inf)], dim=1)
-        cand = _all_gather(mine, group).transpose(0, 1).reshape(C, -1)
-        top = cand.topk(k, dim=-1).values
-        tau = top.amin(-1)[None, :, None]
-        gt, eq = (a > tau).to(x.dtype), (a == tau).to(x.dtype)
-        counts = _all_reduce(torch.stack([gt.sum(dims), eq.sum(dims)]), group)
-        w_eq = (k - counts[0]) / counts[1]  # elements tied at the k-th largest share its weight evenly
-        local = (d.abs() * (gt + eq * w_eq[None, :, None])).sum(dims)
-        total = _ReducedSum.apply(local, top.sum(-1), group)
-        return est.finalize({"topk": (total / k)[:, None]}, n, k=k)
-    if norm == "range":
-        at_hi, at_lo = (x.detach() == hi[None, :, None]).to(x.dtype), (x.detach() == lo[None, :, None]).to(x.dtype)
-        counts = _all_reduce(torch.stack([at_hi.sum(dims), at_lo.sum(dims)]), group)
-        local = (x * at_hi).sum(dims) / counts[0] - (x * at_lo).sum(dims) / counts[1]
-        part = {"range_sum": _ReducedSum.apply(local, hi - lo, group), "chunk_count": torch.ones_like(hi)}
-        return est.finalize(part, n)
-    raise ValueError(f"norm={norm!r} has no synced statistic")
+        top = _all_gather(mine, group).transpose(0, 1).reshape(C, -1).topk(k, dim=-1).values
+        raw, aux = top.mean(-1).reshape(1, 1, 1, C, 1), (top.amin(-1).reshape(1, 1, 1, C, 1),)
+    elif norm == "linf":  # max|x − μ| = max(max x − μ, μ − min x) exactly (fl(·) is monotone)
+        raw, aux = torch.maximum(hi - mu, mu - lo).reshape(1, 1, 1, -1, 1), ()
+    elif norm == "range":
+        raw, aux = (hi - lo).reshape(1, 1, 1, -1, 1), (hi.reshape(1, 1, 1, -1, 1), lo.reshape(1, 1, 1, -1, 1))
+    else:
+        raw, aux = None, ()
+    first = {"l2": lambda: d5.square().sum(lean, keepdim=True),
+             "l1": lambda: d5.abs().sum(lean, keepdim=True)}.get(norm)
+    local = ((first(),) if first else ()) + tuple(est.lean_sums(x5, d5, raw, aux))
+    total = _all_reduce(torch.stack(local), group).unbind(0) if local else ()
+    if first:
+        raw = (total[0] / n).sqrt() if norm == "l2" else total[0] / n
+        total = total[1:]
+    return raw, aux, tuple(total)
+
+
+class _SyncLpBatchNormFunction(torch.autograd.Function):
+    """y = w·(x − μ)·r + b on the rank's (N, C, S) rows with the union batch's μ and r = 1/sqrt(σ̂² + eps)
+    (precomputed, in ``stats``). Backward, with g̃ = g·w and d = x − μ, in one all-reduce of [Σg̃, Σg̃·d] (2C):
+    dx = r·(g̃ − Σg̃/n) − (Σg̃·d)·r³·(e − ē), e and ē the estimator's elementwise part of σ̂·∂σ̂/∂x and its mean
+    (:meth:`~normmatters.estimators.Estimator.lean_dstat`, with the reduced sums); dw = Σ g·d·r, db = Σ g
+    (the rank's share: DDP sums them)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: dict) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stats = stats
+        ctx.has_bias = bias is not None
+        y = (x - stats["mu"][None, :, None]) * stats["r"][None, :, None]
+        if weight is not None:
+            y = y * weight[None, :, None]
+        return y + bias[None, :, None] if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        st = ctx.stats
+        n, r = st["n"], st["r"][None, :, None]
+        d = x - st["mu"][None, :, None]
+        gw = g * weight[None, :, None] if weight is not None else g
+        sums = torch.stack([gw.sum((0, 2)), (gw * d).sum((0, 2))]).contiguous()
+        _record("all_reduce", sums, "backward")
+        dist.all_reduce(sums, group=st["group"])
+        dx = (gw - (sums[0] / n)[None, :, None]) * r
+        if st["est"].divides:
+            N, C, S = x.shape
+            e, e_mean = st["est"].lean_dstat(x.reshape(1, 1, N, C, S), d.reshape(1, 1, N, C, S), st["c"], st["raw"],
+                                             st["sigma"], st["aux"], st["sums"], n, st["k"])
+            dx = dx - (sums[1][None, :, None] * r.pow(3)) * (e - e_mean).reshape(N, C, S)
+        dw = (g * d * r).sum((0, 2)) if weight is not None and ctx.needs_input_grad[1] else None
+        db = g.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
 
 
 def sync_lp_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -202,23 +213,24 @@ def sync_lp_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: 
     if problem:
         raise ValueError(f"{where}: {problem}")
     total = gathered[:, 1:1 + C].sum(0)
-    mu = _ReducedSum.apply(x.sum(dims) / n, (total / n).to(acc), group)
-    d = x - mu[None, :, None]
+    mu = (total / n).to(acc)
+    stats = {"mu": mu, "n": n, "est": est, "k": k, "group": group, "r": torch.ones_like(mu)}
     sigma = None
     if est.divides:
-        hi = gathered[:, 1 + C:1 + 2 * C].amax(0).to(acc) if extremes else None
-        lo = gathered[:, 1 + 2 * C:1 + 3 * C].amin(0).to(acc) if extremes else None
-        sigma = _statistic(norm, k, x, d, mu, hi, lo, n, group)
-        y = d * inv_std(sigma, eps)[None, :, None]
-    else:
-        y = d
-    if weight is not None:
-        y = y * weight.to(acc)[None, :, None]
-    if bias is not None:
-        y = y + bias.to(acc)[None, :, None]
+        with torch.no_grad():
+            hi = gathered[:, 1 + C:1 + 2 * C].amax(0).to(acc) if extremes else None
+            lo = gathered[:, 1 + 2 * C:1 + 3 * C].amin(0).to(acc) if extremes else None
+            x5 = x.detach().reshape(1, 1, N, C, S)
+            raw, aux, sums = _statistic(norm, k, x5, x5 - mu.reshape(1, 1, 1, C, 1), mu, hi, lo, n, group)
+            c = est.constant_tensor(n, acc, x.device, k=k)
+            sigma5 = c * raw
+            sigma = sigma5.reshape(C)
+        stats.update(r=inv_std(sigma, eps), raw=raw, aux=aux, sums=sums, c=c, sigma=sigma5)
+    y = _SyncLpBatchNormFunction.apply(x, None if weight is None else weight.to(acc),
+                                       None if bias is None else bias.to(acc), stats)
     y = y.reshape(input.shape).to(input.dtype)
     with torch.no_grad():
-        status = update_running_stats(mu.detach()[None], None if sigma is None else sigma.detach()[None],
+        status = update_running_stats(mu[None], None if sigma is None else sigma[None],
                                       running_mean, running_var, num_batches_tracked, momentum, n)
     report_nonfinite(status, nonfinite, where,
                      tracked=not (running_mean is None and running_var is None and num_batches_tracked is None))
