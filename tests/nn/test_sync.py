@@ -141,6 +141,23 @@ def _nonfinite(rank, world):
     return raised, unchanged, syn.num_batches_tracked.item()
 
 
+def _refusals(rank, world):
+    """Errors every rank raises alike, before or after the same collectives (the ranks stay in step)."""
+    caught = []
+    for make, shape in ((lambda: nm.SyncLpBatchNorm2d(6, norm="range", chunks=2), (4, 6, 2, 2)),
+                        (lambda: nm.SyncLpBatchNorm2d(6, ghost_batch_size=2), (4, 6, 2, 2)),
+                        (lambda: nm.SyncLpBatchNorm1d(6), (1 if rank == 0 else 0, 6)),  # one value per channel
+                        (lambda: nm.SyncLpBatchNorm1d(6, norm="topk", k=50), (4, 6))):  # k > n of the union
+        try:
+            make()(torch.randn(shape))
+            caught.append("no error")
+        except ValueError as exc:
+            caught.append(str(exc).split(":")[0])
+    x = torch.randn(4, 6, 3, 3).to(memory_format=torch.channels_last)
+    y = nm.SyncLpBatchNorm2d(6)(x)
+    return caught, y.is_contiguous(memory_format=torch.channels_last)
+
+
 def _worker(rank, world, port, out):
     warnings.filterwarnings("ignore")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -155,6 +172,7 @@ def _worker(rank, world, port, out):
 
     ranks = list(range(world))
     run("nonfinite", _nonfinite, rank, world)
+    run("refusals", _refusals, rank, world)
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     for norm in NORMS:
         run(f"{norm}-gradcheck", _gradcheck, norm, singles[rank])
@@ -224,7 +242,7 @@ def test_every_case_matches_single_process_layer(ranks_results):
     world, results = ranks_results
     names = set().union(*results)
     for name in sorted(names):
-        if name in ("nonfinite",) or name.endswith(("-fd", "-gradcheck")):
+        if name in ("nonfinite", "refusals") or name.endswith(("-fd", "-gradcheck")):
             continue
         tol = 1e-5 if "float32" in name else 1e-10
         for v in _values(results, name):
@@ -251,6 +269,14 @@ def test_gradcheck_through_the_synced_function(ranks_results):
     _, results = ranks_results
     for norm in NORMS:
         assert all(v is True for v in _values(results, f"{norm}-gradcheck")), norm
+
+
+def test_unsupported_options_and_too_small_batches_raise_on_every_rank(ranks_results):
+    _, results = ranks_results
+    for caught, channels_last in _values(results, "refusals"):
+        assert caught == ["SyncLpBatchNorm2d(6, norm='range')", "SyncLpBatchNorm2d(6, norm='l1')",
+                          "SyncLpBatchNorm1d(6, norm='l1')", "SyncLpBatchNorm1d(6, norm='topk')"], caught
+        assert channels_last
 
 
 def test_nonfinite_batch_raises_on_every_rank_and_keeps_buffers(ranks_results):

@@ -229,6 +229,10 @@ def sync_lp_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: 
     y = _SyncLpBatchNormFunction.apply(x, None if weight is None else weight.to(acc),
                                        None if bias is None else bias.to(acc), stats)
     y = y.reshape(input.shape).to(input.dtype)
+    for fmt in (torch.channels_last, torch.channels_last_3d):  # keep the input's memory format, as LpBatchNorm
+        if input.dim() == (4 if fmt is torch.channels_last else 5) and not input.is_contiguous() \
+                and input.is_contiguous(memory_format=fmt):
+            y = y.contiguous(memory_format=fmt)
     with torch.no_grad():
         status = update_running_stats(mu[None], None if sigma is None else sigma[None],
                                       running_mean, running_var, num_batches_tracked, momentum, n)
