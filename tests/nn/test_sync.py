@@ -184,6 +184,7 @@ def _worker(rank, world, port, out):
     if world == 2:
         run("l1-float32", _equality, rank, ranks, (5, 3), "l1", dtype=torch.float32)
         run("linf-float32", _equality, rank, ranks, (5, 3), "linf", dtype=torch.float32)
+        run("topk-bfloat16", _equality, rank, ranks, (5, 3), "topk", dtype=torch.bfloat16)
         run("l1-1d", _equality, rank, ranks, (5, 3), "l1", shape=(6,))
         run("topk-1d-k-above-shard", _equality, rank, ranks, (1, 7), "topk", shape=(6,), k=5)
         run("range-3d", _equality, rank, ranks, (2, 2), "range", shape=(6, 2, 2, 2))
@@ -244,7 +245,9 @@ def test_every_case_matches_single_process_layer(ranks_results):
     for name in sorted(names):
         if name in ("nonfinite", "refusals") or name.endswith(("-fd", "-gradcheck")):
             continue
-        tol = 1e-5 if "float32" in name else 1e-10
+        # float32: summation order; bfloat16 (statistics in float32, as LpBatchNorm): a few bfloat16 rounding steps
+        # of the largest values compared (weight gradients ~10, whose rank shares are rounded before DDP's sum)
+        tol = {"float32": 1e-5, "bfloat16": 0.25}.get(name.split("-")[-1], 1e-10)
         for v in _values(results, name):
             assert v <= tol, f"{world} ranks, {name}: max error {v:.3g}"
 
