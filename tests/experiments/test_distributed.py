@@ -115,3 +115,17 @@ def test_synced_norm_two_ranks_match_one_process(two_ranks, norm, sync):
     for a, b in zip(sync_epochs, epochs, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("device, stock", [("cuda", "SyncBatchNorm"), ("cpu", "SyncLpBatchNorm2d")])
+def test_prepare_norm_layers_auto_syncs_every_norm(device, stock):
+    import normmatters as nm
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), nm.LpBatchNorm2d(3, norm="linf"))
+    out = D.prepare_norm_layers(model, "auto", D.DistInfo(0, 2, 0), device=device)  # conversion only, no group
+    assert [type(m).__name__ for m in out] == [stock, "SyncLpBatchNorm2d"] and out[1].norm == "linf"
+    lp_only = D.prepare_norm_layers(torch.nn.Sequential(torch.nn.BatchNorm2d(3), nm.LpBatchNorm2d(3)), "lp",
+                                    D.DistInfo(0, 2, 0))
+    assert [type(m).__name__ for m in lp_only] == ["BatchNorm2d", "SyncLpBatchNorm2d"]
+    with pytest.raises(ValueError, match="sync_norm must be"):
+        D.prepare_norm_layers(model, "all", D.DistInfo(0, 2, 0))
