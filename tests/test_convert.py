@@ -87,13 +87,41 @@ def test_converting_a_bare_layer_returns_the_new_layer():
     assert isinstance(lp, LpBatchNorm2d) and lp.norm == "linf" and lp.weight is bn.weight
 
 
-def test_sync_batchnorm_becomes_rank_agnostic_layer_and_back(caplog):
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4))
-    with caplog.at_level("WARNING"):
-        conv = nm.convert_batchnorm(model, norm="l1")
-    assert type(conv[1]) is LpBatchNorm and "per-process" in caplog.text
-    conv(torch.randn(4, 3, 2, 2))
-    assert type(nm.to_torch_batchnorm(conv)[1]) is nn.SyncBatchNorm
+def test_sync_batchnorm_stays_synced_and_back():
+    group = object()  # stands in for a ProcessGroup: conversion only carries it over
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, process_group=group))
+    weight = model[1].weight
+    conv = nm.convert_batchnorm(model, norm="l1")
+    assert type(conv[1]) is nm.SyncLpBatchNorm and conv[1].process_group is group and conv[1].weight is weight
+    back = nm.to_torch_batchnorm(conv)[1]
+    assert type(back) is nn.SyncBatchNorm and back.process_group is group
+
+
+def test_rank_agnostic_lp_layer_becomes_sync_batchnorm():
+    assert type(nm.to_torch_batchnorm(nn.Sequential(LpBatchNorm(4)))[0]) is nn.SyncBatchNorm
+
+
+@pytest.mark.parametrize("bn, sync_cls", [(nn.BatchNorm1d(4), "SyncLpBatchNorm1d"),
+                                          (nn.BatchNorm2d(4), "SyncLpBatchNorm2d"),
+                                          (nn.BatchNorm3d(4), "SyncLpBatchNorm3d")])
+def test_convert_with_sync_makes_synced_layers_of_the_same_rank(bn, sync_cls):
+    model = nm.convert_batchnorm(nn.Sequential(bn), norm="topk", sync=True, k=3)
+    assert type(model[0]) is getattr(nm, sync_cls) and model[0].norm == "topk" and model[0].k == 3
+    assert model[0].process_group is None and model[0].weight is bn.weight
+
+
+def test_convert_sync_lp_batchnorm_keeps_norm_options_and_state():
+    group = object()
+    lp = nm.L1BatchNorm2d(4, momentum=0.3, nonfinite="skip")
+    lp(torch.randn(8, 4, 2, 2))
+    model = nm.convert_sync_lp_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), lp), process_group=group)
+    syn = model[1]
+    assert type(syn) is nm.SyncLpBatchNorm2d and syn.process_group is group
+    assert (syn.norm, syn.momentum, syn.nonfinite) == ("l1", 0.3, "skip")
+    assert syn.running_mean is lp.running_mean and syn.weight is lp.weight
+    assert nm.convert_sync_lp_batchnorm(syn) is syn  # already synced: left alone
+    x = torch.randn(5, 4, 2, 2)  # no process group initialised: the same layer as before
+    torch.testing.assert_close(syn.eval()(x), lp.eval()(x), rtol=0, atol=0)
 
 
 def test_mean_only_to_torch_keeps_eval_output():

@@ -19,6 +19,7 @@ _SUBMODULES = ("constants", "estimators", "functional")
 #: name → sub-module that defines it (every public name of ``normmatters.nn`` is re-exported as well)
 _NAMES = {
     "convert_batchnorm": "convert",
+    "convert_sync_lp_batchnorm": "convert",
     "to_torch_batchnorm": "convert",
     "to_weight_norm_form": "weight_norm_form",
     "norm_layer": "factory",

@@ -2,8 +2,9 @@
 
 Tolerance: with no normalization (``norm="none"``) and no augmentation, 2 ranks × 32 samples average to
 the same gradient as 1 process × 64 samples up to float summation order, so weights and losses must agree to
-1e-5 after 6 SGD steps. (With batch norm the ranks normalize over 32 samples each — ghost-batch statistics —
-so only the across-rank and resume checks are exact there.)
+1e-5 after 6 SGD steps. With batch norm the ranks normalize over 32 samples each — ghost-batch statistics —
+so only the across-rank and resume checks are exact there, unless the statistics are synced
+(``sync_norm="lp"`` / ``"auto"``): then the two ranks again match one process on the full batch.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         t = Trainer(_cfg("none"), None, data=data, dist_info=info)
         epochs = t.fit().epochs
         out["none"] = (t.module.state_dict(), epochs)
+        for norm, sync in (("l1", "lp"), ("bn", "auto")):
+            t = Trainer(_cfg(norm, sync_norm=sync), None, data=data, dist_info=info)
+            epochs = t.fit().epochs
+            norms = sorted({type(m).__name__ for m in t.module.modules() if "Norm" in type(m).__name__})
+            out[f"{norm}_{sync}"] = (t.module.state_dict(), epochs, norms)
         t = Trainer(_cfg("bn", crop_padding=1, hflip=True), None, data=data, dist_info=info)
         t.fit()
         out["bn_straight"] = t.module.state_dict()
@@ -92,3 +98,34 @@ def test_two_ranks_match_one_process(two_ranks):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
         assert a["test_acc"] == b["test_acc"]
+
+
+@pytest.mark.parametrize("norm, sync", [("l1", "lp"), ("bn", "auto")])
+def test_synced_norm_two_ranks_match_one_process(two_ranks, norm, sync):
+    (r0, r1), _ = two_ranks
+    t = Trainer(_cfg(norm), None, data=_tiny())
+    epochs = t.fit().epochs
+    single = t.module.state_dict()
+    weights, sync_epochs, norms = r0[f"{norm}_{sync}"]
+    assert norms == ["SyncLpBatchNorm1d"]  # "auto" on CPU: nn.BatchNorm1d becomes the same math, synced (l2)
+    assert set(weights) == set(single)
+    for k in single:
+        torch.testing.assert_close(weights[k], single[k], atol=1e-5, rtol=1e-5)
+        assert torch.equal(weights[k], r1[f"{norm}_{sync}"][0][k]), k
+    for a, b in zip(sync_epochs, epochs, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("device, stock", [("cuda", "SyncBatchNorm"), ("cpu", "SyncLpBatchNorm2d")])
+def test_prepare_norm_layers_auto_syncs_every_norm(device, stock):
+    import normmatters as nm
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), nm.LpBatchNorm2d(3, norm="linf"))
+    out = D.prepare_norm_layers(model, "auto", D.DistInfo(0, 2, 0), device=device)  # conversion only, no group
+    assert [type(m).__name__ for m in out] == [stock, "SyncLpBatchNorm2d"] and out[1].norm == "linf"
+    lp_only = D.prepare_norm_layers(torch.nn.Sequential(torch.nn.BatchNorm2d(3), nm.LpBatchNorm2d(3)), "lp",
+                                    D.DistInfo(0, 2, 0))
+    assert [type(m).__name__ for m in lp_only] == ["BatchNorm2d", "SyncLpBatchNorm2d"]
+    with pytest.raises(ValueError, match="sync_norm must be"):
+        D.prepare_norm_layers(model, "all", D.DistInfo(0, 2, 0))

@@ -19,11 +19,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--norms", nargs="+", default=None, help="subset of norms (default: all)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement "
                         "(default: the benchmark's own, fewer with --quick)")
+    p.add_argument("--sync", action="store_true",
+                   help="instead: SyncLpBatchNorm2d on 2 gloo CPU ranks — step time vs the unsynced layer and vs "
+                        "synced l2, collectives and bytes per layer per step")
     p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-20 training-step comparison")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sync:
+        return _run_sync(args)
     from ..bench import NORMS, run_benchmark
     from ..progress import elapsed_bar
 
@@ -51,6 +56,18 @@ def run(args: argparse.Namespace) -> int:
         print("first-call (compile) seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                           res["compile_seconds"].items()))
     print(f"benchmark took {res['seconds']:.0f} s")
+    if args.json:
+        from ..atomic_write import atomic_write
+
+        atomic_write(args.json, json.dumps(res, indent=1, default=str))
+    return 0
+
+
+def _run_sync(args: argparse.Namespace) -> int:
+    from ..sync_bench import NORMS, format_sync_table, run_sync_benchmark
+
+    res = run_sync_benchmark(norms=tuple(args.norms or NORMS), rounds=args.rounds or (10 if args.quick else 30))
+    print(format_sync_table(res))
     if args.json:
         from ..atomic_write import atomic_write
 

@@ -33,7 +33,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "device": (str, "cpu|cuda|cuda:N"),
     "workers": (int, "data-loader worker processes"),
     "threads": (int, "torch CPU threads"),
-    "sync_norm": (str, "none|torch: normalization statistics across ranks"),
+    "sync_norm": (str, "none|torch|lp|auto: normalization statistics across ranks"),
     "checkpoint_every": (int, "epochs between checkpoints"),
     "log_every": (int, "steps between step-metric records"),
     "weight_norm": (str, "none|wn|bwn: (bounded) weight norm + mean-only batch norm, the paper's form"),

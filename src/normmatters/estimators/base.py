@@ -42,6 +42,7 @@ class Estimator:
     native_aux_rows: int = 0
     native_preferred: bool = False
     native_inplace_rows: bool = True
+    sync_needs_extremes: bool = False
 
     def constant(self, n: int, k: int = 10, chunks: int | None = None) -> float:
         """c(n): the factor that makes E[σ̂] = E[s_n] for n Gaussian elements."""
@@ -140,6 +141,22 @@ class Estimator:
     def lean_sums(self, x: Tensor, d: Tensor, raw: Tensor, aux: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """Per-channel sums the backward needs besides Σ grad and Σ grad·x̂ (fused into the same pass)."""
         return ()
+
+    # --- synced statistics (:mod:`normmatters.kernels.sync`) ------------------------------------------------
+    # The union batch's statistic over K ranks, in the lean layout (1, 1, N, C, S) of this rank's rows:
+    # ``sync_needs_extremes`` puts the per-channel max and min of x into the first all-gather (with the count
+    # and Σx); ``sync_raw`` returns (raw, aux, local) — raw and aux when they are known already (from the
+    # extremes, or from ``all_gather``), else raw None and ``local`` a per-channel sum that the caller
+    # all-reduces in one collective with the :meth:`lean_sums`, and ``sync_finish`` turns into raw.
+
+    def sync_raw(self, d: Tensor, mu: Tensor, hi: Tensor | None, lo: Tensor | None, k: int,
+                 all_gather) -> tuple[Tensor | None, tuple[Tensor, ...], Tensor | None]:
+        """Mean-only: nothing to reduce."""
+        return None, (), None
+
+    def sync_finish(self, total: Tensor, n: int) -> Tensor:
+        """raw from the all-reduced ``local`` of :meth:`sync_raw` over the union's n elements."""
+        raise NotImplementedError(f"norm={self.name!r} reduces no local sum")
 
     def lean_thresholds(self, d: Tensor, raw: Tensor, aux: tuple[Tensor, ...],
                         k: int = 10) -> tuple[Tensor, tuple[Tensor, ...]]:

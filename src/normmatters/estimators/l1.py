@@ -39,5 +39,11 @@ class _L1(Estimator):
         # σ̂ = c · mean|d|  →  ∂σ̂/∂d_i = c · sign(d_i) / n
         return torch.sign(d) * (sigma * c / n), sums[0] * (sigma * c / n / n)
 
+    def sync_raw(self, d, mu, hi, lo, k, all_gather):
+        return None, (), d.abs().sum(_LEAN_DIMS, keepdim=True)  # Σ|d| around the union's μ: a second collective
+
+    def sync_finish(self, total, n):
+        return total / n
+
 
 ESTIMATOR = _L1(name="l1", reductions={"sum_abs": "sum"})

@@ -50,6 +50,12 @@ class _L2(Estimator):
         d = (x - mean) / s
         return mean, (d * d).mean(_LEAN_DIMS, keepdim=True).sqrt() * s, ()
 
+    def sync_raw(self, d, mu, hi, lo, k, all_gather):
+        return None, (), d.square().sum(_LEAN_DIMS, keepdim=True)  # Σd² around the union's μ
+
+    def sync_finish(self, total, n):
+        return (total / n).sqrt()
+
     def expected_raw(self, n, k=10):
         return constants.expected_biased_std(n)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .. import constants
 from .base import _LEAN_DIMS, Estimator, _centered, _sqrt_ratio, paper_linf_constant
 from .extremes import _extreme_pieces, _extreme_sums
@@ -39,5 +41,9 @@ class _Linf(Estimator):
         e, e_sum = _extreme_pieces(d, raw, sums, 1)
         return e * (sigma * c), e_sum * (sigma * c / n)
 
+    def sync_raw(self, d, mu, hi, lo, k, all_gather):
+        # max|x − μ| = max(max x − μ, μ − min x), exactly (rounding is monotone): no collective of its own
+        return torch.maximum(hi - mu, mu - lo).reshape(1, 1, 1, -1, 1), (), None
 
-ESTIMATOR = _Linf(name="linf", reductions={"max_abs": "max"})
+
+ESTIMATOR = _Linf(name="linf", reductions={"max_abs": "max"}, sync_needs_extremes=True)

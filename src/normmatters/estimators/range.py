@@ -74,6 +74,11 @@ class _Range(Estimator):
         e = ((x == hi).to(x.dtype) / sums[0] - (x == lo).to(x.dtype) / sums[1]) * (sigma * c / m)
         return e, torch.zeros_like(sigma)
 
+    def sync_raw(self, d, mu, hi, lo, k, all_gather):
+        # max − min of the union from the gathered extremes (one chunk: chunks are refused while syncing)
+        hi, lo = hi.reshape(1, 1, 1, -1, 1), lo.reshape(1, 1, 1, -1, 1)
+        return hi - lo, (hi, lo), None
+
 
 ESTIMATOR = _Range(name="range", needs_mean=False, reductions={"range_sum": "sum", "chunk_count": "sum"},
-                   options=frozenset({"chunks"}), native_aux_rows=2)
+                   options=frozenset({"chunks"}), native_aux_rows=2, sync_needs_extremes=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from .. import constants
@@ -68,6 +71,17 @@ class _TopK(Estimator):
     def lean_dstat(self, x, d, c, raw, sigma, aux, sums, n, k=10):
         e, e_sum = _extreme_pieces(d, aux[0], sums, k)
         return e * (sigma * c), e_sum * (sigma * c / n)
+
+    def sync_raw(self, d, mu, hi, lo, k, all_gather):
+        # each rank's k largest |d| per channel around the union's μ, gathered; the k largest of those
+        a = d.abs()
+        C = a.shape[3]
+        rows = a.permute(3, 0, 1, 2, 4).reshape(C, -1)
+        mine = rows.topk(min(k, rows.shape[1]), dim=-1).values
+        if mine.shape[1] < k:  # a shard with fewer than k elements pads with values no merge keeps
+            mine = torch.cat([mine, mine.new_full((C, k - mine.shape[1]), -math.inf)], dim=1)
+        top = all_gather(mine).transpose(0, 1).reshape(C, -1).topk(k, dim=-1).values
+        return top.mean(-1).reshape(1, 1, 1, C, 1), (top.amin(-1).reshape(1, 1, 1, C, 1),), None
 
 
 ESTIMATOR = _TopK(name="topk", reductions={"topk": "topk"}, options=frozenset({"k"}), native_aux_rows=1,

@@ -4,10 +4,13 @@
 ``MASTER_ADDR``/``MASTER_PORT``; :func:`init_from_env` joins the group (gloo on CPU, NCCL on CUDA). Without
 those variables everything runs as a single process (:data:`SINGLE`).
 
-Normalization statistics across ranks: :func:`prepare_norm_layers` is the seam. Today ``sync_norm="none"``
-keeps per-rank batch statistics (each rank normalizes its own B/N samples, like ghost batch norm) and
-``"torch"`` converts stock ``nn.BatchNorm`` layers to ``nn.SyncBatchNorm`` (Lp layers are left alone, see
-``normmatters.nn.batchnorm``). Synced Lp statistics plug in here as a further mode. Running buffers are
+Normalization statistics across ranks: :func:`prepare_norm_layers`. ``sync_norm="none"`` keeps per-rank batch
+statistics (each rank normalizes its own B/N samples, like ghost batch norm); ``"torch"`` converts stock
+``nn.BatchNorm`` layers to ``nn.SyncBatchNorm`` (Lp layers are left alone); ``"lp"`` makes every Lp layer a
+:class:`normmatters.nn.SyncLpBatchNorm` (the statistics of every rank's batch together, exactly); ``"auto"`` syncs
+whatever norm the model uses: Lp layers as ``"lp"``, stock ``nn.BatchNorm`` as ``nn.SyncBatchNorm`` on CUDA and as
+``SyncLpBatchNorm(norm="l2")`` — the same math — on CPU, where ``nn.SyncBatchNorm`` refuses CPU tensors. Running
+buffers are
 broadcast from rank 0 before evaluation and checkpointing (:func:`broadcast_buffers`) so every rank evaluates
 and saves the same model.
 """
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from ..convert import convert_batchnorm, convert_sync_lp_batchnorm
 
 __all__ = [
     "DistInfo",
@@ -79,8 +84,16 @@ def init_from_env(device: str = "cpu") -> DistInfo:
     return info
 
 
-def prepare_norm_layers(model: nn.Module, sync_norm: str, info: DistInfo) -> nn.Module:
-    """The seam for cross-rank normalization statistics (see the module docstring)."""
+#: ``--sync-norm`` values: none, torch (nn.SyncBatchNorm), lp (synced Lp layers), auto (sync whatever the model uses)
+SYNC_NORM_MODES = ("none", "torch", "lp", "auto")
+
+
+def prepare_norm_layers(model: nn.Module, sync_norm: str, info: DistInfo,
+                        device: torch.device | str = "cpu") -> nn.Module:
+    """Cross-rank normalization statistics for ``model`` (see the module docstring); ``device``: where the model
+    will train (decides what ``"auto"`` makes of stock ``nn.BatchNorm``)."""
+    if sync_norm not in SYNC_NORM_MODES:
+        raise ValueError(f"sync_norm must be one of {SYNC_NORM_MODES}, got {sync_norm!r}")
     match sync_norm:
         case _ if not info.active:
             return model
@@ -88,7 +101,14 @@ def prepare_norm_layers(model: nn.Module, sync_norm: str, info: DistInfo) -> nn.
             return model
         case "torch":
             return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    raise ValueError(f"sync_norm must be 'none' or 'torch', got {sync_norm!r}")
+        case "lp":
+            return convert_sync_lp_batchnorm(model)
+    # auto: the Lp layers synced; stock nn.BatchNorm as nn.SyncBatchNorm on CUDA, as synced l2 (the same maths)
+    # on CPU, where nn.SyncBatchNorm refuses CPU tensors
+    model = convert_sync_lp_batchnorm(model)
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_batchnorm(model, norm="l2", sync=True)
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

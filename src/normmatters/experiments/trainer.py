@@ -145,7 +145,7 @@ class Trainer:
             x0 = (self.data.train.images[:n0] - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
             to_weight_norm_form(model, bounded=config.weight_norm == BOUNDED_WEIGHT_NORM, p=config.weight_norm_p,
                                 example_input=x0)
-        model = D.prepare_norm_layers(model, config.sync_norm, self.info)
+        model = D.prepare_norm_layers(model, config.sync_norm, self.info, self.device)
         self.param_dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
         model = model.to(self.device, self.param_dtype)
         self.model = D.wrap_model(model, self.info, self.device)

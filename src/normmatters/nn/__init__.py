@@ -1,7 +1,9 @@
-"""Modules: Lp batch norm (1d/2d/3d and per-norm aliases) and (bounded) weight norm parametrizations."""
+"""Modules: Lp batch norm (1d/2d/3d, per-norm aliases, synced across processes) and (bounded) weight norm
+parametrizations."""
 
-from . import batchnorm, weightnorm
+from . import batchnorm, sync, weightnorm
 from .batchnorm import *  # noqa: F401,F403
+from .sync import *  # noqa: F401,F403
 from .weightnorm import *  # noqa: F401,F403
 
-__all__ = [*batchnorm.__all__, *weightnorm.__all__]
+__all__ = [*batchnorm.__all__, *sync.__all__, *weightnorm.__all__]
