@@ -1,7 +1,8 @@
-"""Modules: Lp batch norm (1d/2d/3d and per-norm aliases) and (bounded) weight norm parametrizations."""
+"""Modules: Lp batch norm (1d/2d/3d and per-norm aliases), Lp layer / RMS / group norm (bounded) weight norm parametrizations."""
 
-from . import batchnorm, weightnorm
+from . import batchnorm, layernorm, weightnorm
 from .batchnorm import *  # noqa: F401,F403
+from .layernorm import *  # noqa: F401,F403
 from .weightnorm import *  # noqa: F401,F403
 
-__all__ = [*batchnorm.__all__, *weightnorm.__all__]
+__all__ = [*batchnorm.__all__, *layernorm.__all__, *weightnorm.__all__]
