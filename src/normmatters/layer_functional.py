@@ -42,6 +42,9 @@ def check_norm(norm: str, n: int, where: str) -> None:
         raise ValueError(f"{where}: norm={norm!r} has no dispersion statistic; use l2, l1, linf, topk or range")
     if n < 2:
         raise ValueError(f"{where}: needs at least 2 normalized elements per sample, got {n}")
+    problem = est.validate(n)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
 
 
 def _trailing(input: Tensor, normalized_shape: tuple[int, ...], where: str) -> tuple[int, ...]:

@@ -1,4 +1,5 @@
-"""Modules: Lp batch norm (1d/2d/3d and per-norm aliases), Lp layer / RMS / group norm (bounded) weight norm parametrizations."""
+"""Modules: Lp batch norm (1d/2d/3d and per-norm aliases), Lp layer / RMS / group norm and
+(bounded) weight norm parametrizations."""
 
 from . import batchnorm, layernorm, weightnorm
 from .batchnorm import *  # noqa: F401,F403
