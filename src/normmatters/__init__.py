@@ -20,6 +20,8 @@ _SUBMODULES = ("constants", "estimators", "functional")
 _NAMES = {
     "convert_batchnorm": "convert",
     "to_torch_batchnorm": "convert",
+    "convert_norms": "convert_layer_norms",
+    "to_torch_norms": "convert_layer_norms",
     "to_weight_norm_form": "weight_norm_form",
     "norm_layer": "factory",
     "available_norms": "estimators",
