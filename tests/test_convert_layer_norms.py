@@ -44,6 +44,7 @@ def test_kinds_norm_and_dtype():
     nm.convert_norms(model, norm="linf", kinds=("layer",))
     assert isinstance(model[4], nm.LpLayerNorm) and model[4].norm == "linf" and model[4].weight.dtype == torch.float64
     assert type(model[1]) is nn.GroupNorm and type(model[6]) is nn.RMSNorm
+    assert nm.convert_norms(nn.GroupNorm(2, 8), norm="topk").norm == "topk"
     new = nm.convert_norms(nn.RMSNorm(8, eps=None, elementwise_affine=False), norm="l1")
     assert isinstance(new, nm.LpRMSNorm) and new.eps is None and new.weight is None
 

@@ -42,7 +42,7 @@ def convert_norms(module: nn.Module, norm: str = "l1", kinds: Iterable[str] = NO
     chosen ``kinds`` in ``module`` (in place; returns the model, or the new layer if ``module`` is one) by the
     Lp layer with estimator ``norm``, keeping eps, affine/bias, parameters, dtype, device and mode."""
     chosen = _kinds(kinds)
-    check_norm(norm, 2, "convert_norms")
+    check_norm(norm, None, "convert_norms")
 
     def convert_one(m: nn.Module) -> nn.Module | None:
         if isinstance(m, nn.LayerNorm) and "layer" in chosen:

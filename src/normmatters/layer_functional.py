@@ -32,14 +32,17 @@ from .functional import inv_std
 __all__ = ["lp_layer_norm", "lp_rms_norm", "lp_group_norm", "check_norm"]
 
 
-def check_norm(norm: str, n: int, where: str) -> None:
-    """A clear ``ValueError`` naming ``where`` for an unknown norm, ``norm="mean"`` or too few elements."""
+def check_norm(norm: str, n: int | None, where: str) -> None:
+    """A clear ``ValueError`` naming ``where`` for an unknown norm, ``norm="mean"`` or (unless n is None, not
+    known yet) too few elements per sample for it."""
     try:
         est = get_estimator(norm)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     if not est.divides:
         raise ValueError(f"{where}: norm={norm!r} has no dispersion statistic; use l2, l1, linf, topk or range")
+    if n is None:
+        return
     if n < 2:
         raise ValueError(f"{where}: needs at least 2 normalized elements per sample, got {n}")
     problem = est.validate(n)

@@ -163,5 +163,9 @@ def test_bad_input_errors():
         nm.LpLayerNorm((0,))
     with pytest.raises(ValueError, match="LpLayerNorm.*topk.*k=10, n=6"):
         nm.LpLayerNorm(6, norm="topk")
+    g = nm.LpGroupNorm(2, 8, norm="topk")  # n is known per input: 4 channels x 3 = 12 >= k, 4 x 1 < k
+    assert g(torch.randn(2, 8, 3)).shape == (2, 8, 3)
+    with pytest.raises(ValueError, match="LpGroupNorm.*k=10, n=4"):
+        g(torch.randn(2, 8, 1))
     with pytest.raises(ValueError, match="lp_group_norm.*must divide"):
         nm.lp_group_norm(torch.randn(2, 6, 3), 4)

@@ -102,7 +102,7 @@ class LpGroupNorm(nn.Module):
                 and num_groups >= 1 and num_channels >= 1 and num_channels % num_groups == 0):
             raise ValueError(f"{where}: num_groups={num_groups!r} must be a positive int dividing "
                              f"num_channels={num_channels!r}")
-        check_norm(norm, 2, where)  # n depends on the spatial size; checked again per input
+        check_norm(norm, None, where)  # n depends on the spatial size: checked per input
         self.num_groups, self.num_channels = int(num_groups), int(num_channels)
         self.norm, self.eps, self.affine = norm, eps, affine
         if affine:
