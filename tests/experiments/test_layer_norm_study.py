@@ -78,3 +78,18 @@ def test_cli_reproduce_layer_norm(corpus, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "LpLayerNorm range" in r.stdout and (tmp_path / "cli" / "report.md").exists()
+
+
+@pytest.mark.parametrize("variant", ["nn.LayerNorm", "nn.RMSNorm"])
+def test_conversion_round_trip_on_the_transformer(variant):
+    import normmatters as nm
+    torch.manual_seed(0)
+    model = CharTransformer(variant, 2, 32, 2, 16).eval()
+    x = torch.randint(0, 256, (3, 16))
+    ref = model(x)
+    nm.convert_norms(model, norm="l2")
+    assert sum(isinstance(m, (nm.LpLayerNorm, nm.LpRMSNorm)) for m in model.modules()) == 5
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
+    nm.to_torch_norms(model)
+    assert not any(isinstance(m, (nm.LpLayerNorm, nm.LpRMSNorm)) for m in model.modules())
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
