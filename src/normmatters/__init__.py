@@ -21,12 +21,17 @@ _NAMES = {
     "convert_batchnorm": "convert",
     "convert_sync_lp_batchnorm": "convert",
     "to_torch_batchnorm": "convert",
+    "convert_norms": "convert_layer_norms",
+    "to_torch_norms": "convert_layer_norms",
     "to_weight_norm_form": "weight_norm_form",
     "norm_layer": "factory",
     "available_norms": "estimators",
     "get_estimator": "estimators",
     "lp_batch_norm": "functional",
     "NonFiniteBatchError": "functional",
+    "lp_layer_norm": "layer_functional",
+    "lp_rms_norm": "layer_functional",
+    "lp_group_norm": "layer_functional",
 }
 
 

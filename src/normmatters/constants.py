@@ -12,6 +12,7 @@ This module computes the expectations; :mod:`normmatters.estimators` combines th
 Formulas (Φ, φ: standard normal cdf and pdf):
 
 * ``E[s_n] = sqrt(2/n) · Γ(n/2) / Γ((n-1)/2)``  (n·s_n² ~ χ²_{n-1}).
+* ``E[RMS_n] = sqrt(2/n) · Γ((n+1)/2) / Γ(n/2)``  (uncentered, n·RMS_n² ~ χ²_n; for RMS norm).
 * ``E[sum of the k largest of n iid draws with upper-tail quantile Q]
   = n ∫_0^1 Q(u) · P(Binomial(n-1, u) ≤ k-1) du``  — the draw at upper-tail probability u is among the
   k largest iff at most k-1 of the other n-1 draws exceed it. Q(u) = Φ⁻¹(1-u) for the normal,
@@ -38,6 +39,7 @@ from scipy import special
 
 __all__ = [
     "expected_biased_std",
+    "expected_rms",
     "expected_mean_abs_deviation",
     "expected_top_k_mean",
     "expected_range",
@@ -58,6 +60,14 @@ def expected_biased_std(n: int) -> float:
     """E[s_n] for n iid N(0,1) draws, s_n the biased sample std: sqrt(2/n)·Γ(n/2)/Γ((n-1)/2)."""
     _check_n(n)
     return math.sqrt(2.0 / n) * float(special.poch((n - 1) / 2, 0.5))
+
+
+@lru_cache(maxsize=4096)
+def expected_rms(n: int) -> float:
+    """E[RMS_n] = E[sqrt(mean(x²))] for n iid N(0,1) draws (uncentered, ``nn.RMSNorm``'s statistic):
+    sqrt(2/n)·Γ((n+1)/2)/Γ(n/2) (n·RMS_n² ~ χ²_n)."""
+    _check_n(n)
+    return math.sqrt(2.0 / n) * float(special.poch(n / 2, 0.5))
 
 
 def expected_mean_abs_deviation(n: int) -> float:

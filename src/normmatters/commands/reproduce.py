@@ -24,8 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "reproduce", help="run one of the paper's studies and write a report",
         description="Run one of the paper's studies on a small model and write report.md, results.csv and plots. "
         "weight-decay: weight decay before a normalization only changes the effective step size (Hoffer et al. "
-        "2018, sec. 5); weight-norm: (bounded) weight norm against batch norm (sec. 6).")
-    p.add_argument("study", choices=["weight-decay", "weight-norm"], help="which study")
+        "2018, sec. 5); weight-norm: (bounded) weight norm against batch norm (sec. 6); layer-norm: nn.LayerNorm / "
+        "nn.RMSNorm against their Lp versions in a small character-level transformer.")
+    p.add_argument("study", choices=["weight-decay", "weight-norm", "layer-norm"], help="which study")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run")
     p.add_argument("--dataset", default="digits", help="digits (embedded), or a folder / idx:/cifar:/folder: path")
@@ -38,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight-decay: sgd (default; lr 0.005, λ 0.1) or adamw (decoupled decay)")
     p.add_argument("--lr", type=float, default=None, help="weight-decay: learning rate (default 0.005)")
     p.add_argument("--weight-decay", type=float, default=None, help="weight-decay: λ of the decay run (default 0.1)")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="layer-norm: folder of text files (default: the Python standard library's .py files)")
+    p.add_argument("--steps", type=int, default=None, help="layer-norm: training steps per run (default 400)")
     p.set_defaults(func=run)
 
     for action in p._actions:
@@ -50,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.study == "weight-norm":
         report, table = _weight_norm(args, out)
+    elif args.study == "layer-norm":
+        report, table = _layer_norm(args, out)
     else:
         report, table = _weight_decay(args, out)
     print(table)
@@ -104,3 +110,23 @@ def _weight_decay(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
     results = run_weight_decay_study(study)
     command = "normmatters " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else None
     return write_weight_decay_report(study, results, out, command), format_weight_decay_table(results)
+
+
+def _layer_norm(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
+    from ..experiments.layer_norm_study import (
+        LayerNormStudy,
+        format_layer_norm_table,
+        run_layer_norm_study,
+        write_layer_norm_report,
+    )
+
+    study = LayerNormStudy(corpus=args.corpus)
+    if args.quick:
+        study.seeds, study.steps, study.width, study.context, study.batch = (0,), 30, 64, 64, 16
+        study.eval_batches, study.max_chars = 4, 300_000
+    if args.seeds:
+        study.seeds = tuple(args.seeds)
+    if args.steps:
+        study.steps = args.steps
+    rows = run_layer_norm_study(study)
+    return write_layer_norm_report(study, rows, out), format_layer_norm_table(rows)

@@ -32,6 +32,11 @@ each reduce partial results with sum / max / min / top-k merge, so shards can be
 2. ``estimator.partial(x, mean, dims)`` → fields listed in ``estimator.reductions``; combined with
    :func:`combine`; ``estimator.finalize(part, n)`` → σ̂ (constant applied).
 
+Uncentered (RMS norm, :mod:`normmatters.layer_functional`): ``constant(n, centered=False)`` targets
+``E[RMS_n] = sqrt(2/n)·Γ((n+1)/2)/Γ(n/2)`` with the statistic of x itself (d = x, exactly iid, so no
+sqrt((n−1)/n) factor): l1 E[RMS_n]/sqrt(2/π), linf / topk E[RMS_n]/E[max / mean top-k of n |z|], range
+E[RMS_n]/d₂(n); ``statistic_uncentered(x, dims, n)`` computes it.
+
 ``estimator.statistic(x, mean, dims, n)`` runs stage 2 locally. ``dims`` are the reduced dimensions of
 ``x``; the result has the remaining shape.
 """

@@ -44,8 +44,10 @@ class Estimator:
     native_inplace_rows: bool = True
     sync_needs_extremes: bool = False
 
-    def constant(self, n: int, k: int = 10, chunks: int | None = None) -> float:
-        """c(n): the factor that makes E[σ̂] = E[s_n] for n Gaussian elements."""
+    def constant(self, n: int, k: int = 10, chunks: int | None = None, centered: bool = True) -> float:
+        """c(n): the factor that makes E[σ̂] = E[s_n] for n Gaussian elements. ``centered=False``: the
+        statistic taken of x itself (d = x, no mean subtracted, as RMS norm does), and c(n) makes
+        E[σ̂] = E[RMS_n] = E[sqrt(mean(x²))] for n iid N(0, 1) elements."""
         raise NotImplementedError
 
     def partial(self, x: Tensor, mean: Tensor | None, dims: tuple[int, ...], k: int = 10,
@@ -85,6 +87,18 @@ class Estimator:
                   chunks: int | None = None) -> Tensor:
         """σ̂ of ``x`` over ``dims`` (local, unsharded): finalize(partial(...))."""
         return self.finalize(self.partial(x, mean, dims, k=k, chunks=chunks), n, k=k, chunks=chunks)
+
+    def statistic_uncentered(self, x: Tensor, dims: tuple[int, ...], n: int, k: int = 10,
+                             chunks: int | None = None) -> Tensor:
+        """σ̂ of ``x`` itself over ``dims`` (no mean subtracted; RMS norm): the raw statistic of d = x times
+        ``constant(n, centered=False)``, so E[σ̂] = E[RMS_n] on zero-mean Gaussian input (for l2: RMS_n)."""
+        if self.needs_mean:
+            zero = torch.zeros((), dtype=x.dtype, device=x.device).expand(
+                [s for i, s in enumerate(x.shape) if i not in dims])
+        else:
+            zero = None
+        ratio = self.constant(n, k=k, chunks=chunks, centered=False) / self.constant(n, k=k, chunks=chunks)
+        return self.statistic(x, zero, dims, n, k=k, chunks=chunks) * ratio
 
     def validate(self, n: int, k: int = 10, chunks: int | None = None) -> str | None:
         """A problem with reducing n elements per channel under these options, or None."""

@@ -1,4 +1,5 @@
-"""``l1``: σ̂ = c₁(n) · mean(|d|), c₁(n) = E[s_n] / (sqrt(2/π) · sqrt((n−1)/n))."""
+"""``l1``: σ̂ = c₁(n) · mean(|d|), c₁(n) = E[s_n] / (sqrt(2/π) · sqrt((n−1)/n));
+uncentered (RMS norm, d = x): E[RMS_n] / sqrt(2/π)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from .base import _LEAN_DIMS, Estimator, _centered
 
 
 class _L1(Estimator):
-    def constant(self, n, k=10, chunks=None):
+    def constant(self, n, k=10, chunks=None, centered=True):
+        if not centered:  # E[RMS_n] / E|z|, E|z| = sqrt(2/π)
+            return constants.expected_rms(n) / math.sqrt(2 / math.pi)
         return constants.expected_biased_std(n) / constants.expected_mean_abs_deviation(n)
 
     def partial(self, x, mean, dims, k=10, chunks=None):

@@ -17,8 +17,8 @@ def _pow2_scale(a: Tensor) -> Tensor:
 
 
 class _L2(Estimator):
-    def constant(self, n, k=10, chunks=None):
-        return 1.0
+    def constant(self, n, k=10, chunks=None, centered=True):
+        return 1.0  # sqrt(mean(d²)) is s_n itself (centered) or RMS_n itself (uncentered, d = x)
 
     def partial(self, x, mean, dims, k=10, chunks=None):
         return {"sum_sq": _centered(x, mean, dims).square().sum(dims)}

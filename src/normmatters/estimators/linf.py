@@ -1,4 +1,5 @@
-"""``linf``: σ̂ = c∞(n) · max(|d|), c∞(n) = E[s_n] / (sqrt((n−1)/n) · E[max of n |z|])."""
+"""``linf``: σ̂ = c∞(n) · max(|d|), c∞(n) = E[s_n] / (sqrt((n−1)/n) · E[max of n |z|]);
+uncentered (RMS norm, d = x): E[RMS_n] / E[max of n |z|]."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from .extremes import _extreme_pieces, _extreme_sums
 
 
 class _Linf(Estimator):
-    def constant(self, n, k=10, chunks=None):
+    def constant(self, n, k=10, chunks=None, centered=True):
+        if not centered:  # E[RMS_n] / E[max of n |z|]: the x_i are exactly iid, no sqrt((n−1)/n)
+            return constants.expected_rms(n) / constants.expected_top_k_mean(n, 1)
         return constants.expected_biased_std(n) / (_sqrt_ratio(n) * constants.expected_top_k_mean(n, 1))
 
     def partial(self, x, mean, dims, k=10, chunks=None):

@@ -6,7 +6,7 @@ from .base import Estimator
 
 
 class _MeanOnly(Estimator):
-    def constant(self, n, k=10, chunks=None):
+    def constant(self, n, k=10, chunks=None, centered=True):
         return 1.0
 
     def partial(self, x, mean, dims, k=10, chunks=None):

@@ -1,4 +1,5 @@
-"""``range``: σ̂ = c_r(n/m) · mean over m chunks of (max − min), c_r = E[s_n] / d₂(n/m)."""
+"""``range``: σ̂ = c_r(n/m) · mean over m chunks of (max − min), c_r = E[s_n] / d₂(n/m)
+(uncentered, for RMS norm: E[RMS_n] / d₂(n/m))."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ class _Range(Estimator):
     """Range, optionally chunked. With ``chunks=m`` the first reduced dim (the batch) is split into m
     equal chunks; σ̂ = c · mean over chunks of (max − min), c = E[s_n] / d₂(n/m)."""
 
-    def constant(self, n, k=10, chunks=None):
+    def constant(self, n, k=10, chunks=None, centered=True):
         m = chunks or 1
-        return constants.expected_biased_std(n) / constants.expected_range(n // m)
+        # the range ignores the mean, so only the target changes: E[s_n] (centered) or E[RMS_n] (RMS norm)
+        target = constants.expected_biased_std(n) if centered else constants.expected_rms(n)
+        return target / constants.expected_range(n // m)
 
     def validate(self, n, k=10, chunks=None):
         m = chunks or 1

@@ -1,4 +1,5 @@
-"""``topk``: σ̂ = c_k(n) · mean of the k largest |d|, c_k(n) = E[s_n] / (sqrt((n−1)/n) · E[mean top-k |z|])."""
+"""``topk``: σ̂ = c_k(n) · mean of the k largest |d|, c_k(n) = E[s_n] / (sqrt((n−1)/n) · E[mean top-k |z|]);
+uncentered (RMS norm, d = x): E[RMS_n] / E[mean top-k |z|]."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def _move_reduced_last(x: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 
 class _TopK(Estimator):
-    def constant(self, n, k=10, chunks=None):
+    def constant(self, n, k=10, chunks=None, centered=True):
+        if not centered:  # E[RMS_n] / E[mean top-k |z|]: the x_i are exactly iid, no sqrt((n−1)/n)
+            return constants.expected_rms(n) / constants.expected_top_k_mean(n, k)
         return constants.expected_biased_std(n) / (_sqrt_ratio(n) * constants.expected_top_k_mean(n, k))
 
     def validate(self, n, k=10, chunks=None):

@@ -1,0 +1,129 @@
+"""Per-sample Lp normalization layers: drop-in replacements for ``nn.LayerNorm``, ``nn.RMSNorm`` and
+``nn.GroupNorm`` (same arguments, parameters, state_dict, ``reset_parameters``, ``extra_repr``) with a
+``norm=`` argument choosing the dispersion estimator (see :mod:`normmatters.layer_functional` for the
+formulas). ``norm="l2"`` is the stock layer; the others are Gaussian-consistent per sample."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from ..layer_functional import check_norm, lp_group_norm, lp_layer_norm, lp_rms_norm
+
+__all__ = ["LpLayerNorm", "LpRMSNorm", "LpGroupNorm"]
+
+
+def _shape(normalized_shape, where: str) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    shape = tuple(normalized_shape)
+    if not shape or not all(isinstance(s, numbers.Integral) and s >= 1 for s in shape):
+        raise ValueError(f"{where}: normalized_shape must be a positive int or a non-empty tuple of positive "
+                         f"ints, got {normalized_shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+class LpLayerNorm(nn.Module):
+    """``nn.LayerNorm`` with σ̂ from the estimator ``norm`` (l2 / l1 / linf / topk / range) over the trailing
+    ``normalized_shape`` dims: y = weight · (x − μ) / sqrt(σ̂² + eps) + bias."""
+
+    def __init__(self, normalized_shape, norm: str = "l1", eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.normalized_shape = _shape(normalized_shape, type(self).__name__)
+        check_norm(norm, math.prod(self.normalized_shape), type(self).__name__)
+        self.norm, self.eps, self.elementwise_affine = norm, eps, elementwise_affine
+        kw = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **kw))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **kw))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return lp_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, self.norm,
+                             where=type(self).__name__)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, norm={self.norm!r}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+
+class LpRMSNorm(nn.Module):
+    """``nn.RMSNorm`` with the uncentered σ̂ of the estimator ``norm``: y = weight · x / sqrt(σ̂² + eps);
+    ``eps=None`` is ``torch.finfo(input.dtype).eps``."""
+
+    def __init__(self, normalized_shape, norm: str = "l1", eps: float | None = None,
+                 elementwise_affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.normalized_shape = _shape(normalized_shape, type(self).__name__)
+        check_norm(norm, math.prod(self.normalized_shape), type(self).__name__)
+        self.norm, self.eps, self.elementwise_affine = norm, eps, elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return lp_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.norm, where=type(self).__name__)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, norm={self.norm!r}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+
+class LpGroupNorm(nn.Module):
+    """``nn.GroupNorm`` with σ̂ from the estimator ``norm`` per sample and group of C/G channels."""
+
+    def __init__(self, num_groups: int, num_channels: int, norm: str = "l1", eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        where = type(self).__name__
+        if not (isinstance(num_groups, numbers.Integral) and isinstance(num_channels, numbers.Integral)
+                and num_groups >= 1 and num_channels >= 1 and num_channels % num_groups == 0):
+            raise ValueError(f"{where}: num_groups={num_groups!r} must be a positive int dividing "
+                             f"num_channels={num_channels!r}")
+        check_norm(norm, None, where)  # n depends on the spatial size: checked per input
+        self.num_groups, self.num_channels = int(num_groups), int(num_channels)
+        self.norm, self.eps, self.affine = norm, eps, affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        where = type(self).__name__
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ValueError(f"{where}: expected input of shape (N, {self.num_channels}, *), "
+                             f"got {list(input.shape)}")
+        return lp_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.norm, where=where)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, norm={self.norm!r}, eps={self.eps}, affine={self.affine}"

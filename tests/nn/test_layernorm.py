@@ -1,0 +1,171 @@
+"""LpLayerNorm / LpRMSNorm / LpGroupNorm: parity with the stock layers for norm="l2", gradcheck for every
+norm, Gaussian consistency per sample, module conventions and bad-input errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import normmatters as nm
+
+NORMS = ("l2", "l1", "linf", "topk", "range")
+
+
+def _parity(ref, ours, x, atol=1e-10, gatol=1e-9):
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.uniform_(0.5, 1.5)
+    assert set(ref.state_dict()) == set(ours.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yo = ref(xr), ours(xo)
+    assert yr.dtype == yo.dtype and yr.shape == yo.shape
+    torch.testing.assert_close(yo, yr, atol=atol, rtol=0)
+    if not x.dtype.is_floating_point or x.dtype in (torch.float16, torch.bfloat16):
+        return
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yo.backward(g)
+    torch.testing.assert_close(xo.grad, xr.grad, atol=gatol, rtol=0)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=gatol, rtol=0)
+
+
+@pytest.mark.parametrize("shape,ns", [((4, 7, 64), 64), ((3, 8, 16), (8, 16)), ((5, 3), 3), ((2, 2, 3, 4), (2, 3, 4))])
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm_l2_equals_nn_layer_norm(shape, ns, affine, bias):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64) * 2 + 0.5
+    _parity(nn.LayerNorm(ns, elementwise_affine=affine, bias=bias, dtype=torch.float64),
+            nm.LpLayerNorm(ns, norm="l2", elementwise_affine=affine, bias=bias, dtype=torch.float64), x)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_layer_norm_l2_low_precision(dtype, atol):
+    torch.manual_seed(0)
+    x = (torch.randn(6, 32) * 3).to(dtype)
+    _parity(nn.LayerNorm(32, dtype=dtype), nm.LpLayerNorm(32, norm="l2", dtype=dtype), x, atol=atol, gatol=1e-4)
+
+
+@pytest.mark.parametrize("eps", [1e-6, None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_l2_equals_nn_rms_norm(eps, affine):
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 64, dtype=torch.float64) * 2 + 0.5
+    _parity(nn.RMSNorm(64, eps=eps, elementwise_affine=affine, dtype=torch.float64),
+            nm.LpRMSNorm(64, norm="l2", eps=eps, elementwise_affine=affine, dtype=torch.float64), x)
+
+
+@pytest.mark.parametrize("groups,channels,shape", [(4, 16, (3, 16, 5, 5)), (1, 6, (2, 6, 7)), (6, 6, (2, 6, 3, 2, 2))])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_l2_equals_nn_group_norm(groups, channels, shape, affine):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64) * 2 + 0.5
+    _parity(nn.GroupNorm(groups, channels, affine=affine, dtype=torch.float64),
+            nm.LpGroupNorm(groups, channels, norm="l2", affine=affine, dtype=torch.float64), x)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradcheck_every_norm(norm):
+    torch.manual_seed(0)
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: nm.lp_layer_norm(x, 12, w, b, norm=norm), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: nm.lp_rms_norm(x, 12, w, eps=1e-6, norm=norm), (x, w))
+    xg = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    wg = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: nm.lp_group_norm(x, 2, w, None, norm=norm), (xg, wg))
+
+
+def _tolerance(sigma):
+    """4 standard errors of the Monte Carlo mean of σ̂ (relative), plus 0.1 % for the constants' approximation."""
+    return 4 * (sigma.std() / sigma.mean()).item() / len(sigma) ** 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("n", [64, 1024, 65536])
+def test_layer_norm_gaussian_consistent(norm, n):
+    torch.manual_seed(n)
+    rows = max(32, 2**19 // n)
+    x = torch.randn(rows, n, dtype=torch.float64) * 3 + 1
+    y = nm.LpLayerNorm(n, norm=norm, elementwise_affine=False, dtype=torch.float64)(x)
+    ref = nn.LayerNorm(n, elementwise_affine=False, dtype=torch.float64)(x)
+    ratio = (y.std(dim=1).mean() / ref.std(dim=1).mean()).item()
+    # output scale: within 2.5 % (Jensen: E[1/σ̂] > 1/E[σ̂] for a noisy σ̂) plus the Monte Carlo error
+    assert abs(ratio - 1) < 0.025 + _tolerance(y.std(dim=1)), ratio
+    # the consistency claim itself: E[σ̂] = E[s_n], σ̂ per row recovered as s_n · std(ref) / std(y)
+    s = x.std(dim=1, correction=0)
+    sigma = s * ref.std(dim=1) / y.std(dim=1)
+    assert abs((sigma.mean() / s.mean()).item() - 1) < _tolerance(sigma)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("n", [64, 4096])
+def test_rms_norm_gaussian_consistent(norm, n):
+    torch.manual_seed(n)
+    x = torch.randn(max(8, 2**18 // n), n, dtype=torch.float64) * 3
+    y = nm.LpRMSNorm(n, norm=norm, elementwise_affine=False)(x)
+    ref = nn.RMSNorm(n, elementwise_affine=False)(x)
+    ratio = (y.std(dim=1).mean() / ref.std(dim=1).mean()).item()
+    assert abs(ratio - 1) < 0.025 + _tolerance(y.std(dim=1)), ratio
+    rms = x.square().mean(dim=1).sqrt()
+    sigma = rms * ref.std(dim=1) / y.std(dim=1)
+    assert abs((sigma.mean() / rms.mean()).item() - 1) < _tolerance(sigma)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_constant_row_finite_with_finite_gradient(norm):
+    x = torch.full((2, 16), 3.0, dtype=torch.float64, requires_grad=True)
+    y = nm.LpLayerNorm(16, norm=norm, dtype=torch.float64)(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_huge_input_no_overflow():
+    x = torch.randn(2, 32) * 1e30
+    for norm in NORMS:
+        assert torch.isfinite(nm.LpLayerNorm(32, norm=norm)(x)).all()
+        assert torch.isfinite(nm.LpRMSNorm(32, norm=norm)(x)).all()
+
+
+def test_module_conventions():
+    m = nm.LpLayerNorm((4, 5), norm="linf", elementwise_affine=True, bias=False, dtype=torch.float64)
+    assert m.weight.shape == (4, 5) and m.bias is None and m.weight.dtype == torch.float64
+    assert list(m.state_dict()) == ["weight"]
+    with torch.no_grad():
+        m.weight.fill_(2)
+    m.reset_parameters()
+    assert torch.equal(m.weight, torch.ones(4, 5, dtype=torch.float64))
+    assert "norm='linf'" in repr(m) and "(4, 5)" in repr(m)
+    r = nm.LpRMSNorm(8)
+    assert r.norm == "l1" and r.eps is None and list(r.state_dict()) == ["weight"]
+    g = nm.LpGroupNorm(2, 4, affine=False)
+    assert list(g.state_dict()) == [] and "norm='l1'" in repr(g)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="LpLayerNorm.*trailing shape \\[8\\]"):
+        nm.LpLayerNorm(8)(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="LpRMSNorm.*trailing shape"):
+        nm.LpRMSNorm((2, 4))(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="LpGroupNorm.*num_groups=3.*num_channels=16"):
+        nm.LpGroupNorm(3, 16)
+    with pytest.raises(ValueError, match="LpGroupNorm.*\\(N, 16, \\*\\)"):
+        nm.LpGroupNorm(4, 16)(torch.randn(2, 8, 3))
+    with pytest.raises(ValueError, match="LpLayerNorm.*unknown norm 'l3'"):
+        nm.LpLayerNorm(8, norm="l3")
+    with pytest.raises(ValueError, match="LpLayerNorm.*'mean'"):
+        nm.LpLayerNorm(8, norm="mean")
+    with pytest.raises(ValueError, match="LpLayerNorm.*at least 2"):
+        nm.LpLayerNorm(1)
+    with pytest.raises(ValueError, match="LpLayerNorm.*normalized_shape"):
+        nm.LpLayerNorm((0,))
+    with pytest.raises(ValueError, match="LpLayerNorm.*topk.*k=10, n=6"):
+        nm.LpLayerNorm(6, norm="topk")
+    g = nm.LpGroupNorm(2, 8, norm="topk")  # n is known per input: 4 channels x 3 = 12 >= k, 4 x 1 < k
+    assert g(torch.randn(2, 8, 3)).shape == (2, 8, 3)
+    with pytest.raises(ValueError, match="LpGroupNorm.*k=10, n=4"):
+        g(torch.randn(2, 8, 1))
+    with pytest.raises(ValueError, match="lp_group_norm.*must divide"):
+        nm.lp_group_norm(torch.randn(2, 6, 3), 4)
