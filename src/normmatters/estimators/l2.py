@@ -37,13 +37,17 @@ class _L2(Estimator):
 
     def lean_stats(self, x, k=10):
         # σ̂ finite for every finite x (σ̂² of float32 overflows above ~1.8e19). float32 (also the accumulation
-        # dtype of half/bfloat16 input): one Welford pass in float64, which holds the square of every float32
-        # (1.29-1.32x the float32 pass's time on Inductor CPU at 64x64x32x32, against 1.73-1.80x for the two
-        # scaled passes below: docs/bench/l2_compiled_overflow_cost.py). float64: two scaled passes: μ and
-        # max|x| (one fused reduction), then Σ((x − μ)/s)² with s a power of two near max|x| (exact, so equal to
-        # the unscaled sum wherever that neither overflows nor underflows).
+        # dtype of half/bfloat16 input): two passes in float64, μ then Σ(x − μ)², float64 holding the square of
+        # every float32. Not torch.var_mean: Inductor CPU cannot vectorize a Welford reduction fed by a
+        # bfloat16 → float32 → float64 conversion (AssertionError "Welford reduction does not support
+        # VectorizedN (N>2)" on 32x512x7x7 bf16, which sent the whole layer to eager), and the two plain
+        # passes measured 0.81x the Welford pass's time at 64x64x32x32 fp32 (loaded 2-core CPU).
+        # float64: two scaled passes: μ and max|x| (one fused reduction), then Σ((x − μ)/s)² with s a power of
+        # two near max|x| (exact, so equal to the unscaled sum wherever that neither overflows nor underflows).
         if x.dtype == torch.float32:
-            var, mean = torch.var_mean(x.to(torch.float64), _LEAN_DIMS, correction=0, keepdim=True)
+            x64 = x.to(torch.float64)
+            mean = x64.mean(_LEAN_DIMS, keepdim=True)
+            var = (x64 - mean).square().mean(_LEAN_DIMS, keepdim=True)
             return mean.to(x.dtype), var.sqrt().to(x.dtype), ()
         mean = x.mean(_LEAN_DIMS, keepdim=True)
         s = _pow2_scale(x.abs().amax(_LEAN_DIMS, keepdim=True))
