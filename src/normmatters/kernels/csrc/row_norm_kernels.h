@@ -26,13 +26,33 @@
 #include <type_traits>
 #include <vector>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+/* the kernels below compare floats inside vectorized loops ((T)(a > tau), (T)(x >= max)); under ISO C++ (torch
+   builds with -std=c++20) and the default -ftrapping-math GCC keeps such compares as branches and gives up on
+   the loop ("control flow in loop"), so these functions are built without trapping math (no code here reads
+   the floating-point exception flags; results, NaN included, are unchanged) */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #define NMR_L2 1
 #define NMR_L1 2
 #define NMR_LINF 3
 #define NMR_RANGE 4
 #define NMR_TOPK 5
 #define NMR_KMAX 64
+#define NMR_NB 128 /* interleaved blocks of the top-k selection (> NMR_KMAX) */
 #define NMR_BLK 64 /* rows whose grad_w / grad_b partials are summed in T before going to double */
+
+/* |v| as a builtin: std::fabs, defined before the optimize pragma above, would not be inlined here */
+static inline float nmr_fabs(float v) { return __builtin_fabsf(v); }
+static inline double nmr_fabs(double v) { return __builtin_fabs(v); }
 
 template <typename T>
 static inline T nmr_sign(T v) { return (T)(v > 0) - (T)(v < 0); }
@@ -56,10 +76,10 @@ static void nmr_stats(const T *__restrict__ xr, int64_t n, int norm, int centere
         T s2 = 0;
         _Pragma("omp simd reduction(+:s2)")
         for (int64_t j = 0; j < n; ++j) { const T d = xr[j] - mu; s2 += d * d; }
-        if (!isfinite(s2)) { /* d^2 overflowed T: again in double, scaled by the largest |d| */
+        if (!__builtin_isfinite(s2)) { /* d^2 overflowed T: again in double, scaled by the largest |d| */
             double a = 0.0, q = 0.0;
-            for (int64_t j = 0; j < n; ++j) { const double v = std::fabs((double)xr[j] - (double)mu); a = v > a ? v : a; }
-            if (a > 0 && isfinite(a)) {
+            for (int64_t j = 0; j < n; ++j) { const double v = nmr_fabs((double)xr[j] - (double)mu); a = v > a ? v : a; }
+            if (a > 0 && __builtin_isfinite(a)) {
                 for (int64_t j = 0; j < n; ++j) { const double v = ((double)xr[j] - (double)mu) / a; q += v * v; }
                 raw = (T)(a * sqrt(q / (double)n));
             } else raw = (T)a;
@@ -67,12 +87,12 @@ static void nmr_stats(const T *__restrict__ xr, int64_t n, int norm, int centere
     } else if (norm == NMR_L1) {
         T s1 = 0;
         _Pragma("omp simd reduction(+:s1)")
-        for (int64_t j = 0; j < n; ++j) s1 += std::fabs(xr[j] - mu);
+        for (int64_t j = 0; j < n; ++j) s1 += nmr_fabs(xr[j] - mu);
         raw = s1 / (T)n;
     } else if (norm == NMR_LINF) {
         T mx = 0;
         _Pragma("omp simd reduction(max:mx)")
-        for (int64_t j = 0; j < n; ++j) { const T a = std::fabs(xr[j] - mu); mx = a > mx ? a : mx; }
+        for (int64_t j = 0; j < n; ++j) { const T a = nmr_fabs(xr[j] - mu); mx = a > mx ? a : mx; }
         raw = mx;
     } else if (norm == NMR_RANGE) {
         const int64_t L = n / m;
@@ -85,19 +105,39 @@ static void nmr_stats(const T *__restrict__ xr, int64_t n, int norm, int centere
             acc += (double)(hi - lo);
         }
         raw = (T)(acc / m);
-    } else { /* top-k of |d|: a running set of k values and its smallest; blocks of 16 elements are looked at one
-                by one only if one of them beats (or, NaN, does not trail) that threshold */
+    } else { /* top-k of |d|: the maxima of NB interleaved blocks (block b: the elements j = b mod NB, so one
+                vertical, fully vectorized max pass); the k-th largest of them, thr0, is at most the k-th largest
+                |d|, so the top k lie among the elements >= thr0 of the (about k) blocks whose maximum is >= thr0,
+                which go through a running set of k values and its smallest */
         T top[NMR_KMAX];
         int kept = 0, at = 0;
-        T thr = -1;
-        for (int64_t j0 = 0; j0 < n; j0 += 16) {
-            const int64_t j1 = n - j0 < 16 ? n : j0 + 16;
-            int hit = 0;
-            _Pragma("omp simd reduction(|:hit)")
-            for (int64_t j = j0; j < j1; ++j) hit |= !(std::fabs(xr[j] - mu) <= thr);
-            if (!hit) continue;
-            for (int64_t j = j0; j < j1; ++j) {
-                const T a = std::fabs(xr[j] - mu);
+        T thr = 0;
+        const int64_t nb = n < NMR_NB ? n : NMR_NB, full = n / nb * nb;
+        T bm[NMR_NB];
+        for (int64_t b = 0; b < nb; ++b) bm[b] = 0;
+        for (int64_t j0 = 0; j0 < full; j0 += nb) {
+            _Pragma("omp simd")
+            for (int64_t b = 0; b < nb; ++b) { const T a = nmr_fabs(xr[j0 + b] - mu); bm[b] = a > bm[b] ? a : bm[b]; }
+        }
+        for (int64_t j = full; j < n; ++j) { const T a = nmr_fabs(xr[j] - mu); bm[j - full] = a > bm[j - full] ? a : bm[j - full]; }
+        T thr0 = 0;
+        if (nb > k) { /* the k-th largest block maximum, by the same running set */
+            for (int64_t b = 0; b < nb; ++b) {
+                const T a = bm[b];
+                if (kept < k) { top[kept++] = a; if (kept < k) continue; }
+                else if (a > thr0) top[at] = a;
+                else continue;
+                at = 0;
+                for (int u = 1; u < k; ++u) if (top[u] < top[at]) at = u;
+                thr0 = top[at];
+            }
+            kept = 0; at = 0;
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+            if (!(bm[b] >= thr0)) continue;
+            for (int64_t j = b; j < n; j += nb) {
+                const T a = nmr_fabs(xr[j] - mu);
+                if (!(a >= thr0)) continue;
                 if (kept < k) { top[kept++] = a; if (kept < k) continue; }
                 else if (a > thr) top[at] = a;
                 else continue;
@@ -115,15 +155,73 @@ static void nmr_stats(const T *__restrict__ xr, int64_t n, int norm, int centere
     *raw_out = raw;
 }
 
+/* 16-bit rows <-> float: bfloat16 by shifts (round to nearest even, NaN kept, as c10::BFloat16), float16 by the
+   F16C instructions where the CPU has them (else c10::Half's conversions) */
+static inline void nmr_ld16(const c10::BFloat16 *src, float *dst, int64_t n) {
+    const uint16_t *s = reinterpret_cast<const uint16_t *>(src);
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < n; ++j) { union { uint32_t u; float f; } v; v.u = (uint32_t)s[j] << 16; dst[j] = v.f; }
+}
+static inline void nmr_st16(const float *src, c10::BFloat16 *dst, int64_t n) {
+    uint16_t *d = reinterpret_cast<uint16_t *>(dst);
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < n; ++j) {
+        union { uint32_t u; float f; } v; v.f = src[j];
+        const uint16_t r = (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+        d[j] = src[j] != src[j] ? (uint16_t)0x7FC0 : r;
+    }
+}
+static inline void nmr_ld16(const c10::Half *src, float *dst, int64_t n) {
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + j))));
+#endif
+    for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+static inline void nmr_st16(const float *src, c10::Half *dst, int64_t n) {
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; j < n; ++j) dst[j] = c10::Half(src[j]);
+}
+
+/* the row in the compute type: src itself, or (16-bit) converted into buf */
 template <typename TS, typename T>
 static inline const T *nmr_row(const TS *src, int64_t n, T *buf) {
     if constexpr (std::is_same<TS, T>::value) {
         (void)buf; (void)n;
         return src;
     } else {
-        _Pragma("omp simd")
-        for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<T>(src[j]);
+        nmr_ld16(src, buf, n);
         return buf;
+    }
+}
+
+/* where a row's output is computed: dst itself, or (16-bit) buf, then stored by nmr_flush */
+template <typename TS, typename T>
+static inline T *nmr_out(TS *dst, T *buf) {
+    if constexpr (std::is_same<TS, T>::value) { (void)buf; return dst; }
+    else { (void)dst; return buf; }
+}
+template <typename TS, typename T>
+static inline void nmr_flush(const T *buf, TS *dst, int64_t n) {
+    if constexpr (!std::is_same<TS, T>::value) nmr_st16(buf, dst, n);
+    else { (void)buf; (void)dst; (void)n; }
+}
+
+/* ∂L/∂x of one range chunk: r · (gh − base − ([x = max] wh − [x = min] wl)) (x <= max, x >= min: >= and <= test
+   equality without the branch an == between floats costs the vectorizer) */
+template <typename T>
+static void nmr_range_out(const T *__restrict__ xc, const T *__restrict__ gc, T *__restrict__ oc, int64_t L, T rs,
+                          T base, T h, T l, T wh, T wl) {
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < L; ++j) {
+        const T v = xc[j];
+        oc[j] = rs * (gc[j] - base - ((T)(v >= h) * wh - (T)(v <= l) * wl));
     }
 }
 
@@ -135,7 +233,7 @@ void nmr_forward(const TS *__restrict__ x, TS *__restrict__ y, const T *__restri
                  int centered, double c, double eps, int k, int m, int64_t G, int64_t S, int nthreads) {
     _Pragma("omp parallel num_threads(nthreads)")
     {
-        std::vector<T> buf(std::is_same<TS, T>::value ? 0 : n);
+        std::vector<T> buf(std::is_same<TS, T>::value ? 0 : n), ybuf(buf.size());
         const int64_t Cg = n / S;
         const bool elem = S == 1 && G == 1;
         _Pragma("omp for schedule(static)")
@@ -147,28 +245,29 @@ void nmr_forward(const TS *__restrict__ x, TS *__restrict__ y, const T *__restri
             rawv[r] = raw;
             if (tauv) tauv[r] = tau;
             const T rs = (T)nmr_rstd(c * (double)raw, eps);
-            TS *__restrict__ yr = y + r * n;
+            T *__restrict__ yr = nmr_out<TS, T>(y + r * n, ybuf.data());
             if (elem) {
                 if (w && b) {
                     _Pragma("omp simd")
-                    for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<TS>((xr[j] - mu) * rs * w[j] + b[j]);
+                    for (int64_t j = 0; j < n; ++j) yr[j] = (xr[j] - mu) * rs * w[j] + b[j];
                 } else if (w) {
                     _Pragma("omp simd")
-                    for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<TS>((xr[j] - mu) * rs * w[j]);
+                    for (int64_t j = 0; j < n; ++j) yr[j] = (xr[j] - mu) * rs * w[j];
                 } else {
                     _Pragma("omp simd")
-                    for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<TS>((xr[j] - mu) * rs);
+                    for (int64_t j = 0; j < n; ++j) yr[j] = (xr[j] - mu) * rs;
                 }
             } else {
                 const int64_t a0 = (r % G) * Cg;
                 for (int64_t cg = 0; cg < Cg; ++cg) {
-                    const T sc = rs * (w ? w[a0 + cg] : (T)1), sh = (b ? b[a0 + cg] : (T)0) - mu * sc;
+                    const T sc = rs * (w ? w[a0 + cg] : (T)1), bb = b ? b[a0 + cg] : (T)0;
                     const T *xs = xr + cg * S;
-                    TS *ys = yr + cg * S;
+                    T *ys = yr + cg * S;
                     _Pragma("omp simd")
-                    for (int64_t j = 0; j < S; ++j) ys[j] = static_cast<TS>(xs[j] * sc + sh);
+                    for (int64_t j = 0; j < S; ++j) ys[j] = (xs[j] - mu) * sc + bb;
                 }
             }
+            nmr_flush<TS, T>(yr, y + r * n, n);
         }
     }
 }
@@ -186,7 +285,7 @@ void nmr_backward(const TS *__restrict__ g, const TS *__restrict__ x, TS *__rest
     {
         const int t_ = omp_get_thread_num();
         const bool conv = !std::is_same<TS, T>::value;
-        std::vector<T> xbuf(conv ? n : 0), gbuf(n), blk(affine_grads && elem ? 2 * n : 0, (T)0);
+        std::vector<T> xbuf(conv ? n : 0), obuf(conv ? n : 0), gbuf(n), blk(affine_grads && elem ? 2 * n : 0, (T)0);
         std::vector<T> hi(norm == NMR_RANGE ? m : 0), lo(hi.size()), whi(hi.size()), wlo(hi.size());
         double *pw = affine_grads ? part.data() + (size_t)t_ * 2 * A : nullptr, *pb = pw ? pw + A : nullptr;
         int64_t inblk = 0;
@@ -233,10 +332,10 @@ void nmr_backward(const TS *__restrict__ g, const TS *__restrict__ x, TS *__rest
                 tau = norm == NMR_LINF ? raw : tauv[r];
                 T cgt = 0, ceq = 0, sgt = 0, seq = 0;
                 _Pragma("omp simd reduction(+:cgt, ceq, sgt, seq)")
-                for (int64_t j = 0; j < n; ++j) {
-                    const T d = xr[j] - mu, a = std::fabs(d), sd = nmr_sign(d);
-                    cgt += (T)(a > tau); ceq += (T)(a == tau);
-                    sgt += a > tau ? sd : (T)0; seq += a == tau ? sd : (T)0;
+                for (int64_t j = 0; j < n; ++j) { /* branch-free: masks as 0 / 1 values (vectorizes) */
+                    const T d = xr[j] - mu, a = nmr_fabs(d), sd = nmr_sign(d);
+                    const T gt = (T)(a > tau), eq = (T)(a >= tau) - gt; /* a == tau without a branch */
+                    cgt += gt; ceq += eq; sgt += gt * sd; seq += eq * sd;
                 }
                 const double kk = norm == NMR_LINF ? 1.0 : (double)k;
                 const double weq = ceq > 0 ? (kk - (double)cgt) / (double)ceq : 0.0;
@@ -253,35 +352,35 @@ void nmr_backward(const TS *__restrict__ g, const TS *__restrict__ x, TS *__rest
                     for (int64_t j = 0; j < L; ++j) { h = xc[j] > h ? xc[j] : h; l = xc[j] < l ? xc[j] : l; }
                     T nh = 0, nl = 0;
                     _Pragma("omp simd reduction(+:nh, nl)")
-                    for (int64_t j = 0; j < L; ++j) { nh += (T)(xc[j] == h); nl += (T)(xc[j] == l); }
+                    for (int64_t j = 0; j < L; ++j) { nh += (T)(xc[j] >= h); nl += (T)(xc[j] <= l); } /* == max, min */
                     hi[ch] = h; lo[ch] = l; whi[ch] = (T)(Qm / nh); wlo[ch] = (T)(Qm / nl);
                 }
             }
             const T base = (T)((centered ? (double)Sg / n : 0.0) - P), Qt = (T)Q;
             if (gx) {
-                TS *__restrict__ out = gx + r * n;
+                T *__restrict__ out = nmr_out<TS, T>(gx + r * n, obuf.data());
                 if (norm == NMR_L2) {
                     _Pragma("omp simd")
-                    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<TS>(rs * (gh[j] - base - Qt * ((xr[j] - mu) * rs)));
+                    for (int64_t j = 0; j < n; ++j) out[j] = rs * (gh[j] - base - Qt * ((xr[j] - mu) * rs));
                 } else if (norm == NMR_L1) {
                     _Pragma("omp simd")
-                    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<TS>(rs * (gh[j] - base - Qt * nmr_sign(xr[j] - mu)));
+                    for (int64_t j = 0; j < n; ++j) out[j] = rs * (gh[j] - base - Qt * nmr_sign(xr[j] - mu));
                 } else if (norm == NMR_LINF || norm == NMR_TOPK) {
                     _Pragma("omp simd")
                     for (int64_t j = 0; j < n; ++j) {
-                        const T d = xr[j] - mu, a = std::fabs(d);
-                        const T e = a > tau ? nmr_sign(d) : (a == tau ? nmr_sign(d) * wq : (T)0);
-                        out[j] = static_cast<TS>(rs * (gh[j] - base - Qt * e));
+                        const T d = xr[j] - mu, a = nmr_fabs(d);
+                        const T gt = (T)(a > tau);
+                        const T e = nmr_sign(d) * (gt + ((T)(a >= tau) - gt) * wq);
+                        out[j] = rs * (gh[j] - base - Qt * e);
                     }
                 } else {
                     const int64_t L = n / m;
                     for (int ch = 0; ch < m; ++ch) {
                         const T h = hi[ch], l = lo[ch], wh = whi[ch], wl = wlo[ch];
-                        _Pragma("omp simd")
-                        for (int64_t j = ch * L; j < (ch + 1) * L; ++j)
-                            out[j] = static_cast<TS>(rs * (gh[j] - base - ((xr[j] == h ? wh : (T)0) - (xr[j] == l ? wl : (T)0))));
+                        nmr_range_out<T>(xr + ch * L, gh + ch * L, out + ch * L, L, rs, base, h, l, wh, wl);
                     }
                 }
+                nmr_flush<TS, T>(out, gx + r * n, n);
             }
             if (affine_grads) { /* g itself: reloaded (gh holds g * w) */
                 const T *gg = nmr_row<TS, T>(g + r * n, n, gh);
@@ -316,3 +415,7 @@ void nmr_backward(const TS *__restrict__ g, const TS *__restrict__ x, TS *__rest
         }
     }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
