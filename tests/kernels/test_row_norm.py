@@ -12,9 +12,6 @@ from normmatters.kernels import row_native, row_norm
 
 from row_cases import KINDS, NORMS, call, make, outputs_and_grads
 
-FAST = ("native", "compiled", "eager")
-
-
 def test_reference_impl_leaves_the_call_to_the_caller(monkeypatch):
     x = torch.randn(3, 8)
     assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, "reference", "here") is None
@@ -51,18 +48,28 @@ def test_compiled_matches_reference(kind, norm):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("impl", ["native", "eager"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("norm", NORMS)
 def test_constant_rows_have_finite_gradients(impl, kind, norm):
     x = torch.full((3, 4, 6) if kind == "group" else (3, 12), 2.5, dtype=torch.float64)
     _, params = make(kind, x.shape)
-    if impl == "compiled":
-        x = x.float()
-        params = tuple(p.float() for p in params)
     ref = outputs_and_grads(kind, x, params, norm, "reference")
     got = outputs_and_grads(kind, x, params, norm, impl)
-    for a, b in zip(got, ref):
+    # RMS top-k of a constant row: every |x| ties at the threshold; the fast paths share the gradient evenly among
+    # the tied elements, autograd's topk gives it to k of them (both are subgradients): compare y only
+    compared = got[:1] if (kind, norm) == ("rms", "topk") else got
+    for a in got:
+        assert torch.isfinite(a).all()
+    for a, b in zip(compared, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_constant_rows_compiled():
+    x = torch.full((3, 12), 2.5)
+    _, params = make("layer", x.shape, torch.float32)
+    for a, b in zip(outputs_and_grads("layer", x, params, "linf", "compiled"),
+                    outputs_and_grads("layer", x, params, "linf", "reference")):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

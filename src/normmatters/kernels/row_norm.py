@@ -73,10 +73,18 @@ def rows(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, nor
         return None
     n = x2.shape[1]
     m = chunks or 1
-    c = get_estimator(norm).constant(n, k=k, chunks=chunks, centered=centered)
+    c = _constant(norm, int(n), k, chunks, centered)
     if chosen in ("auto", "native") and native_eligible(x2, norm, k):
         return row_native.fwd(x2.contiguous(), weight, bias, norm, centered, c, eps, k, m, groups, spatial)
     return RowNormFunction.apply(x2, weight, bias, c, eps, norm, centered, k, m, groups, spatial, chosen)
+
+
+@torch._dynamo.assume_constant_result
+def _constant(norm: str, n: int, k: int, chunks: int | None, centered: bool) -> float:
+    """c(n) of the estimator (centered, or uncentered for RMS norm) as a Python float; under ``torch.compile`` /
+    ``torch.export`` evaluated once at trace time and kept as a constant of the graph (its quadratures call numpy,
+    which the tracer cannot follow). n is a static size: the row length of the layer."""
+    return float(get_estimator(norm).constant(n, k=k, chunks=chunks, centered=centered))
 
 
 class RowNormFunction(torch.autograd.Function):
