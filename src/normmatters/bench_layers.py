@@ -123,7 +123,7 @@ def run_layer_benchmark(quick: bool = False, norms: tuple[str, ...] = NORMS, rou
     rounds = rounds or (3 if quick else 9)
     cases = []
     for kind, shape, dtype in QUICK_CASES if quick else CASES:
-        log.info("bench --layers: %s %s %s", kind, shape, dtype)
+        log.debug("bench --layers: %s %s %s", kind, shape, dtype)
         cases.append(_case(kind, shape, dtype, tuple(norms), rounds, compiled, _QUICK_GROUPS if quick else _GROUPS))
     native = row_norm.native_eligible(torch.empty(1, 2), "l2", 1)
     return {"cases": cases, "table": format_table(cases), "threads": torch.get_num_threads(),
