@@ -169,3 +169,27 @@ def test_bad_input_errors():
         g(torch.randn(2, 8, 1))
     with pytest.raises(ValueError, match="lp_group_norm.*must divide"):
         nm.lp_group_norm(torch.randn(2, 6, 3), 4)
+
+
+@pytest.mark.parametrize("cls,args", [(nm.LpLayerNorm, (12,)), (nm.LpRMSNorm, (12,)), (nm.LpGroupNorm, (2, 4))])
+def test_estimator_options_and_impl(cls, args):
+    x = torch.randn(3, 4, 12) if cls is not nm.LpGroupNorm else torch.randn(3, 4, 6)
+    top = cls(*args, norm="topk", k=2)
+    assert "k=2" in repr(top)
+    rng = cls(*args, norm="range", chunks=3, impl="eager")
+    assert "chunks=3" in repr(rng) and "impl='eager'" in repr(rng) and "k=" not in repr(rng)
+    ref = cls(*args, norm="range", chunks=3, impl="reference")
+    torch.testing.assert_close(rng(x), ref(x))
+    with pytest.raises(ValueError, match=f"{cls.__name__}: chunks is an option of norm='range' only"):
+        cls(*args, norm="l1", chunks=2)
+    with pytest.raises(ValueError, match=f"{cls.__name__}: k must be a positive int"):
+        cls(*args, norm="topk", k=0)
+    with pytest.raises(ValueError, match=f"{cls.__name__}: impl must be one of"):
+        cls(*args, impl="fast")
+
+
+def test_chunks_must_divide_the_first_normalized_dim():
+    with pytest.raises(ValueError, match=r"LpLayerNorm: chunks=3 must divide the first normalized dim \(4\)"):
+        nm.LpLayerNorm((4, 6), norm="range", chunks=3)
+    with pytest.raises(ValueError, match="LpLayerNorm: norm='topk' needs 1 <= k <= n"):
+        nm.LpLayerNorm(6, norm="topk", k=7)

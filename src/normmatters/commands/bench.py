@@ -1,4 +1,5 @@
-"""``normmatters bench``: Lp batch norm vs nn.BatchNorm, ratios measured side by side in one run."""
+"""``normmatters bench``: Lp batch norm vs nn.BatchNorm (``--layers``: the per-sample Lp layers vs nn.LayerNorm,
+nn.RMSNorm, nn.GroupNorm), ratios measured side by side in one run."""
 
 from __future__ import annotations
 
@@ -23,12 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="instead: SyncLpBatchNorm2d on 2 gloo CPU ranks — step time vs the unsynced layer and vs "
                         "synced l2, collectives and bytes per layer per step")
     p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-20 training-step comparison")
+    p.add_argument("--layers", action="store_true",
+                   help="instead: LpLayerNorm / LpRMSNorm / LpGroupNorm vs nn.LayerNorm / nn.RMSNorm / nn.GroupNorm, "
+                        "fwd and fwd+bwd, eager and compiled (8192x768, 4096x4096 float32/bfloat16; 16x256x32x32, "
+                        "32 groups); --quick: small shapes, float32")
+    p.add_argument("--eager-only", action="store_true", help="with --layers: skip the torch.compile columns")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.sync:
         return _run_sync(args)
+    if args.layers:
+        return _run_layers(args)
     from ..bench import NORMS, run_benchmark
     from ..progress import elapsed_bar
 
@@ -68,6 +76,25 @@ def _run_sync(args: argparse.Namespace) -> int:
 
     res = run_sync_benchmark(norms=tuple(args.norms or NORMS), rounds=args.rounds or (10 if args.quick else 30))
     print(format_sync_table(res))
+    if args.json:
+        from ..atomic_write import atomic_write
+
+        atomic_write(args.json, json.dumps(res, indent=1, default=str))
+    return 0
+
+
+def _run_layers(args: argparse.Namespace) -> int:
+    from ..bench_layers import NORMS, run_layer_benchmark
+    from ..progress import elapsed_bar
+
+    with elapsed_bar("bench --layers (a minute or two with --quick, many without)"):
+        res = run_layer_benchmark(quick=args.quick, norms=tuple(args.norms or NORMS), rounds=args.rounds,
+                                  compiled=not args.eager_only)
+    print(f"torch {res['torch']}, {res['threads']} threads, native row kernels: {'yes' if res['native'] else 'no'}; "
+          f"time ratios are medians over {res['rounds']} interleaved rounds of (Lp layer / stock layer); compiled: "
+          "both under torch.compile(fullgraph=True); saved: bytes kept for backward / the stock layer's")
+    print(res["table"])
+    print(f"benchmark took {res['seconds']:.0f} s")
     if args.json:
         from ..atomic_write import atomic_write
 

@@ -32,6 +32,8 @@ class Estimator:
             (``normmatters::lp_batch_norm_fwd``, csrc/common.h) for this norm.
         native_preferred: "auto" takes the native kernels for every eligible input (not only long rows).
         native_inplace_rows: the native in-place backward covers the rows (channels-innermost) layout.
+        row_aux: the per-sample (row) backward (:mod:`normmatters.kernels.row_norm`) reads a saved per-row
+            threshold (top-k's k-th largest |d|: too costly to select again) rather than recomputing it.
     """
 
     name: str = ""
@@ -43,6 +45,7 @@ class Estimator:
     native_preferred: bool = False
     native_inplace_rows: bool = True
     sync_needs_extremes: bool = False
+    row_aux: bool = False
 
     def constant(self, n: int, k: int = 10, chunks: int | None = None, centered: bool = True) -> float:
         """c(n): the factor that makes E[σ̂] = E[s_n] for n Gaussian elements. ``centered=False``: the

@@ -54,6 +54,13 @@ class _L2(Estimator):
         d = (x - mean) / s
         return mean, (d * d).mean(_LEAN_DIMS, keepdim=True).sqrt() * s, ()
 
+    def lean_raw(self, x, d, k=10):
+        # sqrt(mean(d²)) scaled by a power of two near max|d| (exact; no square overflows for a finite d): the
+        # statistic of d = x itself for RMS norm (the centered path takes lean_stats)
+        s = _pow2_scale(d.abs().amax(_LEAN_DIMS, keepdim=True))
+        q = d / s
+        return (q * q).mean(_LEAN_DIMS, keepdim=True).sqrt() * s, ()
+
     def sync_raw(self, d, mu, hi, lo, k, all_gather):
         return None, (), d.square().sum(_LEAN_DIMS, keepdim=True)  # Σd² around the union's μ
 

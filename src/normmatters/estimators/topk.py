@@ -88,4 +88,4 @@ class _TopK(Estimator):
 
 
 ESTIMATOR = _TopK(name="topk", reductions={"topk": "topk"}, options=frozenset({"k"}), native_aux_rows=1,
-                  native_preferred=True, native_inplace_rows=False)
+                  native_preferred=True, native_inplace_rows=False, row_aux=True)

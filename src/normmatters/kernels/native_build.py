@@ -33,6 +33,8 @@ CC_ENV = "NORMMATTERS_CC"
 CACHE_ENV = "NORMMATTERS_CACHE"
 FLAGS = ("-O3", "-march=native", "-fopenmp")
 _NAME = "normmatters_native"
+#: the translation units: the batch-norm operators and the per-sample (row) norm operators
+SOURCES = ("ops.cpp", "row_norm_ops.cpp")
 
 _loaded = False
 _failed = False
@@ -77,7 +79,7 @@ def _build() -> str:
     env_cxx = os.environ.get("CXX")
     os.environ["CXX"] = cc  # cpp_extension's compiler
     try:
-        cpp_extension.load(name=_NAME, sources=[str(CSRC / "ops.cpp")], extra_cflags=list(FLAGS),
+        cpp_extension.load(name=_NAME, sources=[str(CSRC / name) for name in SOURCES], extra_cflags=list(FLAGS),
                            extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
                            verbose=False)
     finally:

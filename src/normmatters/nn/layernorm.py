@@ -1,7 +1,12 @@
 """Per-sample Lp normalization layers: drop-in replacements for ``nn.LayerNorm``, ``nn.RMSNorm`` and
 ``nn.GroupNorm`` (same arguments, parameters, state_dict, ``reset_parameters``, ``extra_repr``) with a
 ``norm=`` argument choosing the dispersion estimator (see :mod:`normmatters.layer_functional` for the
-formulas). ``norm="l2"`` is the stock layer; the others are Gaussian-consistent per sample."""
+formulas). ``norm="l2"`` is the stock layer; the others are Gaussian-consistent per sample.
+
+Estimator options as in the batch-norm layers: ``k`` (``norm="topk"``) and ``chunks`` (``norm="range"``: mean
+range of that many contiguous chunks of each sample's elements). ``impl`` picks the kernel
+(:mod:`normmatters.kernels.row_norm`: "auto", "native", "compiled", "eager", "reference"; None: the environment
+variable ``NORMMATTERS_KERNEL``, else "auto")."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from ..estimators import get_estimator
+from ..kernels import resolve_impl
 from ..layer_functional import check_norm, lp_group_norm, lp_layer_norm, lp_rms_norm
 
 __all__ = ["LpLayerNorm", "LpRMSNorm", "LpGroupNorm"]
@@ -26,16 +33,33 @@ def _shape(normalized_shape, where: str) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def _options(layer: nn.Module, k: int, chunks: int | None, impl: str | None, n: int | None,
+             first: int | None) -> None:
+    """Validate and keep the estimator options and the kernel choice (errors name the layer)."""
+    where = type(layer).__name__
+    check_norm(layer.norm, n, where, k, chunks, first)
+    if impl is not None:
+        resolve_impl(impl, where)
+    layer.k, layer.chunks, layer.impl = k, chunks, impl
+
+
+def _options_repr(layer: nn.Module) -> str:
+    s = f", k={layer.k}" if "k" in get_estimator(layer.norm).options else ""
+    s += f", chunks={layer.chunks}" if layer.chunks is not None else ""
+    return s + (f", impl={layer.impl!r}" if layer.impl is not None else "")
+
+
 class LpLayerNorm(nn.Module):
     """``nn.LayerNorm`` with σ̂ from the estimator ``norm`` (l2 / l1 / linf / topk / range) over the trailing
     ``normalized_shape`` dims: y = weight · (x − μ) / sqrt(σ̂² + eps) + bias."""
 
     def __init__(self, normalized_shape, norm: str = "l1", eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, device=None, dtype=None) -> None:
+                 bias: bool = True, device=None, dtype=None, k: int = 10, chunks: int | None = None,
+                 impl: str | None = None) -> None:
         super().__init__()
         self.normalized_shape = _shape(normalized_shape, type(self).__name__)
-        check_norm(norm, math.prod(self.normalized_shape), type(self).__name__)
         self.norm, self.eps, self.elementwise_affine = norm, eps, elementwise_affine
+        _options(self, k, chunks, impl, math.prod(self.normalized_shape), self.normalized_shape[0])
         kw = {"device": device, "dtype": dtype}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **kw))
@@ -56,10 +80,10 @@ class LpLayerNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return lp_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, self.norm,
-                             where=type(self).__name__)
+                             where=type(self).__name__, k=self.k, chunks=self.chunks, impl=self.impl)
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, norm={self.norm!r}, eps={self.eps}, "
+        return (f"{self.normalized_shape}, norm={self.norm!r}{_options_repr(self)}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}")
 
 
@@ -68,11 +92,12 @@ class LpRMSNorm(nn.Module):
     ``eps=None`` is ``torch.finfo(input.dtype).eps``."""
 
     def __init__(self, normalized_shape, norm: str = "l1", eps: float | None = None,
-                 elementwise_affine: bool = True, device=None, dtype=None) -> None:
+                 elementwise_affine: bool = True, device=None, dtype=None, k: int = 10, chunks: int | None = None,
+                 impl: str | None = None) -> None:
         super().__init__()
         self.normalized_shape = _shape(normalized_shape, type(self).__name__)
-        check_norm(norm, math.prod(self.normalized_shape), type(self).__name__)
         self.norm, self.eps, self.elementwise_affine = norm, eps, elementwise_affine
+        _options(self, k, chunks, impl, math.prod(self.normalized_shape), self.normalized_shape[0])
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -84,10 +109,11 @@ class LpRMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
-        return lp_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.norm, where=type(self).__name__)
+        return lp_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.norm, where=type(self).__name__,
+                           k=self.k, chunks=self.chunks, impl=self.impl)
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, norm={self.norm!r}, eps={self.eps}, "
+        return (f"{self.normalized_shape}, norm={self.norm!r}{_options_repr(self)}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}")
 
 
@@ -95,16 +121,17 @@ class LpGroupNorm(nn.Module):
     """``nn.GroupNorm`` with σ̂ from the estimator ``norm`` per sample and group of C/G channels."""
 
     def __init__(self, num_groups: int, num_channels: int, norm: str = "l1", eps: float = 1e-5,
-                 affine: bool = True, device=None, dtype=None) -> None:
+                 affine: bool = True, device=None, dtype=None, k: int = 10, chunks: int | None = None,
+                 impl: str | None = None) -> None:
         super().__init__()
         where = type(self).__name__
         if not (isinstance(num_groups, numbers.Integral) and isinstance(num_channels, numbers.Integral)
                 and num_groups >= 1 and num_channels >= 1 and num_channels % num_groups == 0):
             raise ValueError(f"{where}: num_groups={num_groups!r} must be a positive int dividing "
                              f"num_channels={num_channels!r}")
-        check_norm(norm, None, where)  # n depends on the spatial size: checked per input
         self.num_groups, self.num_channels = int(num_groups), int(num_channels)
         self.norm, self.eps, self.affine = norm, eps, affine
+        _options(self, k, chunks, impl, None, None)  # n depends on the spatial size: checked per input
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
@@ -123,7 +150,9 @@ class LpGroupNorm(nn.Module):
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"{where}: expected input of shape (N, {self.num_channels}, *), "
                              f"got {list(input.shape)}")
-        return lp_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.norm, where=where)
+        return lp_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.norm, where=where,
+                             k=self.k, chunks=self.chunks, impl=self.impl)
 
     def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, norm={self.norm!r}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_groups}, {self.num_channels}, norm={self.norm!r}{_options_repr(self)}, eps={self.eps}, "
+                f"affine={self.affine}")

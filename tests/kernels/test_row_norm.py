@@ -1,0 +1,127 @@
+"""Which row-norm kernel runs (impl, $NORMMATTERS_KERNEL), the compiled path against the reference, edge rows
+(constant, huge values), torch.compile(fullgraph=True) / torch.export with the native operators, and the bytes
+saved for backward against the stock layers."""
+
+import pytest
+import torch
+from torch import nn
+
+import normmatters as nm
+from normmatters.bench import saved_bytes
+from normmatters.kernels import row_native, row_norm
+
+from row_cases import KINDS, NORMS, call, make, outputs_and_grads
+
+def test_reference_impl_leaves_the_call_to_the_caller(monkeypatch):
+    x = torch.randn(3, 8)
+    assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, "reference", "here") is None
+    monkeypatch.setenv("NORMMATTERS_KERNEL", "reference")
+    assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, None, "here") is None
+    monkeypatch.setenv("NORMMATTERS_KERNEL", "eager")
+    assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, None, "here") is not None
+
+
+def test_bad_impl_names_the_function():
+    with pytest.raises(ValueError, match="lp_layer_norm: impl must be one of"):
+        nm.lp_layer_norm(torch.randn(2, 4), 4, impl="fast")
+
+
+def test_auto_takes_native_on_cpu(monkeypatch):
+    if not row_native.ensure():
+        pytest.skip("no C++ compiler")
+    calls, real = [], row_native.fwd
+    monkeypatch.setattr(row_native, "fwd", lambda *a: calls.append(a[3]) or real(*a))
+    x = torch.randn(4, 16)
+    nm.lp_layer_norm(x, 16, norm="l1")
+    nm.lp_layer_norm(x, 16, norm="topk", k=65 - 49)
+    assert calls == ["l1", "topk"]
+    nm.lp_layer_norm(torch.randn(4, 80), 80, norm="topk", k=65)  # past the native top-k: the compiled path
+    nm.lp_layer_norm(x, 16, norm="l1", impl="eager")
+    assert calls == ["l1", "topk"]
+
+
+@pytest.mark.parametrize("kind,norm", [("layer", "l1"), ("rms", "topk"), ("group", "range")])
+def test_compiled_matches_reference(kind, norm):
+    x, params = make(kind, (4, 6, 5) if kind == "group" else (7, 24), torch.float32)
+    ref = outputs_and_grads(kind, x, params, norm, "reference")
+    for a, b in zip(outputs_and_grads(kind, x, params, norm, "compiled"), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["native", "eager"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_constant_rows_have_finite_gradients(impl, kind, norm):
+    x = torch.full((3, 4, 6) if kind == "group" else (3, 12), 2.5, dtype=torch.float64)
+    _, params = make(kind, x.shape)
+    ref = outputs_and_grads(kind, x, params, norm, "reference")
+    got = outputs_and_grads(kind, x, params, norm, impl)
+    # RMS top-k of a constant row: every |x| ties at the threshold; the fast paths share the gradient evenly among
+    # the tied elements, autograd's topk gives it to k of them (both are subgradients): compare y only
+    compared = got[:1] if (kind, norm) == ("rms", "topk") else got
+    for a in got:
+        assert torch.isfinite(a).all()
+    for a, b in zip(compared, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_constant_rows_compiled():
+    x = torch.full((3, 12), 2.5)
+    _, params = make("layer", x.shape, torch.float32)
+    for a, b in zip(outputs_and_grads("layer", x, params, "linf", "compiled"),
+                    outputs_and_grads("layer", x, params, "linf", "reference")):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["native", "eager"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_huge_float32_values(impl, norm, kind):
+    x, params = make(kind, (4, 33), torch.float32)
+    x = x * 1e20  # squares overflow float32
+    y = call(kind, x, params, norm, impl)
+    expected = call(kind, x.double(), tuple(p.double() for p in params), norm, "reference")
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def _export_ops(module, x):
+    import re
+
+    ep = torch.export.export(module, (x,))
+    return set(re.findall(r"normmatters\.(\w+)", str(ep.graph_module.code)))
+
+
+@pytest.mark.parametrize("layer", [lambda: nm.LpLayerNorm(16, norm="l1"), lambda: nm.LpRMSNorm(16, norm="topk", k=3),
+                                   lambda: nm.LpGroupNorm(2, 4, norm="range", chunks=2)])
+def test_compile_fullgraph_and_export_use_the_native_operators(layer):
+    if not row_native.ensure():
+        pytest.skip("no C++ compiler")
+    m = layer().double()
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64) if isinstance(m, nm.LpGroupNorm) else \
+        torch.randn(3, 5, 16, dtype=torch.float64)
+    assert "lp_row_norm_fwd" in _export_ops(m, x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = m(xa), compiled(xb)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(yb, ya)
+    torch.testing.assert_close(xb.grad, xa.grad)
+
+
+@pytest.mark.parametrize("impl", ["native", "eager"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_saved_bytes_at_most_the_stock_layer(impl, norm):
+    x = torch.randn(64, 256, requires_grad=True)
+    opts = {"k": 3} if norm == "topk" else {}
+    pairs = [(nn.LayerNorm(256), nm.LpLayerNorm(256, norm=norm, impl=impl, **opts), x),
+             (nn.RMSNorm(256), nm.LpRMSNorm(256, norm=norm, impl=impl, **opts), x),
+             (nn.GroupNorm(4, 16), nm.LpGroupNorm(4, 16, norm=norm, impl=impl, **opts),
+              torch.randn(64, 16, 4, 4, requires_grad=True))]
+    for stock, ours, inp in pairs:
+        limit = saved_bytes(lambda: stock(inp))
+        if norm == "topk":  # one more float32 per row: the k-th largest |d| that backward compares against
+            limit += 4 * (inp.numel() // inp.shape[-1] if not isinstance(ours, nm.LpGroupNorm) else 64 * 4)
+        assert saved_bytes(lambda: ours(inp)) <= limit, type(ours).__name__
