@@ -1,7 +1,11 @@
 """Per-sample Lp normalization layers: drop-in replacements for ``nn.LayerNorm``, ``nn.RMSNorm`` and
 ``nn.GroupNorm`` (same arguments, parameters, state_dict, ``reset_parameters``, ``extra_repr``) with a
 ``norm=`` argument choosing the dispersion estimator (see :mod:`normmatters.layer_functional` for the
-formulas). ``norm="l2"`` is the stock layer; the others are Gaussian-consistent per sample."""
+formulas). ``norm="l2"`` is the stock layer; the others are Gaussian-consistent per sample.
+
+``precision=`` (None: native; ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` or a
+:class:`~normmatters.precision.emulate.Precision`): the forward with every intermediate rounded to that format,
+the backward straight-through in float32 (:mod:`normmatters.precision.per_sample`)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layer_functional import check_norm, lp_group_norm, lp_layer_norm, lp_rms_norm
+from ..precision.per_sample import (
+    check_per_sample_precision,
+    emulated_lp_group_norm,
+    emulated_lp_layer_norm,
+    emulated_lp_rms_norm,
+)
 
 __all__ = ["LpLayerNorm", "LpRMSNorm", "LpGroupNorm"]
 
@@ -26,14 +36,28 @@ def _shape(normalized_shape, where: str) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def _precision(precision, where: str):
+    """``precision=``: None, or a name / Precision the per-sample emulation accepts (a ValueError naming the layer)."""
+    if precision is not None:
+        check_per_sample_precision(precision, where)
+    return precision
+
+
+def _precision_repr(precision) -> str:
+    if precision is None:
+        return ""
+    return f", precision={precision!r}" if isinstance(precision, str) else f", precision={precision.name!r}"
+
+
 class LpLayerNorm(nn.Module):
     """``nn.LayerNorm`` with σ̂ from the estimator ``norm`` (l2 / l1 / linf / topk / range) over the trailing
     ``normalized_shape`` dims: y = weight · (x − μ) / sqrt(σ̂² + eps) + bias."""
 
     def __init__(self, normalized_shape, norm: str = "l1", eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, device=None, dtype=None) -> None:
+                 bias: bool = True, device=None, dtype=None, precision=None) -> None:
         super().__init__()
         self.normalized_shape = _shape(normalized_shape, type(self).__name__)
+        self.precision = _precision(precision, type(self).__name__)
         check_norm(norm, math.prod(self.normalized_shape), type(self).__name__)
         self.norm, self.eps, self.elementwise_affine = norm, eps, elementwise_affine
         kw = {"device": device, "dtype": dtype}
@@ -55,12 +79,15 @@ class LpLayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.precision is not None:
+            return emulated_lp_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, self.norm,
+                                          precision=self.precision, where=type(self).__name__)
         return lp_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, self.norm,
                              where=type(self).__name__)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, norm={self.norm!r}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
+                f"elementwise_affine={self.elementwise_affine}" + _precision_repr(self.precision))
 
 
 class LpRMSNorm(nn.Module):
@@ -68,9 +95,10 @@ class LpRMSNorm(nn.Module):
     ``eps=None`` is ``torch.finfo(input.dtype).eps``."""
 
     def __init__(self, normalized_shape, norm: str = "l1", eps: float | None = None,
-                 elementwise_affine: bool = True, device=None, dtype=None) -> None:
+                 elementwise_affine: bool = True, device=None, dtype=None, precision=None) -> None:
         super().__init__()
         self.normalized_shape = _shape(normalized_shape, type(self).__name__)
+        self.precision = _precision(precision, type(self).__name__)
         check_norm(norm, math.prod(self.normalized_shape), type(self).__name__)
         self.norm, self.eps, self.elementwise_affine = norm, eps, elementwise_affine
         if elementwise_affine:
@@ -84,20 +112,24 @@ class LpRMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.precision is not None:
+            return emulated_lp_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.norm,
+                                        precision=self.precision, where=type(self).__name__)
         return lp_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.norm, where=type(self).__name__)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, norm={self.norm!r}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
+                f"elementwise_affine={self.elementwise_affine}" + _precision_repr(self.precision))
 
 
 class LpGroupNorm(nn.Module):
     """``nn.GroupNorm`` with σ̂ from the estimator ``norm`` per sample and group of C/G channels."""
 
     def __init__(self, num_groups: int, num_channels: int, norm: str = "l1", eps: float = 1e-5,
-                 affine: bool = True, device=None, dtype=None) -> None:
+                 affine: bool = True, device=None, dtype=None, precision=None) -> None:
         super().__init__()
         where = type(self).__name__
+        self.precision = _precision(precision, where)
         if not (isinstance(num_groups, numbers.Integral) and isinstance(num_channels, numbers.Integral)
                 and num_groups >= 1 and num_channels >= 1 and num_channels % num_groups == 0):
             raise ValueError(f"{where}: num_groups={num_groups!r} must be a positive int dividing "
@@ -123,7 +155,11 @@ class LpGroupNorm(nn.Module):
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"{where}: expected input of shape (N, {self.num_channels}, *), "
                              f"got {list(input.shape)}")
+        if self.precision is not None:
+            return emulated_lp_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.norm,
+                                          precision=self.precision, where=where)
         return lp_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.norm, where=where)
 
     def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, norm={self.norm!r}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_groups}, {self.num_channels}, norm={self.norm!r}, eps={self.eps}, affine={self.affine}"
+                + _precision_repr(self.precision))
