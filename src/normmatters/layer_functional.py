@@ -35,8 +35,12 @@ from torch import Tensor
 from .estimators import get_estimator, norms_with_option
 from .functional import inv_std
 from .kernels.row_norm import rows
+from .precision.emulate import Precision
+from .precision.layer import _StraightThrough
+from .precision.per_sample import check_per_sample_precision, emulate_per_sample
 
-__all__ = ["lp_layer_norm", "lp_rms_norm", "lp_group_norm", "check_norm"]
+__all__ = ["lp_layer_norm", "lp_rms_norm", "lp_group_norm", "check_norm", "emulated_lp_layer_norm",
+           "emulated_lp_rms_norm", "emulated_lp_group_norm"]
 
 
 def check_norm(norm: str, n: int | None, where: str, k: int = 10, chunks: int | None = None,
@@ -154,3 +158,67 @@ def lp_group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, 
     cshape = [1, C] + [1] * (input.dim() - 2)
     return _affine(y, None if weight is None else weight.reshape(cshape),
                    None if bias is None else bias.reshape(cshape))
+
+
+# --- the forward emulated in a low-precision format (precision= of the layers) ---------------------------
+
+def _flat(t: Tensor | None, n: int) -> Tensor | None:
+    return None if t is None else t.reshape(n)
+
+
+def emulated_lp_layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
+                           bias: Tensor | None = None, eps: float = 1e-5, norm: str = "l1", *,
+                           precision: str | Precision = "fp16", k: int = 10, chunks: int | None = None,
+                           where: str = "emulated_lp_layer_norm") -> Tensor:
+    """:func:`lp_layer_norm` with the forward emulated in ``precision`` and a
+    straight-through backward (:mod:`normmatters.precision.per_sample`). Shapes as in ``lp_layer_norm``."""
+    p = check_per_sample_precision(precision, where)
+    native = lp_layer_norm(input, normalized_shape, weight, bias, eps, norm, where=where, k=k, chunks=chunks)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    n = math.prod(shape)
+    with torch.no_grad():
+        res = emulate_per_sample(input.reshape(-1, n), norm, p, eps=eps, k=k, chunks=chunks,
+                                 weight=_flat(weight, n), bias=_flat(bias, n), count_events=False)
+    return _StraightThrough.apply(native, res.y.reshape(input.shape))
+
+
+def emulated_lp_rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
+                         eps: float | None = None, norm: str = "l1", *, precision: str | Precision = "fp16",
+                         k: int = 10, chunks: int | None = None, where: str = "emulated_lp_rms_norm") -> Tensor:
+    """:func:`lp_rms_norm` emulated in ``precision`` (uncentered σ̂; ``eps=None``
+    is ``torch.finfo(input.dtype).eps``), straight-through backward."""
+    p = check_per_sample_precision(precision, where)
+    native = lp_rms_norm(input, normalized_shape, weight, eps, norm, where=where, k=k, chunks=chunks)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    n = math.prod(shape)
+    with torch.no_grad():
+        res = emulate_per_sample(input.reshape(-1, n), norm, p, eps=eps, k=k, chunks=chunks,
+                                 weight=_flat(weight, n), centered=False, count_events=False)
+    return _StraightThrough.apply(native, res.y.reshape(input.shape))
+
+
+def emulated_lp_group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
+                           bias: Tensor | None = None, eps: float = 1e-5, norm: str = "l1", *,
+                           precision: str | Precision = "fp16", k: int = 10, chunks: int | None = None,
+                           where: str = "emulated_lp_group_norm") -> Tensor:
+    """:func:`lp_group_norm` emulated in ``precision``: rows = (sample, group) of
+    n = C/G · spatial elements, per-channel weight / bias applied per element; straight-through backward."""
+    p = check_per_sample_precision(precision, where)
+    native = lp_group_norm(input, num_groups, weight, bias, eps, norm, where=where, k=k, chunks=chunks)
+    N, C = input.shape[:2]
+    x = input.reshape(N * num_groups, -1)
+    n = x.shape[-1]
+    check_norm(norm, n, where)
+
+    def per_element(t: Tensor | None) -> Tensor | None:  # (C,) → (N·G, n): channel c covers n·G/C elements
+        if t is None:
+            return None
+        return t.detach().reshape(1, num_groups, C // num_groups, 1).expand(
+            N, num_groups, C // num_groups, n * num_groups // C).reshape(N * num_groups, n)
+
+    with torch.no_grad():
+        res = emulate_per_sample(x, norm, p, eps=eps, k=k, chunks=chunks, weight=per_element(weight),
+                                 bias=per_element(bias), count_events=False)
+    return _StraightThrough.apply(native, res.y.reshape(input.shape))

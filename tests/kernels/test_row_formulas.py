@@ -3,11 +3,10 @@ gradcheck for every norm and kind, the lean-layout views, and what backward save
 
 import pytest
 import torch
+from row_cases import KINDS, NORMS, call, make, outputs_and_grads
 
 from normmatters.kernels import row_formulas
 from normmatters.kernels.row_norm import RowNormFunction
-
-from row_cases import KINDS, NORMS, call, make, outputs_and_grads
 
 SHAPES = {"layer": (3, 8), "rms": (3, 8), "group": (2, 4, 3)}
 

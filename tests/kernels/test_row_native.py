@@ -4,11 +4,10 @@ implementations and input errors."""
 
 import pytest
 import torch
+from row_cases import KINDS, NORMS, call, make, outputs_and_grads
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from normmatters.kernels import row_native
-
-from row_cases import KINDS, NORMS, call, make, outputs_and_grads
 
 SHAPES = {"layer": (3, 8), "rms": (3, 8), "group": (2, 4, 3)}
 

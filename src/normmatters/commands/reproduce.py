@@ -42,6 +42,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", type=Path, default=None,
                    help="layer-norm: folder of text files (default: the Python standard library's .py files)")
     p.add_argument("--steps", type=int, default=None, help="layer-norm: training steps per run (default 400)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="layer-norm: the plain (native) variants to run (default: all seven; names as in the table)")
+    p.add_argument("--precision", nargs="+", default=None, metavar="FORMAT",
+                   choices=["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2"],
+                   help="layer-norm: also run the --emulate layers with their forward emulated in these formats")
+    p.add_argument("--scale", type=float, nargs="+", default=None,
+                   help="layer-norm: factors the emulated normalizations' input is multiplied by (default 1)")
+    p.add_argument("--emulate", nargs="+", default=None, metavar="LAYER",
+                   help="layer-norm: the Lp layers run emulated, e.g. 'LpLayerNorm l1' (default: LpLayerNorm "
+                        "l2 l1 linf range, LpRMSNorm l2 l1)")
+    p.add_argument("--emulated-seeds", type=int, nargs="+", default=None,
+                   help="layer-norm: seeds of the emulated variants (default: all seeds)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="layer-norm: steps between validation-curve points (default 25)")
+    p.add_argument("--context", type=int, default=None, help="layer-norm: context length (default 128)")
+    p.add_argument("--batch", type=int, default=None, help="layer-norm: batch size (default 32)")
     p.set_defaults(func=run)
 
     for action in p._actions:
@@ -113,6 +129,9 @@ def _weight_decay(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
 
 
 def _layer_norm(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
+    import shlex
+    import sys
+
     from ..experiments.layer_norm_study import (
         LayerNormStudy,
         format_layer_norm_table,
@@ -128,5 +147,18 @@ def _layer_norm(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
         study.seeds = tuple(args.seeds)
     if args.steps:
         study.steps = args.steps
+        study.eval_every = min(study.eval_every, args.steps)
+    if args.quick:
+        study.eval_every = 10
+    for name in ("variants", "emulate", "emulated_seeds", "eval_every", "context", "batch"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(study, "emulated" if name == "emulate" else name, tuple(value) if isinstance(value, list)
+                    else value)
+    if args.precision:
+        study.precisions = tuple(args.precision)
+    if args.scale:
+        study.scales = tuple(args.scale)
     rows = run_layer_norm_study(study)
-    return write_layer_norm_report(study, rows, out), format_layer_norm_table(rows)
+    command = "normmatters " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else None
+    return write_layer_norm_report(study, rows, out, command), format_layer_norm_table(rows)

@@ -43,8 +43,9 @@ def from_lean(t5: Tensor, R: int, n: int) -> Tensor:
 
 
 def _affine_mul(t: Tensor, weight: Tensor | None, groups: int, spatial: int) -> Tensor:
-    """t (R, n) times the weight (groups · n/spatial,): of element j of row r, index (r mod groups)·n/spatial + j // spatial
-    (layer / RMS norm: groups = spatial = 1, per element; group norm: per channel)."""
+    """t (R, n) times the weight (groups · n/spatial,): of element j of row r, index
+    (r mod groups)·n/spatial + j // spatial (layer / RMS norm: groups = spatial = 1, per element; group norm:
+    per channel)."""
     if weight is None:
         return t
     R, n = t.shape

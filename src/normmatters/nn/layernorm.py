@@ -6,7 +6,11 @@ formulas). ``norm="l2"`` is the stock layer; the others are Gaussian-consistent 
 Estimator options as in the batch-norm layers: ``k`` (``norm="topk"``) and ``chunks`` (``norm="range"``: mean
 range of that many contiguous chunks of each sample's elements). ``impl`` picks the kernel
 (:mod:`normmatters.kernels.row_norm`: "auto", "native", "compiled", "eager", "reference"; None: the environment
-variable ``NORMMATTERS_KERNEL``, else "auto")."""
+variable ``NORMMATTERS_KERNEL``, else "auto").
+
+``precision=`` (None: native; ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` or a
+:class:`~normmatters.precision.emulate.Precision`): the forward with every intermediate rounded to that format,
+the backward straight-through in float32 (:mod:`normmatters.precision.per_sample`)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,16 @@ from torch import Tensor, nn
 
 from ..estimators import get_estimator
 from ..kernels import resolve_impl
-from ..layer_functional import check_norm, lp_group_norm, lp_layer_norm, lp_rms_norm
+from ..layer_functional import (
+    check_norm,
+    emulated_lp_group_norm,
+    emulated_lp_layer_norm,
+    emulated_lp_rms_norm,
+    lp_group_norm,
+    lp_layer_norm,
+    lp_rms_norm,
+)
+from ..precision.per_sample import check_per_sample_precision
 
 __all__ = ["LpLayerNorm", "LpRMSNorm", "LpGroupNorm"]
 
@@ -49,15 +62,29 @@ def _options_repr(layer: nn.Module) -> str:
     return s + (f", impl={layer.impl!r}" if layer.impl is not None else "")
 
 
+def _precision(precision, where: str):
+    """``precision=``: None, or a name / Precision the per-sample emulation accepts (a ValueError naming the layer)."""
+    if precision is not None:
+        check_per_sample_precision(precision, where)
+    return precision
+
+
+def _precision_repr(precision) -> str:
+    if precision is None:
+        return ""
+    return f", precision={precision!r}" if isinstance(precision, str) else f", precision={precision.name!r}"
+
+
 class LpLayerNorm(nn.Module):
     """``nn.LayerNorm`` with σ̂ from the estimator ``norm`` (l2 / l1 / linf / topk / range) over the trailing
     ``normalized_shape`` dims: y = weight · (x − μ) / sqrt(σ̂² + eps) + bias."""
 
     def __init__(self, normalized_shape, norm: str = "l1", eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, k: int = 10, chunks: int | None = None,
-                 impl: str | None = None) -> None:
+                 impl: str | None = None, precision=None) -> None:
         super().__init__()
         self.normalized_shape = _shape(normalized_shape, type(self).__name__)
+        self.precision = _precision(precision, type(self).__name__)
         self.norm, self.eps, self.elementwise_affine = norm, eps, elementwise_affine
         _options(self, k, chunks, impl, math.prod(self.normalized_shape), self.normalized_shape[0])
         kw = {"device": device, "dtype": dtype}
@@ -79,12 +106,16 @@ class LpLayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.precision is not None:
+            return emulated_lp_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, self.norm,
+                                          precision=self.precision, k=self.k, chunks=self.chunks,
+                                          where=type(self).__name__)
         return lp_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, self.norm,
                              where=type(self).__name__, k=self.k, chunks=self.chunks, impl=self.impl)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, norm={self.norm!r}{_options_repr(self)}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
+                f"elementwise_affine={self.elementwise_affine}" + _precision_repr(self.precision))
 
 
 class LpRMSNorm(nn.Module):
@@ -93,9 +124,10 @@ class LpRMSNorm(nn.Module):
 
     def __init__(self, normalized_shape, norm: str = "l1", eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, k: int = 10, chunks: int | None = None,
-                 impl: str | None = None) -> None:
+                 impl: str | None = None, precision=None) -> None:
         super().__init__()
         self.normalized_shape = _shape(normalized_shape, type(self).__name__)
+        self.precision = _precision(precision, type(self).__name__)
         self.norm, self.eps, self.elementwise_affine = norm, eps, elementwise_affine
         _options(self, k, chunks, impl, math.prod(self.normalized_shape), self.normalized_shape[0])
         if elementwise_affine:
@@ -109,12 +141,16 @@ class LpRMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.precision is not None:
+            return emulated_lp_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.norm,
+                                        precision=self.precision, k=self.k, chunks=self.chunks,
+                                        where=type(self).__name__)
         return lp_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.norm, where=type(self).__name__,
                            k=self.k, chunks=self.chunks, impl=self.impl)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, norm={self.norm!r}{_options_repr(self)}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
+                f"elementwise_affine={self.elementwise_affine}" + _precision_repr(self.precision))
 
 
 class LpGroupNorm(nn.Module):
@@ -122,9 +158,10 @@ class LpGroupNorm(nn.Module):
 
     def __init__(self, num_groups: int, num_channels: int, norm: str = "l1", eps: float = 1e-5,
                  affine: bool = True, device=None, dtype=None, k: int = 10, chunks: int | None = None,
-                 impl: str | None = None) -> None:
+                 impl: str | None = None, precision=None) -> None:
         super().__init__()
         where = type(self).__name__
+        self.precision = _precision(precision, where)
         if not (isinstance(num_groups, numbers.Integral) and isinstance(num_channels, numbers.Integral)
                 and num_groups >= 1 and num_channels >= 1 and num_channels % num_groups == 0):
             raise ValueError(f"{where}: num_groups={num_groups!r} must be a positive int dividing "
@@ -150,9 +187,12 @@ class LpGroupNorm(nn.Module):
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"{where}: expected input of shape (N, {self.num_channels}, *), "
                              f"got {list(input.shape)}")
+        if self.precision is not None:
+            return emulated_lp_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.norm,
+                                          precision=self.precision, k=self.k, chunks=self.chunks, where=where)
         return lp_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.norm, where=where,
                              k=self.k, chunks=self.chunks, impl=self.impl)
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, norm={self.norm!r}{_options_repr(self)}, eps={self.eps}, "
-                f"affine={self.affine}")
+                f"affine={self.affine}" + _precision_repr(self.precision))

@@ -4,6 +4,7 @@
   rounding, bit-exact with torch's casts.
 * :mod:`.emulate` — the normalization computation with every intermediate rounded, events per step, and
   :func:`emulated_lp_batch_norm`, the layer path behind ``precision=``.
+* :mod:`.per_sample` — the same emulation for ``LpLayerNorm`` / ``LpRMSNorm`` / ``LpGroupNorm`` (rows = samples).
 * :mod:`.sweep` — the stability map (``normmatters precision``).
 """
 
