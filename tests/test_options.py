@@ -137,3 +137,10 @@ def test_functional_errors_keep_their_caller_name():
         nm.lp_batch_norm(torch.randn(4, 2), None, None, training=True, nonfinite="loud")
     with pytest.raises(ValueError, match="^myfn: chunks is an option of"):
         lean_batch_norm(torch.randn(4, 2), None, None, training=True, chunks=2, where="myfn")
+
+
+def test_functional_cumulative_momentum_without_a_counter_is_an_error():
+    opts = NormOptions(momentum=None)
+    with pytest.raises(ValueError, match="lean_batch_norm: momentum=None .* needs num_batches_tracked"):
+        lean_batch_norm(torch.randn(8, 4), torch.zeros(4), torch.ones(4), training=True, options=opts)
+    nm.lp_batch_norm(torch.randn(8, 4), None, None, training=True, options=opts)  # nothing to update: fine

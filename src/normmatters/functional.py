@@ -37,42 +37,19 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .estimators import get_estimator, norms_with_option
-from .options import NONFINITE_MODES, NormOptions
+from .options import NONFINITE_MODES, BatchNormTensors, NormOptions, call_momentum
 
 __all__ = ["lp_batch_norm", "reference_batch_norm", "BatchNormTensors", "call_momentum", "NonFiniteBatchError",
            "NONFINITE_MODES", "check_input", "training_groups",
            "update_running_stats", "report_nonfinite", "acc_dtype", "check_running_stats",
            "check_channel_vectors", "check_inplace_weight", "check_inplace_input", "check_eps", "inv_std",
            "empty_batch_norm", "LayerName", "no_values", "warn_once", "STORED", "NONFINITE", "UNREPRESENTABLE"]
-
-class BatchNormTensors(NamedTuple):
-    """The tensors of one batch-norm call, each possibly None: (C,) weight and bias, the (C,) running buffers a
-    training step updates (or eval reads) and the 0-dim ``num_batches_tracked``."""
-
-    weight: Tensor | None
-    bias: Tensor | None
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
-
-
-def call_momentum(momentum: float | Tensor | None, num_batches_tracked: Tensor | None) -> float | Tensor:
-    """The mixing factor of one step for the option ``momentum``: itself, or for None (cumulative moving average,
-    as ``nn.BatchNorm``) 1/(num_batches_tracked + 1), the weight of this batch among those tracked after it
-    (0.0 without ``num_batches_tracked``: nothing is tracked)."""
-    if momentum is not None:
-        return momentum
-    if num_batches_tracked is None:
-        return 0.0
-    return 1.0 / (num_batches_tracked + 1).to(torch.float32)
-
 
 #: status of a running-statistics update (:func:`update_running_stats`, the native kernels): the buffers were
 #: updated; the statistics were non-finite; they were finite but the new running variance overflows the buffer's
@@ -393,8 +370,9 @@ def lp_batch_norm(
     opts = NormOptions.resolve(options, where, momentum=momentum, eps=eps, norm=norm, k=k, chunks=chunks,
                                ghost_batch_size=ghost_batch_size, nonfinite=nonfinite)
     tensors = BatchNormTensors(weight, bias, running_mean, running_var, num_batches_tracked)
-    return reference_batch_norm(input, tensors, opts, training, call_momentum(opts.momentum, num_batches_tracked),
-                                where)
+    updates = training and not (running_mean is None and running_var is None)
+    return reference_batch_norm(input, tensors, opts, training,
+                                call_momentum(opts.momentum, num_batches_tracked, where, updates), where)
 
 
 def reference_batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, training: bool,

@@ -24,6 +24,9 @@ Every rule lives in :func:`check_option` (used on construction and by the layers
 assignment, so ``layer.momentum = 5`` raises naming the layer). One value is not checked here: the *name* of a
 ``precision`` preset, whose vocabulary lives in :mod:`normmatters.precision` (above this module in the import
 layers); the layers check it on assignment and the emulated path resolves it, both naming the layer.
+
+Beside the options a call carries its tensors (:class:`BatchNormTensors`) and this step's momentum
+(:func:`call_momentum`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from .estimators import get_estimator, norms_with_option
 
-__all__ = ["NormOptions", "check_option", "OPTION_NAMES", "NONFINITE_MODES", "IMPLS"]
+__all__ = ["NormOptions", "check_option", "OPTION_NAMES", "NONFINITE_MODES", "IMPLS", "BatchNormTensors",
+           "call_momentum"]
 
 #: values of ``nonfinite``
 NONFINITE_MODES = ("raise", "skip", "ignore")
@@ -189,3 +194,29 @@ def _same(a: Any, b: Any) -> bool:
 #: the fields of :class:`NormOptions`, in order
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(NormOptions))
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(NormOptions)}
+
+
+class BatchNormTensors(NamedTuple):
+    """The tensors of one batch-norm call, each possibly None: (C,) weight and bias, the (C,) running buffers a
+    training step updates (or eval reads) and the 0-dim ``num_batches_tracked``."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+
+def call_momentum(momentum: float | Tensor | None, num_batches_tracked: Tensor | None, where: str = "",
+                  updates: bool = False) -> float | Tensor:
+    """The mixing factor of one step for the option ``momentum``: itself, or for None (cumulative moving average,
+    as ``nn.BatchNorm``) 1/(num_batches_tracked + 1), the weight of this batch among those tracked after it
+    (0.0 without ``num_batches_tracked``: nothing is tracked; a ``ValueError`` naming ``where`` if the call
+    ``updates`` running buffers, which would then silently stay as they are)."""
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        if updates:
+            raise ValueError(f"{where}: momentum=None (the cumulative average) needs num_batches_tracked")
+        return 0.0
+    return 1.0 / (num_batches_tracked + 1).to(torch.float32)

@@ -326,4 +326,6 @@ def lean_batch_norm(
     opts = NormOptions.resolve(options, where, momentum=momentum, eps=eps, norm=norm, k=k, chunks=chunks,
                                ghost_batch_size=ghost_batch_size, nonfinite=nonfinite, impl=impl, inplace=inplace)
     tensors = BatchNormTensors(weight, bias, running_mean, running_var, num_batches_tracked)
-    return batch_norm(input, tensors, opts, training, call_momentum(opts.momentum, num_batches_tracked), where)
+    updates = training and not (running_mean is None and running_var is None)
+    return batch_norm(input, tensors, opts, training,
+                      call_momentum(opts.momentum, num_batches_tracked, where, updates), where)

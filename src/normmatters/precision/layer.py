@@ -139,8 +139,9 @@ def emulated_lp_batch_norm(
     if opts.precision is None:
         opts = NormOptions.trusted({**opts.as_dict(), "precision": precision, "inplace": False})
     tensors = BatchNormTensors(weight, bias, running_mean, running_var, num_batches_tracked)
-    return emulated_batch_norm(input, tensors, opts, training, call_momentum(opts.momentum, num_batches_tracked),
-                               where)
+    updates = training and not (running_mean is None and running_var is None)
+    return emulated_batch_norm(input, tensors, opts, training,
+                               call_momentum(opts.momentum, num_batches_tracked, where, updates), where)
 
 
 def emulated_batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, training: bool,
