@@ -144,3 +144,11 @@ def test_functional_cumulative_momentum_without_a_counter_is_an_error():
     with pytest.raises(ValueError, match="lean_batch_norm: momentum=None .* needs num_batches_tracked"):
         lean_batch_norm(torch.randn(8, 4), torch.zeros(4), torch.ones(4), training=True, options=opts)
     nm.lp_batch_norm(torch.randn(8, 4), None, None, training=True, options=opts)  # nothing to update: fine
+
+
+def test_aliases_and_synced_layers_take_options():
+    with pytest.raises(ValueError, match="L1BatchNorm2d always uses norm='l1'; got norm='range'"):
+        nm.L1BatchNorm2d(4, options=NormOptions(norm="range"))
+    assert nm.L1BatchNorm2d(4, options=NormOptions(k=3)).k == 3
+    sync = nm.SyncLpBatchNorm2d(4, options=NormOptions(norm="linf", eps=1e-3))
+    assert (sync.norm, sync.eps) == ("linf", 1e-3) and sync.options == NormOptions(norm="linf", eps=1e-3)

@@ -260,8 +260,9 @@ class LpBatchNorm3d(LpBatchNorm):
 
 def _make_alias(base: type[LpBatchNorm], norm: str, name: str) -> type[LpBatchNorm]:
     def __init__(self: LpBatchNorm, num_features: int, **kwargs: Any) -> None:
-        if "norm" in kwargs and kwargs["norm"] != norm:
-            raise ValueError(f"{name} always uses norm={norm!r}; got norm={kwargs['norm']!r} "
+        given = kwargs.get("norm", getattr(kwargs.get("options"), "norm", norm))
+        if given != norm:
+            raise ValueError(f"{name} always uses norm={norm!r}; got norm={given!r} "
                              f"(use {base.__name__}(..., norm=...) instead)")
         kwargs.pop("norm", None)
         base.__init__(self, num_features, norm=norm, **kwargs)
