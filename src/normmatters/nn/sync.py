@@ -25,8 +25,8 @@ class SyncLpBatchNorm(LpBatchNorm):
     """:class:`~normmatters.nn.LpBatchNorm` whose training statistics are those of the union of every rank's batch.
 
     Args: as :class:`~normmatters.nn.LpBatchNorm` (``options=`` included), plus ``process_group`` (None: the
-    default group) — the ranks whose batches are normalized together. Every rank of the group must call the layer (an empty batch
-    included) in the same order. Not combinable with ``chunks``, ``ghost_batch_size``, ``precision`` or
+    default group) — the ranks whose batches are normalized together. Every rank of the group must call the
+    layer (an empty batch included) in the same order. Not combinable with ``chunks``, ``ghost_batch_size``, ``precision`` or
     ``inplace`` while syncing (``ValueError``). Any input rank ≥ 2, like ``nn.SyncBatchNorm``.
     """
 
