@@ -26,8 +26,8 @@ class SyncLpBatchNorm(LpBatchNorm):
 
     Args: as :class:`~normmatters.nn.LpBatchNorm` (``options=`` included), plus ``process_group`` (None: the
     default group) — the ranks whose batches are normalized together. Every rank of the group must call the
-    layer (an empty batch included) in the same order. Not combinable with ``chunks``, ``ghost_batch_size``, ``precision`` or
-    ``inplace`` while syncing (``ValueError``). Any input rank ≥ 2, like ``nn.SyncBatchNorm``.
+    layer (an empty batch included) in the same order. Not combinable with ``chunks``, ``ghost_batch_size``,
+    ``precision`` or ``inplace`` while syncing (``ValueError``). Any input rank ≥ 2, like ``nn.SyncBatchNorm``.
     """
 
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
