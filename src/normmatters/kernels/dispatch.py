@@ -136,9 +136,10 @@ def replay(plans: dict, input: Tensor, params: dict, buffers: dict | None) -> Te
     """The training step a layer made last time (its :class:`.native_autograd.NativePlan` in ``plans``, the
     layer's ``__dict__``), or None where it does not apply (the plan is then dropped). ``params`` and
     ``buffers`` the layer's ``_parameters`` and ``_buffers`` (None: no running statistics tracked). None of the
-    checks of :func:`batch_norm`, which cost ~0.1 ms per layer on the caches the previous kernel leaves."""
+    checks of :func:`batch_norm`, which cost ~0.1 ms per layer on the caches the previous kernel leaves. Eager
+    mode only: the caller keeps it out of torch.compile (which traces :func:`batch_norm` instead)."""
     plan = plans.get(PLAN_KEY)
-    if plan is None or torch.compiler.is_compiling():
+    if plan is None:
         return None
     if plan.env[0] or os.environ.get(ENV) == plan.env[1]:
         # .get: a parametrization or `del` may have removed an entry
@@ -154,12 +155,11 @@ def replay(plans: dict, input: Tensor, params: dict, buffers: dict | None) -> Te
 
 
 def _plan(input: Tensor, tensors: BatchNormTensors, opts: NormOptions, momentum: float | Tensor, where: str,
-          plans: dict | None) -> Tensor | None:
+          plans: dict | None, impl: str) -> Tensor | None:
     """The common native training step as one :class:`NativePlan` (kept in ``plans`` for :func:`replay` when
     given and the momentum is a number); None where the plan does not apply."""
     if opts.chunks is not None or opts.ghost_batch_size is not None or torch.compiler.is_compiling():
         return None
-    impl = resolve_impl(opts.impl, where)
     plan = NativePlan.build(input, tensors, opts, momentum, where, impl)
     if plan is None:
         return None
@@ -205,7 +205,7 @@ def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, t
         if opts.precision is not None:
             return emulated_batch_norm(input, tensors, opts, True, momentum, where)
         if impl in ("auto", "native"):
-            y = _plan(input, tensors, opts, momentum, where, plans)
+            y = _plan(input, tensors, opts, momentum, where, plans, impl)
             if y is not None:
                 return y
     est = get_estimator(norm)

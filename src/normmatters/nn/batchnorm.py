@@ -198,7 +198,7 @@ class LpBatchNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
-        if self.training and not compiling:  # the native step this layer made last time, if it still applies
+        if not compiling and "_plan" in self.__dict__:  # the native step this layer made last time, if it applies
             y = dispatch.replay(self.__dict__, input, self._parameters,
                                 self._buffers if self.track_running_stats else None)
             if y is not None:
