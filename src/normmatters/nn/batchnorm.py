@@ -85,7 +85,7 @@ class LpBatchNorm(_NormBase):
         ghost_batch_size: normalize each group of this many samples with its own statistics.
         nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
         impl: kernel — None (default: $NORMMATTERS_KERNEL or "auto"), "auto", "native", "compiled", "eager"
-            or "reference" (see :mod:`normmatters.kernels.lean`).
+            or "reference" (see :mod:`normmatters.kernels.dispatch`).
         bias: keyword-only, as ``nn.BatchNorm*d`` (torch ≥ 2.10): ``bias=False`` with ``affine=True`` keeps the
             weight and registers no bias (state_dict without ``bias``).
         options: keyword-only, a :class:`~normmatters.options.NormOptions` giving every option above at once
