@@ -29,6 +29,7 @@ _NAMES = {
     "get_estimator": "estimators",
     "lp_batch_norm": "functional",
     "NonFiniteBatchError": "functional",
+    "NormOptions": "options",
     "lp_layer_norm": "layer_functional",
     "lp_rms_norm": "layer_functional",
     "lp_group_norm": "layer_functional",

@@ -43,14 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .estimators import get_estimator, norms_with_option
+from .options import NONFINITE_MODES, BatchNormTensors, NormOptions, call_momentum
 
-__all__ = ["lp_batch_norm", "NonFiniteBatchError", "NONFINITE_MODES", "check_input", "training_groups",
+__all__ = ["lp_batch_norm", "reference_batch_norm", "BatchNormTensors", "call_momentum", "NonFiniteBatchError",
+           "NONFINITE_MODES", "check_input", "training_groups",
            "update_running_stats", "report_nonfinite", "acc_dtype", "check_running_stats",
            "check_channel_vectors", "check_inplace_weight", "check_inplace_input", "check_eps", "inv_std",
            "empty_batch_norm", "LayerName", "no_values", "warn_once", "STORED", "NONFINITE", "UNREPRESENTABLE"]
-
-NONFINITE_MODES = ("raise", "skip", "ignore")
-
 
 #: status of a running-statistics update (:func:`update_running_stats`, the native kernels): the buffers were
 #: updated; the statistics were non-finite; they were finite but the new running variance overflows the buffer's
@@ -345,7 +344,7 @@ def lp_batch_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     training: bool = False,
-    momentum: float | Tensor = 0.1,
+    momentum: float | Tensor | None = 0.1,
     eps: float = 1e-5,
     norm: str = "l1",
     k: int = 10,
@@ -355,17 +354,34 @@ def lp_batch_norm(
     num_batches_tracked: Tensor | None = None,
     nonfinite: str = "raise",
     where: str = "lp_batch_norm",
+    options: NormOptions | None = None,
 ) -> Tensor:
     """Lp batch normalization of ``input`` (N, C, *) — see the module docstring for the formulas.
 
     Args follow ``F.batch_norm``; in addition ``norm``, ``k`` (topk), ``chunks`` (range) and
     ``ghost_batch_size`` pick the statistic (:mod:`normmatters.estimators`). ``num_batches_tracked``, if
     given, is incremented only when the batch statistics are finite. ``where`` names the caller in errors.
+    ``options``: a :class:`~normmatters.options.NormOptions` carrying ``momentum`` (None: cumulative average
+    over ``num_batches_tracked``), ``eps``, ``norm``, ``k``, ``chunks``, ``ghost_batch_size`` and ``nonfinite``
+    instead of those arguments (one given explicitly as well must agree with it); this is the reference path
+    whatever its ``impl``, ``inplace`` and ``precision``.
     Returns a tensor of the input's shape, dtype and memory format.
     """
+    opts = NormOptions.resolve(options, where, momentum=momentum, eps=eps, norm=norm, k=k, chunks=chunks,
+                               ghost_batch_size=ghost_batch_size, nonfinite=nonfinite)
+    tensors = BatchNormTensors(weight, bias, running_mean, running_var, num_batches_tracked)
+    updates = training and not (running_mean is None and running_var is None)
+    return reference_batch_norm(input, tensors, opts, training,
+                                call_momentum(opts.momentum, num_batches_tracked, where, updates), where)
+
+
+def reference_batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, training: bool,
+                         momentum: float | Tensor, where: str) -> Tensor:
+    """:func:`lp_batch_norm` on one :class:`BatchNormTensors` and validated ``options``; ``momentum`` the mixing
+    factor of this step (:func:`call_momentum`)."""
+    weight, bias, running_mean, running_var, num_batches_tracked = tensors
+    norm, k, chunks, eps = options.norm, options.k, options.chunks, options.eps
     est = get_estimator(norm)
-    if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     check_input(input, where=where)
     check_eps(eps, training, where)
     C = input.shape[1]
@@ -382,7 +398,7 @@ def lp_batch_norm(
 
     if input.numel() == 0:
         return empty_batch_norm(input, weight, bias, num_batches_tracked)
-    groups, g, n = training_groups(input, where, norm, k, chunks, ghost_batch_size)
+    groups, g, n = training_groups(input, where, norm, k, chunks, options.ghost_batch_size)
     acc = acc_dtype(input.dtype)
     x = input.reshape(groups, g, C, -1).to(acc)
     mean, sigma = _batch_statistics(x, norm, k, chunks)
@@ -398,6 +414,6 @@ def lp_batch_norm(
 
     with torch.no_grad():
         ok = update_running_stats(mean, sigma, running_mean, running_var, num_batches_tracked, momentum, n)
-    report_nonfinite(ok, nonfinite, where,
+    report_nonfinite(ok, options.nonfinite, where,
                      tracked=not (running_mean is None and running_var is None and num_batches_tracked is None))
     return y

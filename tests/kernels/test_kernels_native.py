@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import normmatters as nm
-from normmatters.kernels import compiled, lean, native
+from normmatters.kernels import compiled, dispatch, native
 from normmatters.kernels.lean import lean_batch_norm
 
 NORMS = ("mean", "l2", "l1", "linf", "range", "topk")
@@ -186,19 +186,19 @@ def test_ineligible_cases_are_recognised():
     assert not native.eligible(x, w.double(), b.double(), "l1", 1, 1)  # mixed parameter dtype
     # "auto" prefers native for channels-innermost input and long enough rows (AUTO_MIN_ROW_BYTES, bfloat16:
     # AUTO_MIN_ROW_BYTES_BF16)
-    assert lean._use_native("auto", torch.randn(4, 3, 16, 16), w, b, "l1", 1, 1)  # 1 KB rows
-    assert lean._use_native("auto", torch.randn(4, 3, 7, 7), w, b, "l1", 1, 1)  # 196 B rows
-    assert lean._use_native("auto", torch.randn(8192, 3, 8, 8), w, b, "l1", 1, 1)  # 256 B rows, 6 MB
-    assert lean._use_native("auto", torch.randn(4, 3, 4, 4), w, b, "l1", 1, 1)  # 64 B rows
-    assert not lean._use_native("auto", torch.randn(4, 3, 3, 3), w, b, "l1", 1, 1)  # 36 B rows
-    assert not lean._use_native("auto", torch.randn(4, 3, 7, 7).bfloat16(), w, b, "l1", 1, 1)  # 98 B rows
-    assert lean._use_native("auto", torch.randn(4, 3, 8, 8).bfloat16(), w, b, "l1", 1, 1)  # 128 B rows
-    assert lean._use_native("auto", torch.randn(8192, 3, 3, 3), w, b, "topk", 1, 1)  # top-k: native wherever eligible
-    assert lean._use_native("auto", torch.randn(16, 3), w, b, "l1", 1, 1)
-    assert lean._use_native("auto", x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
-    assert not lean._use_native("auto", torch.randn(16, 3, 4), w, b, "l1", 1, 1)
-    assert lean._use_native("native", torch.randn(16, 3, 4), w, b, "l1", 1, 1)
-    assert not lean._use_native("compiled", x, w, b, "l1", 1, 1)
+    assert dispatch._use_native("auto", torch.randn(4, 3, 16, 16), w, b, "l1", 1, 1)  # 1 KB rows
+    assert dispatch._use_native("auto", torch.randn(4, 3, 7, 7), w, b, "l1", 1, 1)  # 196 B rows
+    assert dispatch._use_native("auto", torch.randn(8192, 3, 8, 8), w, b, "l1", 1, 1)  # 256 B rows, 6 MB
+    assert dispatch._use_native("auto", torch.randn(4, 3, 4, 4), w, b, "l1", 1, 1)  # 64 B rows
+    assert not dispatch._use_native("auto", torch.randn(4, 3, 3, 3), w, b, "l1", 1, 1)  # 36 B rows
+    assert not dispatch._use_native("auto", torch.randn(4, 3, 7, 7).bfloat16(), w, b, "l1", 1, 1)  # 98 B rows
+    assert dispatch._use_native("auto", torch.randn(4, 3, 8, 8).bfloat16(), w, b, "l1", 1, 1)  # 128 B rows
+    assert dispatch._use_native("auto", torch.randn(8192, 3, 3, 3), w, b, "topk", 1, 1)  # top-k: wherever eligible
+    assert dispatch._use_native("auto", torch.randn(16, 3), w, b, "l1", 1, 1)
+    assert dispatch._use_native("auto", x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
+    assert not dispatch._use_native("auto", torch.randn(16, 3, 4), w, b, "l1", 1, 1)
+    assert dispatch._use_native("native", torch.randn(16, 3, 4), w, b, "l1", 1, 1)
+    assert not dispatch._use_native("compiled", x, w, b, "l1", 1, 1)
 
 
 @pytest.fixture

@@ -1,12 +1,10 @@
 """The native CPU kernels (:mod:`.native`) as autograd Functions, and :class:`NativePlan`, the training step a
 layer works out once and reuses: the fast path :func:`~normmatters.kernels.lean_batch_norm` and the layers take
-for the common training call (affine, one group, running buffers the kernel updates itself). See :mod:`.lean`
-for the other paths.
+for the common training call (affine, one group, running buffers the kernel updates itself). :mod:`.dispatch`
+decides when they run and keeps a layer's plan.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
@@ -24,10 +22,9 @@ from ..functional import (
     training_groups,
 )
 from . import native
-from .impl import ENV, resolve_impl
 from .saved import save_stats, saved_stats
 
-__all__ = ["NativeBatchNormFunction", "NativeBatchNormInplaceFunction", "NativePlan", "native_training"]
+__all__ = ["NativeBatchNormFunction", "NativeBatchNormInplaceFunction", "NativePlan"]
 
 
 def _once_differentiable_under_create_graph(backward):
@@ -114,24 +111,22 @@ class NativePlan:
     reads their addresses afresh every call — so ``module.to()``, ``load_state_dict(assign=True)`` or a
     ``.data`` of another layout make a new one); the caller keeps it out of ``torch.compile`` and drops it
     when any option is reassigned (:class:`normmatters.nn.LpBatchNorm` does both, and on ``.train()`` /
-    ``.eval()``). Unless built with an explicit ``impl``, it also checks that ``$NORMMATTERS_KERNEL`` still has
-    the value it was built with (0.7 µs a call), so the switch takes effect on the next step.
+    ``.eval()``). ``env`` is :mod:`.dispatch`'s: the value of ``$NORMMATTERS_KERNEL`` the plan was chosen under,
+    which dispatch compares before each reuse (so the switch takes effect on the next step).
     """
 
     __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "layouts", "env", "tracked")
 
     @staticmethod
-    def build(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
-              bias: Tensor | None, momentum: float | Tensor, eps: float, norm: str, k: int,
-              num_batches_tracked: Tensor | None, nonfinite: str, where: str, impl: str | None,
-              inplace: bool = False) -> NativePlan | None:
-        """The plan of this call, or None where the native kernels do not take it. ``impl`` None: read
-        $NORMMATTERS_KERNEL (:func:`resolve_impl`)."""
-        # an explicit impl ignores the environment; else the value $NORMMATTERS_KERNEL had (checked every call)
-        env = (True, None) if impl is not None else (False, os.environ.get(ENV))
-        impl = resolve_impl(impl, where)
+    def build(input: Tensor, tensors: tuple, options, momentum: float | Tensor, where: str,
+              impl: str) -> NativePlan | None:
+        """The plan of this call, or None where the native kernels do not take it. ``tensors`` (weight, bias,
+        running_mean, running_var, num_batches_tracked); ``options`` a :class:`~normmatters.options.NormOptions`
+        (norm, k, eps, nonfinite, inplace); ``impl`` resolved by :mod:`.dispatch` ("auto" or "native")."""
         if impl not in ("auto", "native"):
             return None
+        weight, bias, running_mean, running_var, num_batches_tracked = tensors
+        norm, k, eps, nonfinite, inplace = options.norm, options.k, options.eps, options.nonfinite, options.inplace
         eligible = native.inplace_eligible if inplace else native.eligible
         if not isinstance(input, Tensor) or no_values(input):  # fake tensors say "cpu" but have no memory
             return None
@@ -155,7 +150,7 @@ class NativePlan:
         plan.tensors = (weight, bias, running_mean, running_var, num_batches_tracked)
         plan.tracked = not (running_mean is None and running_var is None and num_batches_tracked is None)
         plan.layouts = tuple((t, t.shape, t.stride(), t.dtype) for t in plan.tensors if t is not None)
-        plan.env = env
+        plan.env = (True, None)
         return plan
 
     def __call__(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -164,8 +159,7 @@ class NativePlan:
         plan was built for (see the class docstring)."""
         t = self.tensors
         if not (isinstance(input, Tensor) and self.launch.matches(input) and weight is t[0] and bias is t[1]
-                and running_mean is t[2] and running_var is t[3] and num_batches_tracked is t[4]
-                and (self.env[0] or os.environ.get(ENV) == self.env[1])):
+                and running_mean is t[2] and running_var is t[3] and num_batches_tracked is t[4]):
             return None
         for tensor, shape, stride, dtype in self.layouts:  # .data reassigned, resize_, ...: what the kernel
             if tensor.shape != shape or tensor.stride() != stride or tensor.dtype is not dtype or not tensor.is_cpu:
@@ -186,14 +180,3 @@ class NativePlan:
         if ok != STORED and self.nonfinite != "ignore":  # 0 non-finite, 2 running_var unrepresentable
             report_nonfinite(ok, self.nonfinite, self.where, stacklevel, tracked=self.tracked)
         return y
-
-
-def native_training(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-                     weight: Tensor | None, bias: Tensor | None, momentum: float | Tensor, eps: float, norm: str,
-                     k: int, num_batches_tracked: Tensor | None, nonfinite: str, where: str,
-                     impl: str, inplace: bool = False) -> Tensor | None:
-    """The common training call in one native call (:class:`NativePlan`, built and run once); None where it
-    does not apply."""
-    plan = NativePlan.build(input, running_mean, running_var, weight, bias, momentum, eps, norm, k,
-                            num_batches_tracked, nonfinite, where, impl, inplace)
-    return None if plan is None else plan.run(input, weight, bias, stacklevel=5)  # the caller of lean_batch_norm

@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
-from ..estimators import get_estimator, norms_with_option
-from ..functional import NONFINITE_MODES, LayerName, check_eps, check_input, empty_batch_norm
-from ..kernels import lean_batch_norm, resolve_impl
+from ..estimators import get_estimator
+from ..functional import BatchNormTensors, LayerName, call_momentum, check_input
+from ..kernels import dispatch
 from ..kernels.native_autograd import NativePlan
+from ..options import OPTION_NAMES, NormOptions, check_option
 from ..precision.emulate import get_precision
-from ..precision.layer import emulated_lp_batch_norm
 
 __all__ = [
     "LpBatchNorm", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d",
@@ -42,79 +42,30 @@ __all__ = [
 #: what the native plan (:class:`normmatters.kernels.native_autograd.NativePlan`) depends on: setting any of these
 #: attributes drops it (the tensors are also checked by identity and address on every call)
 _PLAN_INPUTS = frozenset({
-    "training", "momentum", "eps", "norm", "k", "chunks", "ghost_batch_size", "nonfinite", "impl", "inplace",
-    "precision", "track_running_stats", "num_features", "affine", "weight", "bias", "running_mean", "running_var",
-    "num_batches_tracked", "_parameters", "_buffers",
+    *OPTION_NAMES, "training", "track_running_stats", "num_features", "affine", "weight", "bias", "running_mean",
+    "running_var", "num_batches_tracked", "_parameters", "_buffers",
 })
+#: what a layer caches per instance and never pickles or copies: the plan (operator handles), the options object
+#: (a copy of a tensor momentum would not be the copy's own), the once-per-layer warning state
+_CACHES = ("_plan", "_options", "_warned")
 
 
-def _check_positive_int(where: str, name: str, value: Any, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
+def _check_positive_int(where: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {name} must be a positive int{' or None' if allow_none else ''}, "
-                         f"got {value!r}")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+        raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
 
 
 def _check_option(layer: LpBatchNorm, name: str, value: Any) -> None:
-    """Validate one option of ``layer`` (on construction and on every later assignment); errors name the layer
-    (its class, as the option may be what is being set)."""
+    """Validate one option of ``layer`` (:func:`normmatters.options.check_option`, against the options it already
+    has); errors name the layer's class, as the option may be what is being set. A precision preset's name is
+    resolved here too (:func:`normmatters.precision.emulate.get_precision`)."""
     where = type(layer).__name__
-    d = layer.__dict__
-    if name == "norm":
-        try:
-            get_estimator(value)  # unknown names fail here
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-        if d.get("chunks") is not None and "chunks" not in get_estimator(value).options:
-            raise ValueError(f"{where}: chunks is an option of norm={norms_with_option('chunks')} only, "
-                             f"got norm={value!r} with chunks={d['chunks']} (set chunks=None first)")
-    elif name == "k":
-        _check_positive_int(where, "k", value, allow_none=False)
-    elif name == "chunks":
-        _check_positive_int(where, "chunks", value, allow_none=True)
-        if value is not None and "norm" in d and "chunks" not in get_estimator(d["norm"]).options:
-            raise ValueError(f"{where}: chunks is an option of norm={norms_with_option('chunks')} only, "
-                             f"got norm={d['norm']!r}")
-    elif name == "ghost_batch_size":
-        _check_positive_int(where, "ghost_batch_size", value, allow_none=True)
-    elif name == "nonfinite":
-        if value not in NONFINITE_MODES:
-            raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {value!r}")
-    elif name == "momentum":  # (a 0-dim tensor is read afresh every step; its value is not checked)
-        if isinstance(value, Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"{where}: momentum must be a number in [0, 1], None or a 1-element tensor, "
-                                 f"got a tensor of shape {tuple(value.shape)}")
-        elif value is not None and not (_is_real(value) and 0.0 <= value <= 1.0):
-            raise ValueError(f"{where}: momentum must be in [0, 1] or None, got {value!r}")
-    elif name == "eps":
-        if not _is_real(value):  # the sign is checked where torch checks it: eps > 0 in training, >= 0 in eval
-            raise ValueError(f"{where}: eps must be a real number (> 0 to train), got {value!r}")
-    elif name == "impl":
-        if value is not None:
-            resolve_impl(value, where)
-    elif name == "precision":
-        if value is not None:
-            get_precision(value, where)
-            if d.get("inplace"):
-                raise ValueError(f"{where}: inplace=True is not supported with precision= emulation (the "
-                                 "emulated forward keeps its own intermediates); use one or the other")
-    elif name == "inplace":
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: inplace must be a bool, got {value!r}")
-        if value and d.get("precision") is not None:
-            raise ValueError(f"{where}: inplace=True is not supported with precision= emulation (the emulated "
-                             "forward keeps its own intermediates); use one or the other")
+    check_option(name, value, where, layer.__dict__)
+    if name == "precision" and value is not None:
+        get_precision(value, where)
 
 
-#: the options :func:`_check_option` validates on every assignment
-_OPTIONS = frozenset({"norm", "k", "chunks", "ghost_batch_size", "nonfinite", "momentum", "eps", "impl",
-                      "precision", "inplace"})
+_OPTION_SET = frozenset(OPTION_NAMES)
 
 
 class LpBatchNorm(_NormBase):
@@ -134,9 +85,12 @@ class LpBatchNorm(_NormBase):
         ghost_batch_size: normalize each group of this many samples with its own statistics.
         nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
         impl: kernel — None (default: $NORMMATTERS_KERNEL or "auto"), "auto", "native", "compiled", "eager"
-            or "reference" (see :mod:`normmatters.kernels.lean`).
+            or "reference" (see :mod:`normmatters.kernels.dispatch`).
         bias: keyword-only, as ``nn.BatchNorm*d`` (torch ≥ 2.10): ``bias=False`` with ``affine=True`` keeps the
             weight and registers no bias (state_dict without ``bias``).
+        options: keyword-only, a :class:`~normmatters.options.NormOptions` giving every option above at once
+            (norm, k, chunks, ghost_batch_size, eps, momentum, nonfinite, impl, inplace, precision); an option
+            passed as well must agree with it. ``layer.options`` is the layer's current options.
 
     Every option above is validated again when it is assigned after construction (``layer.momentum = 5``
     raises ``ValueError``). ``eps`` must be > 0 to train and >= 0 in eval (as ``F.batch_norm``).
@@ -159,14 +113,24 @@ class LpBatchNorm(_NormBase):
     _expected_dim: tuple[int, ...] | None = None
     inplace: bool = False  # class default: modules pickled before the option existed keep working
     _plan: NativePlan | None = None  # the native training step of the last call (instance attribute)
+    _options: NormOptions | None = None  # cache of .options (instance attribute)
 
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
                  chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
                  device: Any = None, dtype: Any = None, impl: str | None = None,
-                 precision: Any = None, inplace: bool = False, *, bias: bool = True) -> None:
-        _check_positive_int(type(self).__name__, "num_features", num_features, allow_none=False)
-        # each assignment is validated (__setattr__ → _check_option), before any state exists
+                 precision: Any = None, inplace: bool = False, *, bias: bool = True,
+                 options: NormOptions | None = None) -> None:
+        where = type(self).__name__
+        _check_positive_int(where, "num_features", num_features)
+        if options is not None:
+            options = NormOptions.resolve(options, where, norm=norm, eps=eps, momentum=momentum, k=k, chunks=chunks,
+                                          ghost_batch_size=ghost_batch_size, nonfinite=nonfinite, impl=impl,
+                                          precision=precision, inplace=inplace)
+            norm, eps, momentum, k, chunks = options.norm, options.eps, options.momentum, options.k, options.chunks
+            ghost_batch_size, nonfinite, impl = options.ghost_batch_size, options.nonfinite, options.impl
+            precision, inplace = options.precision, options.inplace
+        # each assignment is validated (__setattr__ → check_option), before any state exists
         self.norm = norm
         self.k = k
         self.chunks = chunks
@@ -177,6 +141,16 @@ class LpBatchNorm(_NormBase):
         self.inplace = inplace
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
                          bias=bias)
+
+    @property
+    def options(self) -> NormOptions:
+        """The layer's current options as one :class:`~normmatters.options.NormOptions` (cached until one is
+        assigned; each was validated when assigned)."""
+        opts = self.__dict__.get("_options")
+        if opts is None:
+            opts = self.__dict__["_options"] = NormOptions.trusted(
+                {name: getattr(self, name) for name in OPTION_NAMES})
+        return opts
 
     def _describe(self) -> str:
         return f"{type(self).__name__}({self.num_features}, norm={self.norm!r})"
@@ -198,15 +172,17 @@ class LpBatchNorm(_NormBase):
                     expected_dim=self._expected_dim)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _OPTIONS:
-            _check_option(self, name, value)
-        if name in _PLAN_INPUTS:  # an option or tensor the native plan was built with
+        if name in _PLAN_INPUTS:  # an option (validated) or a tensor the native plan was built with
+            if name in _OPTION_SET:
+                _check_option(self, name, value)
+                self.__dict__.pop("_options", None)
             self.__dict__.pop("_plan", None)
         super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
         if name in _PLAN_INPUTS:
             self.__dict__.pop("_plan", None)
+            self.__dict__.pop("_options", None)
         super().__delattr__(name)
 
     def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(), ...: new tensors or new data
@@ -216,71 +192,32 @@ class LpBatchNorm(_NormBase):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         # _plan holds operator handles (rebuilt on the first training step); a copy warns afresh (_warned)
-        if "_plan" in state or "_warned" in state:
-            state = {key: value for key, value in state.items() if key not in ("_plan", "_warned")}
+        if any(key in state for key in _CACHES):
+            state = {key: value for key, value in state.items() if key not in _CACHES}
         return state
 
     def forward(self, input: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
-        plan = None if compiling else self._plan
-        if plan is not None:
-            # the training step this layer made last time (see NativePlan): none of the checks and dispatch
-            # below, which cost ~0.1 ms per layer on the caches the previous layer's kernel leaves
-            params = self._parameters  # .get: a parametrization or `del` may have removed an entry
-            if self.track_running_stats:
-                buffers = self._buffers
-                tensors = (params.get("weight"), params.get("bias"), buffers.get("running_mean"),
-                           buffers.get("running_var"), buffers.get("num_batches_tracked"))
-            else:
-                tensors = (params.get("weight"), params.get("bias"), None, None, None)
-            y = self._run_plan(plan, input, tensors)
+        if not compiling and "_plan" in self.__dict__:  # the native step this layer made last time, if it applies
+            y = dispatch.replay(self.__dict__, input, self._parameters,
+                                self._buffers if self.track_running_stats else None)
             if y is not None:
                 return y
-            self.__dict__.pop("_plan", None)  # (another thread may have dropped it already)
         self._check_input_dim(input)
+        # mode and state, as nn.BatchNorm: batch statistics in training (or without running statistics), the
+        # running buffers updated only when training and tracking, momentum None = cumulative moving average
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        check_eps(self.eps, bn_training, self._describe())
         track = self.training and self.track_running_stats
-        if bn_training and input.numel() == 0:  # as nn.BatchNorm: empty output, num_batches_tracked counts it
-            return empty_batch_norm(input, self.weight, self.bias, self.num_batches_tracked if track else None)
-        where = self._describe() if compiling else self._where()  # (nothing warns under torch.compile)
-        if (self.training and type(self.momentum) in (float, int) and self.chunks is None
-                and self.ghost_batch_size is None and self.precision is None and not compiling):
-            tensors = (self.weight, self.bias, self.running_mean if track else None,
-                       self.running_var if track else None, self.num_batches_tracked if track else None)
-            plan = NativePlan.build(
-                input, tensors[2], tensors[3], tensors[0], tensors[1], self.momentum, self.eps, self.norm, self.k,
-                tensors[4], self.nonfinite, where, self.impl, self.inplace)
-            if plan is not None:
-                # kept only for registered parameters: a parametrized weight is a new tensor on every access
-                if tensors[0] is self._parameters.get("weight") and tensors[1] is self._parameters.get("bias"):
-                    self.__dict__["_plan"] = plan
-                return self._run_plan(plan, input, tensors)
-        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.momentum is None:
-            # cumulative moving average over the batches that will have been tracked after this one
-            momentum = 1.0 / (self.num_batches_tracked + 1).to(torch.float32)
-        if self.precision is not None and bn_training:
-            return emulated_lp_batch_norm(
-                input, self.running_mean if track else None, self.running_var if track else None,
-                self.weight, self.bias, True, momentum, self.eps, norm=self.norm, k=self.k,
-                chunks=self.chunks, ghost_batch_size=self.ghost_batch_size, precision=self.precision,
-                num_batches_tracked=self.num_batches_tracked if track else None,
-                nonfinite=self.nonfinite, where=where)
-        return lean_batch_norm(
-            input,
-            self.running_mean if (track or not self.training) else None,
-            self.running_var if (track or not self.training) else None,
-            self.weight, self.bias, bn_training, momentum, self.eps,
-            norm=self.norm, k=self.k, chunks=self.chunks, ghost_batch_size=self.ghost_batch_size,
-            num_batches_tracked=self.num_batches_tracked if track else None,
-            nonfinite=self.nonfinite, where=where, impl=self.impl, inplace=self.inplace,
-        )
-
-    @staticmethod
-    def _run_plan(plan: NativePlan, input: Tensor, tensors: tuple) -> Tensor | None:
-        # the one call site of a plan: the step that builds it and later ones warn ("skip") from one place
-        return plan(input, *tensors)
+        use_running = track or not self.training
+        nbt = self.num_batches_tracked if track else None
+        tensors = BatchNormTensors(self.weight, self.bias, self.running_mean if use_running else None,
+                                   self.running_var if use_running else None, nbt)
+        # the plan is kept only for registered parameters: a parametrized weight is a new tensor on every access
+        keep = self.training and not compiling and tensors.weight is self._parameters.get("weight") \
+            and tensors.bias is self._parameters.get("bias")
+        where = self._describe() if compiling else self._where()  # (nothing warns compiled)
+        return dispatch.batch_norm(input, tensors, self.options, bn_training, call_momentum(self.momentum, nbt),
+                                   where, self.__dict__ if keep else None)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, norm={self.norm!r}"
@@ -323,8 +260,9 @@ class LpBatchNorm3d(LpBatchNorm):
 
 def _make_alias(base: type[LpBatchNorm], norm: str, name: str) -> type[LpBatchNorm]:
     def __init__(self: LpBatchNorm, num_features: int, **kwargs: Any) -> None:
-        if "norm" in kwargs and kwargs["norm"] != norm:
-            raise ValueError(f"{name} always uses norm={norm!r}; got norm={kwargs['norm']!r} "
+        given = kwargs.get("norm", getattr(kwargs.get("options"), "norm", norm))
+        if given != norm:
+            raise ValueError(f"{name} always uses norm={norm!r}; got norm={given!r} "
                              f"(use {base.__name__}(..., norm=...) instead)")
         kwargs.pop("norm", None)
         base.__init__(self, num_features, norm=norm, **kwargs)

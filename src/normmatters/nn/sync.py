@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.sync import group_size, sync_lp_batch_norm
+from ..options import NormOptions
 from .batchnorm import LpBatchNorm
 
 __all__ = ["SyncLpBatchNorm", "SyncLpBatchNorm1d", "SyncLpBatchNorm2d", "SyncLpBatchNorm3d"]
@@ -23,21 +24,22 @@ __all__ = ["SyncLpBatchNorm", "SyncLpBatchNorm1d", "SyncLpBatchNorm2d", "SyncLpB
 class SyncLpBatchNorm(LpBatchNorm):
     """:class:`~normmatters.nn.LpBatchNorm` whose training statistics are those of the union of every rank's batch.
 
-    Args: as :class:`~normmatters.nn.LpBatchNorm`, plus ``process_group`` (None: the default group) — the
-    ranks whose batches are normalized together. Every rank of the group must call the layer (an empty batch
-    included) in the same order. Not combinable with ``chunks``, ``ghost_batch_size``, ``precision`` or
-    ``inplace`` while syncing (``ValueError``). Any input rank ≥ 2, like ``nn.SyncBatchNorm``.
+    Args: as :class:`~normmatters.nn.LpBatchNorm` (``options=`` included), plus ``process_group`` (None: the
+    default group) — the ranks whose batches are normalized together. Every rank of the group must call the
+    layer (an empty batch included) in the same order. Not combinable with ``chunks``, ``ghost_batch_size``,
+    ``precision`` or ``inplace`` while syncing (``ValueError``). Any input rank ≥ 2, like ``nn.SyncBatchNorm``.
     """
 
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
                  chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
                  device: Any = None, dtype: Any = None, impl: str | None = None, precision: Any = None,
-                 inplace: bool = False, *, bias: bool = True, process_group: Any = None) -> None:
+                 inplace: bool = False, *, bias: bool = True, process_group: Any = None,
+                 options: NormOptions | None = None) -> None:
         super().__init__(num_features, norm=norm, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, k=k, chunks=chunks,
                          ghost_batch_size=ghost_batch_size, nonfinite=nonfinite, device=device, dtype=dtype,
-                         impl=impl, precision=precision, inplace=inplace, bias=bias)
+                         impl=impl, precision=precision, inplace=inplace, bias=bias, options=options)
         self.process_group = process_group
 
     def _syncs(self) -> bool:

@@ -32,18 +32,20 @@ from torch import Tensor
 
 from ..functional import (
     NONFINITE,
-    NONFINITE_MODES,
+    BatchNormTensors,
     NonFiniteBatchError,
+    call_momentum,
     check_input,
-    lp_batch_norm,
+    reference_batch_norm,
     report_nonfinite,
     training_groups,
     update_running_stats,
     warn_once,
 )
+from ..options import NormOptions
 from .emulate import PRESETS, EmulationResult, Events, Precision, emulate_normalization, get_precision
 
-__all__ = ["emulated_lp_batch_norm", "quantize_uniform"]
+__all__ = ["emulated_lp_batch_norm", "emulated_batch_norm", "quantize_uniform"]
 
 #: events of the most recent emulated forward per ``where`` name (inspection/debugging aid)
 
@@ -114,7 +116,7 @@ def emulated_lp_batch_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     training: bool = False,
-    momentum: float | Tensor = 0.1,
+    momentum: float | Tensor | None = 0.1,
     eps: float = 1e-5,
     norm: str = "l1",
     k: int = 10,
@@ -125,22 +127,38 @@ def emulated_lp_batch_norm(
     num_batches_tracked: Tensor | None = None,
     nonfinite: str = "raise",
     where: str = "emulated_lp_batch_norm",
+    options: NormOptions | None = None,
 ) -> Tensor:
     """:func:`normmatters.functional.lp_batch_norm` with the training forward emulated in ``precision``
     (a name of ``PRESETS`` or a :class:`Precision`) and a straight-through backward; see the module
-    docstring. Arguments and return value as in ``lp_batch_norm``."""
-    p = get_precision(precision, where)
-    if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    docstring. Arguments and return value as in ``lp_batch_norm`` (``options``: a
+    :class:`~normmatters.options.NormOptions` instead of the option arguments; its ``precision``, if set, is
+    the one emulated)."""
+    opts = NormOptions.resolve(options, where, momentum=momentum, eps=eps, norm=norm, k=k, chunks=chunks,
+                               ghost_batch_size=ghost_batch_size, nonfinite=nonfinite)
+    if opts.precision is None:
+        opts = NormOptions.trusted({**opts.as_dict(), "precision": precision, "inplace": False})
+    tensors = BatchNormTensors(weight, bias, running_mean, running_var, num_batches_tracked)
+    updates = training and not (running_mean is None and running_var is None)
+    return emulated_batch_norm(input, tensors, opts, training,
+                               call_momentum(opts.momentum, num_batches_tracked, where, updates), where)
+
+
+def emulated_batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, training: bool,
+                        momentum: float | Tensor, where: str) -> Tensor:
+    """:func:`emulated_lp_batch_norm` on one :class:`~normmatters.functional.BatchNormTensors` and validated
+    ``options`` (``options.precision`` the format; eval: the reference path); ``momentum`` this step's."""
+    p = get_precision(options.precision, where)
     if not training:
-        return lp_batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, norm=norm,
-                             k=k, chunks=chunks, ghost_batch_size=ghost_batch_size, nonfinite=nonfinite,
-                             where=where)
+        return reference_batch_norm(input, tensors, options, False, momentum, where)
+    weight, bias, running_mean, running_var, num_batches_tracked = tensors
+    norm, k, chunks, eps, nonfinite = options.norm, options.k, options.chunks, options.eps, options.nonfinite
     check_input(input, where=where)
-    groups, g, n = training_groups(input, where, norm, k, chunks, ghost_batch_size)
+    groups, g, n = training_groups(input, where, norm, k, chunks, options.ghost_batch_size)
     C = input.shape[1]
-    native = lp_batch_norm(input, None, None, weight, bias, True, momentum, eps, norm=norm, k=k,
-                           chunks=chunks, ghost_batch_size=ghost_batch_size, nonfinite="ignore", where=where)
+    plain = NormOptions.trusted({**options.as_dict(), "nonfinite": "ignore"})
+    native = reference_batch_norm(input, BatchNormTensors(weight, bias, None, None, None), plain, True, momentum,
+                                  where)
     with torch.no_grad():
         rows = _rows(input.detach(), groups, C)
         w = weight.repeat(groups) if weight is not None else None
