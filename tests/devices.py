@@ -17,14 +17,6 @@ import torch
 
 ENV = "NORMMATTERS_TEST_DEVICE"
 
-#: tolerances of a result in a dtype against a float64 reference (bfloat16: 8 significant bits, one rounding)
-TOLERANCES = {
-    torch.float64: {"rtol": 1e-9, "atol": 1e-10},
-    torch.float32: {"rtol": 2e-4, "atol": 2e-5},
-    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
-    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2},
-}
-
 
 class DeviceUnavailable(RuntimeError):
     """NORMMATTERS_TEST_DEVICE names a device this machine cannot run."""
@@ -55,18 +47,3 @@ def resolve(env: Mapping[str, str] | None = None, cuda_available: bool | None = 
         if dev.index is not None and dev.index >= count:
             raise DeviceUnavailable(f"{ENV}={raw!r}: this machine has {count} CUDA device(s)")
     return dev
-
-
-def tol(dtype: torch.dtype) -> dict[str, float]:
-    """``rtol``/``atol`` for :func:`torch.testing.assert_close` of a ``dtype`` result against a float64
-    reference."""
-    return dict(TOLERANCES[dtype])
-
-
-def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
-                              **kw) -> None:
-    """``actual`` (any device, any float dtype) against the CPU reference ``expected``: both compared on the
-    CPU in ``expected``'s dtype, with :func:`tol` of ``dtype`` (default ``actual``'s) unless given in ``kw``."""
-    t = tol(dtype or actual.dtype) if actual.is_floating_point() else {"rtol": 0, "atol": 0}
-    t.update(kw)
-    torch.testing.assert_close(actual.detach().cpu().to(expected.dtype), expected.detach().cpu(), **t)
