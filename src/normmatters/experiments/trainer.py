@@ -199,6 +199,7 @@ class Trainer(TrainerState):
     def _train_step(self, x: Tensor, y: Tensor) -> None:
         x = self.augment(x.to(self.device), self.generator, train=True).to(self.param_dtype)
         y = y.to(self.device)
+        self._sync()  # the augmentation's queued kernels finish outside the timed step
         t0 = time.perf_counter()
         try:
             with self._autocast():
@@ -210,8 +211,7 @@ class Trainer(TrainerState):
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         self.step_times.append(time.perf_counter() - t0)
         lv = float(loss.item())
         if not math.isfinite(lv):
@@ -224,6 +224,11 @@ class Trainer(TrainerState):
         if self._writer is not None and self.global_step % self.cfg.log_every == 0:
             self._writer.write({"kind": "step", "global_step": self.global_step, "epoch": self.epoch, "loss": lv,
                                 "lr": self.optimizer.param_groups[0]["lr"], **self.wd_tools.metrics()})
+
+    def _sync(self) -> None:
+        """Wait for the device (CUDA runs kernels asynchronously: a step timed without it is its launches)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _diverged(self, what: str) -> None:
         last = f"{self.checkpoint_path} holds epoch {self.epoch}" if self.checkpoint_path is not None and \
