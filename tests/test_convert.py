@@ -43,14 +43,15 @@ def _warm(model, x):
 
 
 @pytest.mark.parametrize("norm", ["l1", "linf", "topk", "range", "l2"])
-def test_round_trip_on_resnet18(norm):
+def test_round_trip_on_resnet18(norm, device):
     torch.manual_seed(0)
-    model = resnet18_like()
-    x = torch.randn(8, 3, 16, 16)
+    model = resnet18_like().to(device)
+    x = torch.randn(8, 3, 16, 16, device=device)
     _warm(model, x)
     model.eval()
     with torch.no_grad():
         ref = model(x)
+        ref64 = copy.deepcopy(model).cpu().double()(x.cpu().double())  # the CPU float64 reference
         n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         params = {id(p) for p in model.parameters()}
         conv = nm.convert_batchnorm(model, norm=norm)
@@ -61,13 +62,15 @@ def test_round_trip_on_resnet18(norm):
         back = nm.to_torch_batchnorm(conv)
         assert sum(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in back.modules()) == 21
         y2 = back(x)
+    assert y1.device == y2.device == x.device
     torch.testing.assert_close(y1, ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(y2, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(y1.cpu().double(), ref64, atol=1e-4, rtol=1e-4)
 
 
-def test_options_modes_types_dtypes_are_kept():
+def test_options_modes_types_dtypes_are_kept(device):
     model = nn.Sequential(nn.BatchNorm1d(3, eps=1e-3, momentum=0.3), nn.BatchNorm2d(4, affine=False),
-                          nn.BatchNorm3d(5, track_running_stats=False).double())
+                          nn.BatchNorm3d(5, track_running_stats=False).double()).to(device)
     model[0].eval()
     model[2].weight.requires_grad_(False)
     conv = nm.convert_batchnorm(model, norm="range", chunks=2)
@@ -76,7 +79,9 @@ def test_options_modes_types_dtypes_are_kept():
     assert conv[1].weight is None and conv[1].chunks == 2
     assert conv[2].running_mean is None and conv[2].weight.dtype == torch.float64
     assert not conv[2].weight.requires_grad
+    assert {t.device for t in (*conv.parameters(), *conv.buffers())} == {next(model.parameters()).device}
     back = nm.to_torch_batchnorm(conv)
+    assert {t.device for t in (*back.parameters(), *back.buffers())} == {next(model.parameters()).device}
     assert [type(m) for m in back] == [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d]
     assert back[0].eps == 1e-3 and not back[0].training
 
@@ -124,11 +129,11 @@ def test_convert_sync_lp_batchnorm_keeps_norm_options_and_state():
     torch.testing.assert_close(syn.eval()(x), lp.eval()(x), rtol=0, atol=0)
 
 
-def test_mean_only_to_torch_keeps_eval_output():
-    m = nm.MeanOnlyBatchNorm2d(4)
-    m(torch.randn(8, 4, 3, 3) + 2)
+def test_mean_only_to_torch_keeps_eval_output(device):
+    m = nm.MeanOnlyBatchNorm2d(4, device=device)
+    m(torch.randn(8, 4, 3, 3, device=device) + 2)
     m.eval()
-    x = torch.randn(2, 4, 3, 3)
+    x = torch.randn(2, 4, 3, 3, device=device)
     ref = m(x)
     bn = nm.to_torch_batchnorm(copy.deepcopy(m)).eval()
     torch.testing.assert_close(bn(x), ref, atol=1e-6, rtol=1e-6)

@@ -1,5 +1,7 @@
 """convert_norms / to_torch_norms: swap per-sample norms both ways, keeping parameters, dtype, device, mode."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -15,15 +17,15 @@ def _model(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_l2_round_trip_keeps_outputs_parameters_and_mode(dtype, atol):
+def test_l2_round_trip_keeps_outputs_parameters_and_mode(dtype, atol, device):
     torch.manual_seed(0)
-    model = _model(dtype)
+    model = _model(dtype).to(device)
     for p in model.parameters():
         with torch.no_grad():
             p.add_(torch.rand_like(p) * 0.3)
     model.eval()
     model[4].train()  # a layer in another mode keeps it
-    x = torch.randn(5, 16, 8, dtype=dtype)
+    x = torch.randn(5, 16, 8, dtype=dtype, device=device)
     ref = model(x)
     params = {id(p) for p in model.parameters()}
     keys = set(model.state_dict())
@@ -32,6 +34,7 @@ def test_l2_round_trip_keeps_outputs_parameters_and_mode(dtype, atol):
     assert isinstance(model[6], nm.LpRMSNorm) and isinstance(model[7], nm.LpLayerNorm) and model[7].bias is None
     assert {id(p) for p in model.parameters()} == params and set(model.state_dict()) == keys
     assert model[4].training and not model[1].training
+    assert {p.device for p in model.parameters()} == {x.device}
     torch.testing.assert_close(model(x), ref, atol=atol, rtol=0)
     nm.to_torch_norms(model)
     assert type(model[1]) is nn.GroupNorm and type(model[4]) is nn.LayerNorm and type(model[6]) is nn.RMSNorm
@@ -57,10 +60,11 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("layer", [nn.LayerNorm(64), nn.RMSNorm(64), nn.GroupNorm(4, 64)])
-def test_single_layer_float32_within_1e_6_both_ways(layer):
+def test_single_layer_float32_within_1e_6_both_ways(layer, device):
     torch.manual_seed(0)
-    x = torch.randn(8, 64, 3) * 3 + 1
+    x = torch.randn(8, 64, 3, device=device) * 3 + 1
     x = x[..., 0] if not isinstance(layer, nn.GroupNorm) else x
+    layer = copy.deepcopy(layer).to(device)  # the parametrized instance is shared across runs
     layer.eval()
     ref = layer(x)
     lp = nm.convert_norms(layer, norm="l2")

@@ -20,31 +20,40 @@ and ``peak`` only (no timings: every call would need a fresh copy of the input).
 output itself, which overwrote the input, so ``saved`` ≈ 1 means "nothing kept beyond the output", and
 ``peak`` shows the memory actually saved.
 
-Plus a ResNet-20 (CIFAR, batch 128) SGD training step with each norm against nn.BatchNorm2d.
+Plus a ResNet-20 (CIFAR, batch 128) SGD training step with each norm against nn.BatchNorm2d
+(:mod:`.bench_resnet`). How it measures (interleaved rounds, bandwidth, saved bytes, peak memory):
+:mod:`.bench_measure`; those names stay importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import os
-import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+# the measurement helpers also under their former names here (_sync, _median, _interleaved, _ratio), for modules
+# written against them; ResNet-20 (_resnet20_variant included) likewise
+from .bench_measure import copy_bandwidth, peak_bytes, saved_bytes, unique_saved_bytes
+from .bench_measure import interleaved as _interleaved
+from .bench_measure import median as _median
+from .bench_measure import ratio as _ratio
+from .bench_measure import sync_device as _sync  # noqa: F401
+from .bench_resnet import WEIGHT_NORM_VARIANTS, _resnet20_variant, bench_resnet20, resnet20  # noqa: F401
 from .estimators import available_norms, get_estimator
-from .kernels import compiled, native_build, pool
+from .kernels import compiled, native_build
 from .nn.batchnorm import LpBatchNorm1d, LpBatchNorm2d
-from .weight_norm_form import to_weight_norm_form
 
 log = logging.getLogger(__name__)
+
+__all__ = ["FULL_SHAPES", "NORMS", "QUICK_SHAPES", "WEIGHT_NORM_VARIANTS", "Row", "bench_case", "bench_resnet20",
+           "copy_bandwidth", "format_table", "peak_bytes", "resnet20", "run_benchmark", "saved_bytes",
+           "unique_saved_bytes"]
 
 NORMS = available_norms()
 FULL_SHAPES = ((64, 64, 32, 32), (128, 128, 16, 16), (256, 256, 8, 8), (32, 512, 7, 7), (256, 1024))
@@ -67,108 +76,6 @@ class Row:
     peak: float
     roof: float
     step_ms: float
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median(v: Iterable[float]) -> float:
-    return statistics.median(list(v))
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, rounds: int = 15) -> float:
-    """Bytes per second of a tensor copy (read + write counted) on ``device``, median of ``rounds``: the memory
-    (DRAM / HBM) bandwidth, so the buffers are far larger than any cache — with 16 MB buffers (32 MB in all,
-    this VM's L3) the copy partly ran from cache and read 39-64 GB/s between runs, against ~30 GB/s from
-    memory, which made the roofline fraction depend on the run."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(rounds + 3):
-        _sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * nbytes / _median(times[3:])
-
-
-def saved_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the tensors autograd saves while ``fn`` runs (each saved tensor counted once per save)."""
-    total = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """Send file descriptor 2 to /dev/null while one profiled call runs: the profiler's C++ side prints a
-    "USDT ... profiler_start/stop" pair per use that no setting turns off. Anything else written to stderr
-    inside that window is dropped too; sys.stderr is flushed before and fd 2 restored after."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak of newly allocated memory while ``fn`` runs."""
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    # the native kernels' buffer pool off: a reused buffer is no allocation event, and would read as zero
-    with pool.disabled(), _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU],
-                                                          profile_memory=True) as prof:
-        fn()
-    # allocations made inside an op are attributed to it (net, at its start); frees outside any op are
-    # separate "[memory]" events: per-op granularity, so this is an estimate of the true peak
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
-                    if e.self_cpu_memory_usage)
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return peak
-
-
-def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device: torch.device,
-                 warmup: int = 2) -> dict[str, list[float]]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
-def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
-    return _median(x / y for x, y in zip(times[a], times[b], strict=True))
 
 
 def _layers(C: int, dim: int, norm: str | None, impl: str | None, device, dtype=torch.float32,
@@ -247,95 +154,6 @@ def bench_case(shape: tuple[int, ...], dtype: torch.dtype, layout: str, norms: I
                     _ratio(fwd, "bn", "bnc"), math.nan, 1.0, _ratio(step, "bn", "bnc"), math.nan, 1.0, 1.0,
                     roof_s / _median(step["bn"]), _median(step["bn"]) * 1e3))
     return rows
-
-
-# --- ResNet-20 (He et al. 2016, CIFAR variant: 3 stages of 3 basic blocks, 16/32/64 channels) ---------
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = norm(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = norm(cout)
-        self.short = None
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.short is None else self.short(x)))
-
-
-def resnet20(norm: Callable[[int], nn.Module], num_classes: int = 10) -> nn.Module:
-    """ResNet-20 for 32×32 inputs with ``norm(num_features)`` as its normalization layer."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), norm(16), nn.ReLU()]
-    cin = 16
-    for cout, stride in ((16, 1), (32, 2), (64, 2)):
-        for i in range(3):
-            layers.append(_Block(cin, cout, stride if i == 0 else 1, norm))
-            cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
-    return nn.Sequential(*layers)
-
-
-#: ResNet-20 variants besides the Lp norms: the paper's weight-norm form (Hoffer et al. 2018, sec. 6) —
-#: (bounded) weight norm on every conv/linear weight + mean-only batch norm with a learned bias
-WEIGHT_NORM_VARIANTS = ("wn+mean", "bwn+mean")
-
-
-def _resnet20_variant(name: str, device: torch.device) -> nn.Module:
-
-    torch.manual_seed(0)
-    if name == "bn":
-        return resnet20(nn.BatchNorm2d).to(device).train()
-    if name in WEIGHT_NORM_VARIANTS:
-        model = resnet20(nn.BatchNorm2d)
-        return to_weight_norm_form(model, bounded=name.startswith("bwn")).to(device).train()
-    return resnet20(lambda c: LpBatchNorm2d(c, norm=name)).to(device).train()
-
-
-def unique_saved_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn`` runs (a tensor saved by two ops, e.g. a conv
-    output kept by the norm and by the ReLU after it, counts once) — the activation memory of a model."""
-    seen: dict[tuple[int, str], int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        st = t.untyped_storage()
-        seen[(st.data_ptr(), str(t.device))] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
-def bench_resnet20(norms: Iterable[str], device: torch.device, rounds: int, batch: int = 128,
-                   weight_norm: bool = True) -> dict[str, Any]:
-    """One SGD training step of ResNet-20 with each norm (and, with ``weight_norm``, the WN / bounded-WN +
-    mean-only-BN forms) against the same step with nn.BatchNorm2d: median time ratios (``step``), ratios of
-    the activation memory saved for backward (``saved``) and the nn.BatchNorm2d step in ms (``bn_ms``)."""
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    t = torch.randint(0, 10, (batch,), device=device)
-    names = ("bn", *norms, *(WEIGHT_NORM_VARIANTS if weight_norm else ()))
-    steps: dict[str, Callable[[], None]] = {}
-    saved: dict[str, int] = {}
-    for name in names:
-        model = _resnet20_variant(name, device)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-
-        def step(model=model, opt=opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), t).backward()
-            opt.step()
-        steps[name] = step
-        step()  # warm-up (compilation) outside the saved-bytes count
-        saved[name] = unique_saved_bytes(lambda model=model: nn.functional.cross_entropy(model(x), t))
-    times = _interleaved(steps, rounds, device)
-    return {"bn_ms": _median(times["bn"]) * 1e3,
-            "step": {name: _ratio(times, name, "bn") for name in names[1:]},
-            "saved": {name: saved[name] / saved["bn"] for name in names[1:]}}
 
 
 def format_table(rows: list[Row]) -> str:

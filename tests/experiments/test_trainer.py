@@ -194,3 +194,22 @@ def test_unknown_norm_option_is_a_config_error(tiny):
 
     with pytest.raises(ConfigError, match=r"norm_options \{'kk': 5\} are not accepted by norm='bn'"):
         Trainer(_cfg(norm="bn", norm_options={"kk": 5}), data=tiny)
+
+
+def test_step_time_waits_for_the_device_before_and_after(tiny, monkeypatch):
+    """On CUDA the timed step starts once the augmentation's kernels are done and ends once the step's are."""
+    trainer = Trainer(_cfg(epochs=1), None, data=tiny)
+    log = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync", device.type)))
+    trainer.model.register_forward_pre_hook(lambda *a: log.append("forward"))
+    trainer.optimizer.register_step_post_hook(lambda *a: log.append("step"))
+    x, y = next(iter(trainer._batches(0, 0)))
+    trainer._train_step(x, y)
+    assert log == ["forward", "step"]  # the CPU: nothing to wait for
+    log.clear()
+    trainer.device = torch.device("cuda")  # only the synchronisation is looked at: the step itself stays on the CPU
+    monkeypatch.setattr(trainer, "augment", lambda x, gen, train: x)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)
+    trainer._train_step(x, y)
+    assert log == [("sync", "cuda"), "forward", "step", ("sync", "cuda")]
+    assert len(trainer.step_times) == 2

@@ -15,46 +15,53 @@ from normmatters.bench import saved_bytes
 from normmatters.kernels import compiled, lean_batch_norm
 
 
-def _pair(norm, impl="compiled", **kw):
+def _pair(norm, impl="compiled", device="cpu", **kw):
+    """The layer on ``impl`` on ``device`` and its copy on the reference path on the CPU in float64."""
     lean = nm.LpBatchNorm2d(4, norm=norm, impl=impl, **kw)
     with torch.no_grad():
         lean.weight.uniform_(0.5, 1.5)
         lean.bias.normal_()
-    ref = copy.deepcopy(lean)
+    ref = copy.deepcopy(lean).double()
     ref.impl = "reference"
-    return lean, ref
+    return lean.to(device), ref
+
+
+def _on(m, x):
+    """x moved to the device and dtype of module m's parameters."""
+    return x.to(next(m.parameters()).device, next(m.parameters()).dtype)
 
 
 def _assert_same_state(a, b):
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb
-        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=ka)
+        torch.testing.assert_close(va.cpu().to(vb.dtype), vb, rtol=1e-5, atol=1e-6, msg=ka)
 
 
 @pytest.mark.parametrize("impl", ["compiled", "native"])
 @pytest.mark.parametrize("norm", ["l1", "range", "mean"])
 @pytest.mark.parametrize("opts", [{}, {"momentum": None}, {"track_running_stats": False}])
-def test_train_then_eval_matches_reference(norm, opts, impl):
-    lean, ref = _pair(norm, impl=impl, **opts)
+def test_train_then_eval_matches_reference(norm, opts, impl, device):
+    lean, ref = _pair(norm, impl=impl, device=device, **opts)
     for _ in range(3):
         x = torch.randn(8, 4, 6, 6) * 3 + 1
-        torch.testing.assert_close(lean(x), ref(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lean(_on(lean, x)).cpu().double(), ref(_on(ref, x)), rtol=1e-4, atol=1e-5)
     _assert_same_state(lean, ref)
     lean.eval()
     ref.eval()
     x = torch.randn(8, 4, 6, 6)
-    torch.testing.assert_close(lean(x), ref(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lean(_on(lean, x)).cpu().double(), ref(_on(ref, x)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["compiled", "native"])
 @pytest.mark.parametrize("mode", ["raise", "skip", "ignore"])
-def test_nonfinite_batches_never_touch_the_buffers(mode, impl):
-    lean, ref = _pair("l1", impl=impl, nonfinite=mode)
-    x = torch.randn(8, 4, 6, 6)
-    lean(x)
-    ref(x)
-    x[0, 1, 2, 3] = float("nan")
+def test_nonfinite_batches_never_touch_the_buffers(mode, impl, device):
+    lean, ref = _pair("l1", impl=impl, device=device, nonfinite=mode)
+    x0 = torch.randn(8, 4, 6, 6)
+    lean(_on(lean, x0))
+    ref(_on(ref, x0))
+    x0[0, 1, 2, 3] = float("nan")
     for m in (lean, ref):
+        x = _on(m, x0)
         before = copy.deepcopy(m.state_dict())
         if mode == "raise":
             with pytest.raises(nm.NonFiniteBatchError, match="LpBatchNorm2d"):
@@ -75,11 +82,11 @@ def _assert_same_state_dict(a, b):
 
 
 @pytest.mark.parametrize("norm", ["l2", "l1", "linf", "topk", "range", "mean"])
-def test_saved_bytes_at_most_batchnorm(norm):
-    x = torch.randn(8, 4, 6, 6, requires_grad=True)
-    bn = saved_bytes(lambda: torch.nn.BatchNorm2d(4)(x))
-    lean = saved_bytes(lambda: nm.LpBatchNorm2d(4, norm=norm, impl="eager")(x))
-    naive = saved_bytes(lambda: nm.LpBatchNorm2d(4, norm=norm, impl="reference")(x))
+def test_saved_bytes_at_most_batchnorm(norm, device):
+    x = torch.randn(8, 4, 6, 6, device=device, requires_grad=True)
+    bn = saved_bytes(lambda: torch.nn.BatchNorm2d(4, device=device)(x))
+    lean = saved_bytes(lambda: nm.LpBatchNorm2d(4, norm=norm, impl="eager", device=device)(x))
+    naive = saved_bytes(lambda: nm.LpBatchNorm2d(4, norm=norm, impl="reference", device=device)(x))
     assert lean <= bn
     assert naive > bn or norm == "mean"  # the check tells the paths apart (mean-only is lean anyway)
 
@@ -116,16 +123,18 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["eager", "compiled"])
-def test_output_can_be_modified_in_place(impl):
+def test_output_can_be_modified_in_place(impl, device):
     # models apply ReLU(inplace=True) right after the norm; the lean output must allow it, with the same grads
+    # (impl on the test device; the reference on the CPU in float64)
     x = torch.randn(4, 3, 5, 5)
     grads = {}
-    for which in (impl, "reference"):
+    for which, dev, dtype in ((impl, device, torch.float32), ("reference", "cpu", torch.float64)):
         torch.manual_seed(0)
         net = torch.nn.Sequential(nm.LpBatchNorm2d(3, norm="l1", impl=which), torch.nn.ReLU(inplace=True))
-        xi = x.clone().requires_grad_()
+        net.to(dev, dtype)
+        xi = x.to(dev, dtype).clone().requires_grad_()
         net(xi).square().sum().backward()
-        grads[which] = xi.grad
+        grads[which] = xi.grad.cpu().double()
     torch.testing.assert_close(grads[impl], grads["reference"], rtol=2e-4, atol=1e-5)
 
 

@@ -37,15 +37,20 @@ def _weight(C, dtype):
     return torch.randn(C, dtype=dtype).sign() * (torch.rand(C, dtype=dtype) + 0.5)
 
 
-def _run(x, w, b, g, norm, opts, *, inplace, impl="eager"):
-    """One training step from fresh leaves; the input passed to the layer is a non-leaf copy."""
+def _run(x, w, b, g, norm, opts, *, inplace, impl="eager", device="cpu", dtype=None):
+    """One training step from fresh leaves on ``device`` (inputs cast to ``dtype`` if given); the input passed
+    to the layer is a non-leaf copy."""
+    if dtype is not None:
+        x, w, b, g = (t.to(dtype) for t in (x, w, b, g))
+    x, w, b, g = (t.to(device) for t in (x, w, b, g))
     leaf = x.clone().requires_grad_()
     wl = w.clone().requires_grad_()
     bl = b.clone().requires_grad_()
     inp = leaf.clone()
     C = x.shape[1]
     sd = x.dtype if x.dtype == torch.float64 else torch.float32
-    rm, rv, nbt = torch.zeros(C, dtype=sd), torch.ones(C, dtype=sd), torch.zeros((), dtype=torch.long)
+    rm, rv = torch.zeros(C, dtype=sd, device=device), torch.ones(C, dtype=sd, device=device)
+    nbt = torch.zeros((), dtype=torch.long, device=device)
     if inplace:
         y = lean_batch_norm(inp, rm, rv, wl, bl, True, 0.1, 1e-5, norm, k=K, num_batches_tracked=nbt,
                             impl=impl, inplace=True, **opts)
@@ -57,47 +62,55 @@ def _run(x, w, b, g, norm, opts, *, inplace, impl="eager"):
     return out
 
 
-def _compare(x, norm, opts, impl, tol, gx_tol=None, memory_format=torch.contiguous_format):
+def _compare(x, norm, opts, impl, tol, gx_tol=None, memory_format=torch.contiguous_format, device="cpu"):
+    """In place on ``impl`` on ``device`` against the reference path on the CPU in float64; returns both runs,
+    every result on the CPU."""
     x = x.contiguous(memory_format=memory_format)
     wdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = _weight(x.shape[1], wdtype)
     b = torch.randn(x.shape[1], dtype=wdtype)
     g = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=memory_format)
-    ref = _run(x, w, b, g, norm, opts, inplace=False)
-    out = _run(x, w, b, g, norm, opts, inplace=True, impl=impl)
+    ref = _run(x, w, b, g, norm, opts, inplace=False, dtype=torch.float64)
+    out = _run(x, w, b, g, norm, opts, inplace=True, impl=impl, device=device)
+    dtypes = {"y": x.dtype, "gx": x.dtype, "gw": wdtype, "gb": wdtype, "nbt": torch.long,
+              "rm": x.dtype if x.dtype == torch.float64 else torch.float32}
+    dtypes["rv"] = dtypes["rm"]
     # the output is the input: same tensor, same storage, its values overwritten, layout kept
     assert out["y_obj"] is out["inp"]
     assert out["y_obj"].data_ptr() == out["inp"].data_ptr()
     assert out["y_obj"].is_contiguous(memory_format=memory_format)
-    assert not torch.equal(out["inp"].detach(), x)
+    assert not torch.equal(out["inp"].detach().cpu(), x)
     for key in ("y", "gx", "gw", "gb", "rm", "rv", "nbt"):
-        assert out[key].dtype == ref[key].dtype, key
+        assert out[key].dtype == dtypes[key] and out[key].device.type == torch.device(device).type, key
+        out[key] = out[key].cpu()
         t = gx_tol if key == "gx" and gx_tol is not None else tol
-        torch.testing.assert_close(out[key], ref[key], **t, msg=lambda m, key=key: f"{norm} {key}: {m}")
+        torch.testing.assert_close(out[key].to(ref[key].dtype), ref[key], **t,
+                                   msg=lambda m, key=key: f"{norm} {key}: {m}")
     return out, ref
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("ghost", [None, 4])
 @pytest.mark.parametrize("norm,opts", CASES, ids=CASE_IDS)
-def test_eager_inplace_matches_reference_float64(norm, opts, ghost, layout):
+def test_eager_inplace_matches_reference_float64(norm, opts, ghost, layout, device):
     x = torch.randn(8, 3, 4, 5, dtype=torch.float64) * 3 + 1
-    _compare(x, norm, dict(opts, ghost_batch_size=ghost), "eager", F64, memory_format=LAYOUTS[layout])
+    _compare(x, norm, dict(opts, ghost_batch_size=ghost), "eager", F64, memory_format=LAYOUTS[layout],
+             device=device)
 
 
 @pytest.mark.parametrize("norm,opts", CASES, ids=CASE_IDS)
-def test_compiled_inplace_matches_reference_float32(norm, opts):
+def test_compiled_inplace_matches_reference_float32(norm, opts, device):
     # one shape per layout, then a ghost batch (a second group count: one dynamic recompile per norm)
     x = torch.randn(8, 4, 6, 6) * 2 + 0.5
     for layout in LAYOUTS.values():
-        _compare(x, norm, opts, "compiled", F32, memory_format=layout)
-    _compare(x, norm, dict(opts, ghost_batch_size=4), "compiled", F32)
+        _compare(x, norm, opts, "compiled", F32, memory_format=layout, device=device)
+    _compare(x, norm, dict(opts, ghost_batch_size=4), "compiled", F32, device=device)
 
 
 @pytest.mark.parametrize("norm,opts", CASES, ids=CASE_IDS)
-def test_eager_inplace_float32_and_other_strides(norm, opts):
+def test_eager_inplace_float32_and_other_strides(norm, opts, device):
     x = torch.randn(8, 4, 6, 6) * 2 + 0.5
-    _compare(x, norm, opts, "eager", F32)
+    _compare(x, norm, opts, "eager", F32, device=device)
     # neither contiguous nor channels-last: normalized through a copy and written back into the input
     xt = torch.randn(8, 4, 6, 6).transpose(2, 3)
     assert not xt.is_contiguous() and not xt.is_contiguous(memory_format=torch.channels_last)
@@ -109,18 +122,18 @@ def test_eager_inplace_float32_and_other_strides(norm, opts):
 
 
 @pytest.mark.parametrize("norm,opts", CASES, ids=CASE_IDS)
-def test_compiled_inplace_bfloat16_within_tolerance(norm, opts):
+def test_compiled_inplace_bfloat16_within_tolerance(norm, opts, device):
     x = (torch.randn(8, 4, 6, 6) * 2 + 0.5).to(torch.bfloat16)
-    out, ref = _compare(x, norm, opts, "compiled", BF16, gx_tol=BF16_GX)
+    out, ref = _compare(x, norm, opts, "compiled", BF16, gx_tol=BF16_GX, device=device)
     gx, rgx = out["gx"].double(), ref["gx"].double()
     assert (gx - rgx).norm() <= 0.02 * rgx.norm()
 
 
 @pytest.mark.parametrize("norm,opts", CASES, ids=CASE_IDS)
-def test_gradcheck_inplace_float64(norm, opts):
-    x = (torch.randn(4, 2, 3, 3, dtype=torch.float64) * 2).requires_grad_()
-    w = _weight(2, torch.float64).requires_grad_()
-    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_inplace_float64(norm, opts, device):
+    x = (torch.randn(4, 2, 3, 3, dtype=torch.float64) * 2).to(device).requires_grad_()
+    w = _weight(2, torch.float64).to(device).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64).to(device).requires_grad_()
     ghost = None if opts.get("chunks") else 2  # two ghost groups, or one group of two range chunks
 
     def f(x, w, b, memory_format=torch.contiguous_format):
@@ -146,6 +159,7 @@ def _native_inplace_fn(norm, layout):
         "NativeBatchNormInplaceFunctionBackward"
 
 
+@pytest.mark.cpu_only  # the native kernels are CPU operators
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("norm,opts", NATIVE_CASES, ids=[n for n, _ in NATIVE_CASES])
@@ -162,6 +176,7 @@ def test_native_inplace_matches_reference(norm, opts, dtype, layout):
     assert type(out["y_obj"].grad_fn).__name__ == _native_inplace_fn(norm, layout)
 
 
+@pytest.mark.cpu_only  # the native kernels are CPU operators
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("norm,opts", NATIVE_CASES, ids=[n for n, _ in NATIVE_CASES])
 def test_native_inplace_bfloat16_within_tolerance(norm, opts, layout):
@@ -172,6 +187,7 @@ def test_native_inplace_bfloat16_within_tolerance(norm, opts, layout):
     assert (gx - rgx).norm() <= 0.02 * rgx.norm()
 
 
+@pytest.mark.cpu_only  # the native kernels are CPU operators
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("norm,opts", NATIVE_CASES, ids=[n for n, _ in NATIVE_CASES])
 def test_gradcheck_native_inplace_float64(norm, opts, layout):
@@ -188,6 +204,7 @@ def test_gradcheck_native_inplace_float64(norm, opts, layout):
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.cpu_only  # the native kernels are CPU operators
 def test_native_inplace_nonfinite_batch_raises_and_keeps_buffers():
     layer = nm.LpBatchNorm2d(3, norm="range", inplace=True, impl="native")
     x = torch.randn(4, 3, 5, 5)
@@ -273,17 +290,19 @@ def test_relu_inplace_after_the_layer_raises_at_backward(impl):
 
 
 @pytest.mark.parametrize("impl", ["eager", "compiled", "reference", "native"])
-def test_conv_inplace_bn_relu_trains_like_reference(impl):
+def test_conv_inplace_bn_relu_trains_like_reference(impl, device):
+    # in place on the test device against the reference on the CPU in float64
     x = torch.randn(4, 3, 6, 6)
     grads = {}
-    for which in ("inplace", "reference"):
+    for which, dev, dtype in (("inplace", device, torch.float32), ("reference", "cpu", torch.float64)):
         torch.manual_seed(0)
         bn = nm.LpBatchNorm2d(4, norm="l1", impl=impl if which == "inplace" else "reference",
                               inplace=which == "inplace")
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bn, torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1),
-                                  torch.nn.ReLU(inplace=True))
-        net(x).square().sum().backward()
-        grads[which] = [p.grad for p in net.parameters()] + [bn.running_mean, bn.running_var]
+                                  torch.nn.ReLU(inplace=True)).to(dev, dtype)
+        net(x.to(dev, dtype)).square().sum().backward()
+        grads[which] = [t.cpu().double() for t in [p.grad for p in net.parameters()] + [bn.running_mean,
+                                                                                          bn.running_var]]
     for a, b in zip(grads["inplace"], grads["reference"], strict=True):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-5)
 
@@ -388,7 +407,8 @@ def test_module_option():
     old(torch.randn(4, 4, 3, 3))
 
 
-def test_compile_fullgraph_trains_without_graph_break():
+def test_compile_fullgraph_trains_without_graph_break(device):
+    """Compiled and eager in place on the test device, the reference on the CPU in float64."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -402,7 +422,8 @@ def test_compile_fullgraph_trains_without_graph_break():
                                    nm.LpBatchNorm2d(4, norm="range", inplace=inplace, impl=impl),
                                    torch.nn.ReLU())
 
-    model, eager, ref = make(True, None), make(True, "eager"), make(False, "reference")
+    model, eager, ref = make(True, None).to(device), make(True, "eager").to(device), make(False, "reference")
+    ref.double()
     cmodel = torch.compile(model, fullgraph=True)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager, ref)]
     for _ in range(3):
@@ -410,13 +431,13 @@ def test_compile_fullgraph_trains_without_graph_break():
         outs = []
         for m, opt in zip((cmodel, eager, ref), opts, strict=True):
             opt.zero_grad()
-            y = m(x)
+            y = m(x.to(next(m.parameters()).device, next(m.parameters()).dtype))
             y.square().mean().backward()
             opt.step()
-            outs.append(y.detach())
+            outs.append(y.detach().cpu().double())
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(outs[0], outs[2], rtol=1e-4, atol=1e-5)
     assert not counters["graph_break"]
     for m in (eager, ref):
         for (k, a), (_, b) in zip(model.state_dict().items(), m.state_dict().items(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+            torch.testing.assert_close(a.cpu().to(b.dtype), b.cpu(), rtol=1e-4, atol=1e-5, msg=k)

@@ -9,6 +9,9 @@ import normmatters as nm
 from normmatters.kernels import compiled, dispatch, native
 from normmatters.kernels.lean import lean_batch_norm
 
+# the native C++/OpenMP kernels are CPU operators: CPU whatever the test device
+pytestmark = pytest.mark.cpu_only
+
 NORMS = ("mean", "l2", "l1", "linf", "range", "topk")
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 

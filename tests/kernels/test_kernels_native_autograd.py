@@ -14,6 +14,9 @@ import torch
 import normmatters as nm
 from normmatters.kernels import native, native_autograd
 
+# the native kernels' autograd Functions and plans run CPU operators: CPU whatever the test device
+pytestmark = pytest.mark.cpu_only
+
 
 @pytest.fixture(autouse=True)
 def _need_native():

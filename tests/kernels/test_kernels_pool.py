@@ -7,6 +7,9 @@ import torch
 import normmatters as nm
 from normmatters.kernels import native, pool
 
+# the buffer pool serves the native CPU kernels' outputs (CPU memory only): CPU whatever the test device
+pytestmark = pytest.mark.cpu_only
+
 BIG = (4, 8, 64, 64)  # 512 KB float32: pooled
 
 

@@ -11,6 +11,9 @@ import normmatters as nm
 from normmatters.kernels import compiled, native, native_build, native_ops
 from normmatters.kernels.lean import lean_batch_norm
 
+# the native operators' build and the CPU kernels inside compiled graphs: CPU whatever the test device
+pytestmark = pytest.mark.cpu_only
+
 
 def test_sources_are_files_with_the_operator_schemas():
     names = {p.name for p in native_build.CSRC.iterdir()}

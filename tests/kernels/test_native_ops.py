@@ -12,6 +12,9 @@ import normmatters as nm
 from normmatters.estimators import get_estimator
 from normmatters.kernels import native, native_ops
 
+# the normmatters:: operators have CPU kernels only: CPU whatever the test device
+pytestmark = pytest.mark.cpu_only
+
 NORMS = ("mean", "l2", "l1", "linf", "range", "topk")
 
 

@@ -25,26 +25,28 @@ def _trained(norm, c=6, steps=3, **kw):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_l2_module_matches_nn_batchnorm_over_steps(momentum):
+def test_l2_module_matches_nn_batchnorm_over_steps(momentum, device):
+    # ours on the test device against nn.BatchNorm2d on the CPU, both in float64
     a = nn.BatchNorm2d(6, momentum=momentum, dtype=torch.float64)
-    b = LpBatchNorm2d(6, norm="l2", momentum=momentum, dtype=torch.float64)
+    b = LpBatchNorm2d(6, norm="l2", momentum=momentum, dtype=torch.float64, device=device)
     with torch.no_grad():
         a.weight.uniform_(0.5, 1.5)
         a.bias.uniform_(-1, 1)
     b.load_state_dict(a.state_dict())
     for _ in range(4):
         x = torch.randn(8, 6, 5, 5, dtype=torch.float64, requires_grad=True)
-        ya, yb = a(x), b(x)
+        xb = x.detach().to(device).requires_grad_()
+        ya, yb = a(x), b(xb)
         ga = torch.autograd.grad(ya.square().sum(), (x, a.weight, a.bias))
-        gb = torch.autograd.grad(yb.square().sum(), (x, b.weight, b.bias))
-        torch.testing.assert_close(yb, ya, atol=1e-10, rtol=1e-10)
+        gb = torch.autograd.grad(yb.square().sum(), (xb, b.weight, b.bias))
+        torch.testing.assert_close(yb.cpu(), ya, atol=1e-10, rtol=1e-10)
         for u, v in zip(gb, ga):
-            torch.testing.assert_close(u, v, atol=1e-9, rtol=1e-9)
+            torch.testing.assert_close(u.cpu(), v, atol=1e-9, rtol=1e-9)
     for key in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(b, key), getattr(a, key))
+        torch.testing.assert_close(getattr(b, key).cpu(), getattr(a, key))
     a.eval(), b.eval()
     x = torch.randn(3, 6, 5, 5, dtype=torch.float64)
-    torch.testing.assert_close(b(x), a(x))
+    torch.testing.assert_close(b(x.to(device)).cpu(), a(x))
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -114,22 +116,23 @@ def test_deepcopy_and_pickle(norm):
     assert isinstance(torch.load(buf, weights_only=False), nm.L1BatchNorm2d)
 
 
-def test_dtype_and_device_arguments():
-    m = LpBatchNorm2d(3, norm="l1", dtype=torch.float16, device="cpu")
+def test_dtype_and_device_arguments(device):
+    m = LpBatchNorm2d(3, norm="l1", dtype=torch.float16, device=device)
     assert m.weight.dtype == torch.float16 and m.running_var.dtype == torch.float16
-    y = m(torch.randn(4, 3, 5, 5, dtype=torch.float16))
-    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    assert {t.device for t in (*m.parameters(), *m.buffers())} == {torch.empty(0, device=device).device}
+    y = m(torch.randn(4, 3, 5, 5, dtype=torch.float16, device=device))
+    assert y.dtype == torch.float16 and y.device == m.weight.device and torch.isfinite(y).all()
     assert m.running_var.dtype == torch.float16 and (m.running_var != 1).all()
-    m64 = LpBatchNorm2d(3).to(torch.float64)
-    assert m64(torch.randn(4, 3, 2, 2, dtype=torch.float64)).dtype == torch.float64
+    m64 = LpBatchNorm2d(3).to(device, torch.float64)
+    assert m64(torch.randn(4, 3, 2, 2, dtype=torch.float64, device=device)).dtype == torch.float64
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_matches_nn_batchnorm_dtype_behaviour(dtype):
-    conv = nn.Conv2d(3, 4, 3)
-    bn, lp = nn.BatchNorm2d(4), LpBatchNorm2d(4, norm="l2")
-    x = torch.randn(8, 3, 8, 8)
-    with torch.autocast("cpu", dtype=dtype):
+def test_autocast_matches_nn_batchnorm_dtype_behaviour(dtype, device):
+    conv = nn.Conv2d(3, 4, 3, device=device)
+    bn, lp = nn.BatchNorm2d(4, device=device), LpBatchNorm2d(4, norm="l2", device=device)
+    x = torch.randn(8, 3, 8, 8, device=device)
+    with torch.autocast(device.type, dtype=dtype):
         h = conv(x)
         ya, yb = bn(h), lp(h)
     assert yb.dtype == ya.dtype
@@ -220,32 +223,34 @@ def test_permutation_equivariant_over_the_batch(norm, seed):
 
 @pytest.mark.parametrize("norm,kw", [("l1", {}), ("topk", {"k": 3}), ("range", {"chunks": 2}),
                                      ("mean", {}), ("linf", {"momentum": None})])
-def test_compile_fullgraph_train_and_eval_dynamic_batch(norm, kw):
+def test_compile_fullgraph_train_and_eval_dynamic_batch(norm, kw, device):
+    # compiled on the test device against the reference layer on the CPU in float64
     torch._dynamo.reset()
-    ref, m = LpBatchNorm2d(4, norm=norm, **kw), LpBatchNorm2d(4, norm=norm, **kw)
+    ref = LpBatchNorm2d(4, norm=norm, impl="reference", dtype=torch.float64, **kw)
+    m = LpBatchNorm2d(4, norm=norm, device=device, **kw)
     f = torch.compile(m, fullgraph=True)
     for batch in (4, 6, 8):
         x = torch.randn(batch, 4, 3, 3)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        xa, xb = x.double().requires_grad_(), x.to(device).requires_grad_()
         ya, yb = ref(xa), f(xb)
-        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(yb.cpu().double(), ya, atol=1e-5, rtol=1e-5)
         ya.sum().backward()
         yb.sum().backward()
-        torch.testing.assert_close(xb.grad, xa.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(m.running_var, ref.running_var)
+        torch.testing.assert_close(xb.grad.cpu().double(), xa.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.running_var.cpu().double(), ref.running_var, atol=1e-6, rtol=1e-5)
     assert m.num_batches_tracked.item() == 3
     m.eval(), ref.eval()
     x = torch.randn(5, 4, 3, 3)
-    torch.testing.assert_close(f(x), ref(x))
+    torch.testing.assert_close(f(x.to(device)).cpu().double(), ref(x.double()), atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_layer_protects_buffers_from_nan():
+def test_compiled_layer_protects_buffers_from_nan(device):
     torch._dynamo.reset()
-    m = LpBatchNorm2d(4, norm="l1")
+    m = LpBatchNorm2d(4, norm="l1", device=device)
     f = torch.compile(m, fullgraph=True)
-    f(torch.randn(4, 4, 3, 3))
+    f(torch.randn(4, 4, 3, 3, device=device))
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    x = torch.randn(4, 4, 3, 3)
+    x = torch.randn(4, 4, 3, 3, device=device)
     x[0, 0, 0, 0] = float("nan")
     f(x)  # no raise under compile (documented), but buffers stay intact
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -30,10 +30,11 @@ def _layout(shape, fmt, dtype=torch.float32, scale=1.0):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[lay[0] for lay in LAYOUTS])
-def test_bias_false_matches_nn_batchnorm(impl, layout):
+def test_bias_false_matches_nn_batchnorm(impl, layout, device):
+    # ours on the test device, nn.BatchNorm on the CPU
     _, shape, lp_cls, torch_cls, fmt = layout
     ref = torch_cls(4, bias=False)
-    m = lp_cls(4, norm="l2", bias=False, impl=impl)
+    m = lp_cls(4, norm="l2", bias=False, impl=impl, device=device)
     assert m.bias is None and isinstance(m.weight, nn.Parameter)
     assert set(m.state_dict()) == set(ref.state_dict())
     with torch.no_grad():
@@ -41,14 +42,14 @@ def test_bias_false_matches_nn_batchnorm(impl, layout):
     m.load_state_dict(ref.state_dict())
     for _ in range(2):
         x = _layout(shape, fmt)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        xa, xb = x.clone().requires_grad_(), x.to(device).clone().requires_grad_()
         g = torch.randn_like(x)
         ref(xa).backward(g)
-        m(xb).backward(g)
-        torch.testing.assert_close(xb.grad, xa.grad, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(m.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(m.running_mean, ref.running_mean)
-    torch.testing.assert_close(m.running_var, ref.running_var)
+        m(xb).backward(g.to(device))
+        torch.testing.assert_close(xb.grad.cpu(), xa.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(m.weight.grad.cpu(), ref.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.running_mean.cpu(), ref.running_mean)
+    torch.testing.assert_close(m.running_var.cpu(), ref.running_var)
     assert "bias=False" in repr(m)
     with pytest.raises(TypeError):
         LpBatchNorm2d(4, "l2", 1e-5, 0.1, True, True, 10, None, None, "raise", None, None, None, None, False, False)
@@ -133,7 +134,7 @@ DTYPES = [(torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 3e-2)]
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[lay[0] for lay in LAYOUTS])
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp64", "bf16"])
-def test_zero_dispersion_channel(inplace, impl, layout, dtype, tol):
+def test_zero_dispersion_channel(inplace, impl, layout, dtype, tol, device):
     _, shape, lp_cls, torch_cls, fmt = layout
     x = _layout(shape, fmt, dtype)
     x[:, 2] = 0.5
@@ -144,18 +145,18 @@ def test_zero_dispersion_channel(inplace, impl, layout, dtype, tol):
     xa = x.clone().requires_grad_()
     ref(xa).backward(g)
     for norm in NORMS:
-        m = lp_cls(4, norm=norm, impl=impl, inplace=inplace, dtype=pdtype)
-        xb = x.clone().requires_grad_()
+        m = lp_cls(4, norm=norm, impl=impl, inplace=inplace, dtype=pdtype, device=device)
+        xb = x.to(device).clone().requires_grad_()  # on the test device; nn.BatchNorm (ref) on the CPU
         y = m(xb * 1 if inplace else xb)  # in place: a non-leaf input
-        y.backward(g)
+        y.backward(g.to(device))
         assert torch.isfinite(y).all() and torch.isfinite(xb.grad).all(), norm
         assert torch.isfinite(m.weight.grad).all() and torch.isfinite(m.running_var).all(), norm
         if norm == "l2":
-            torch.testing.assert_close(xb.grad.float(), xa.grad.float(), atol=tol, rtol=tol)
+            torch.testing.assert_close(xb.grad.float().cpu(), xa.grad.float(), atol=tol, rtol=tol)
         else:  # the limit: a constant channel's gradient is w·r·(g − mean g), r = 1/sqrt(eps) (mean-only: 1)
             gc = g[:, 2].double()
             want = (gc - gc.mean()) / (1.0 if norm == "mean" else 1e-5 ** 0.5)
-            torch.testing.assert_close(xb.grad[:, 2].double(), want, atol=tol * 400, rtol=tol)
+            torch.testing.assert_close(xb.grad[:, 2].double().cpu(), want, atol=tol * 400, rtol=tol)
 
 
 # --- row 5: |x| ~ 1e20 -------------------------------------------------------------------------------------------
@@ -164,12 +165,13 @@ def test_zero_dispersion_channel(inplace, impl, layout, dtype, tol):
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[lay[0] for lay in LAYOUTS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_huge_input_right_output_and_buffers_never_inf(impl, norm, layout, dtype):
+def test_huge_input_right_output_and_buffers_never_inf(impl, norm, layout, dtype, device):
+    # on the test device, against the reference on the CPU in float64
     _, shape, lp_cls, _, fmt = layout
     x = _layout(shape, fmt, dtype, scale=1e20)
-    m = lp_cls(4, norm=norm, impl=impl)
+    m = lp_cls(4, norm=norm, impl=impl, device=device)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    xb = x.clone().requires_grad_()
+    xb = x.to(device).clone().requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y = m(xb)
@@ -177,7 +179,7 @@ def test_huge_input_right_output_and_buffers_never_inf(impl, norm, layout, dtype
     ref = lp_cls(4, norm=norm, impl="reference", dtype=torch.float64)(x.double() / 1e20)
     scale = 1e20 if norm == "mean" else 1.0  # mean-only: y = w·(x − μ) + b scales with x
     tol = 0.05 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(y.double() / scale, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(y.double().cpu() / scale, ref, atol=tol, rtol=tol)
     assert torch.isfinite(xb.grad).all() and torch.isfinite(m.weight.grad).all()
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     if norm == "mean":  # no running variance: the mean (~1e19) fits and is tracked
@@ -186,7 +188,7 @@ def test_huge_input_right_output_and_buffers_never_inf(impl, norm, layout, dtype
         for k, v in m.state_dict().items():
             torch.testing.assert_close(v, before[k])
         assert len(msgs) == 1 and msgs[0].startswith(f"{m._describe()}: the batch's running variance")
-    m(_layout(shape, fmt, dtype))  # the next ordinary batch trains normally
+    m(_layout(shape, fmt, dtype).to(device))  # the next ordinary batch trains normally
     assert torch.isfinite(m.running_var).all() and torch.isfinite(m.running_mean).all()
 
 

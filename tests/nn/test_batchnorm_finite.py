@@ -20,22 +20,23 @@ NORMS = ["l2", "l1", "linf", "topk", "range", "mean"]
        constant_channel=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
        channels_last=st.booleans())
 def test_finite_input_never_gives_nonfinite(impl, norm, exponent, offset, seed, constant_channel, dtype,
-                                            channels_last):
+                                            channels_last, device):
     gen = torch.Generator().manual_seed(seed)
     scale = 10.0 ** exponent
     x = ((torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64) + offset) * scale).to(dtype)
     if constant_channel:
         x[:, 1] = x[0, 1, 0, 0]
     assert torch.isfinite(x).all()
+    x = x.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    m = LpBatchNorm2d(3, norm=norm, k=3, impl=impl, dtype=pdtype)
+    m = LpBatchNorm2d(3, norm=norm, k=3, impl=impl, dtype=pdtype, device=device)
     xr = x.clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (an unrepresentable running variance warns; buffers are checked below)
         y = m(xr)
-        y.backward(torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype))
+        y.backward(torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device, dtype))
     assert torch.isfinite(y).all()
     assert torch.isfinite(xr.grad).all()
     assert torch.isfinite(m.weight.grad).all() and torch.isfinite(m.bias.grad).all()

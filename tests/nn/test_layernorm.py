@@ -10,70 +10,76 @@ import normmatters as nm
 NORMS = ("l2", "l1", "linf", "topk", "range")
 
 
-def _parity(ref, ours, x, atol=1e-10, gatol=1e-9):
+def _parity(ref, ours, x, atol=1e-10, gatol=1e-9, device="cpu"):
+    """``ours`` on ``device`` against the stock layer ``ref`` on the CPU (same dtype, same parameters)."""
     with torch.no_grad():
         for p in ref.parameters():
             p.uniform_(0.5, 1.5)
     assert set(ref.state_dict()) == set(ours.state_dict())
     ours.load_state_dict(ref.state_dict())
-    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours.to(device)
+    xr, xo = x.clone().requires_grad_(), x.to(device).clone().requires_grad_()
     yr, yo = ref(xr), ours(xo)
-    assert yr.dtype == yo.dtype and yr.shape == yo.shape
-    torch.testing.assert_close(yo, yr, atol=atol, rtol=0)
+    assert yr.dtype == yo.dtype and yr.shape == yo.shape and yo.device == xo.device
+    torch.testing.assert_close(yo.cpu(), yr, atol=atol, rtol=0)
     if not x.dtype.is_floating_point or x.dtype in (torch.float16, torch.bfloat16):
         return
     g = torch.randn_like(yr)
     yr.backward(g)
-    yo.backward(g)
-    torch.testing.assert_close(xo.grad, xr.grad, atol=gatol, rtol=0)
+    yo.backward(g.to(device))
+    torch.testing.assert_close(xo.grad.cpu(), xr.grad, atol=gatol, rtol=0)
     for a, b in zip(ref.parameters(), ours.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, atol=gatol, rtol=0)
+        torch.testing.assert_close(b.grad.cpu(), a.grad, atol=gatol, rtol=0)
 
 
 @pytest.mark.parametrize("shape,ns", [((4, 7, 64), 64), ((3, 8, 16), (8, 16)), ((5, 3), 3), ((2, 2, 3, 4), (2, 3, 4))])
 @pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
-def test_layer_norm_l2_equals_nn_layer_norm(shape, ns, affine, bias):
+def test_layer_norm_l2_equals_nn_layer_norm(shape, ns, affine, bias, device):
     torch.manual_seed(0)
     x = torch.randn(*shape, dtype=torch.float64) * 2 + 0.5
     _parity(nn.LayerNorm(ns, elementwise_affine=affine, bias=bias, dtype=torch.float64),
-            nm.LpLayerNorm(ns, norm="l2", elementwise_affine=affine, bias=bias, dtype=torch.float64), x)
+            nm.LpLayerNorm(ns, norm="l2", elementwise_affine=affine, bias=bias, dtype=torch.float64), x,
+            device=device)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
-def test_layer_norm_l2_low_precision(dtype, atol):
+def test_layer_norm_l2_low_precision(dtype, atol, device):
     torch.manual_seed(0)
     x = (torch.randn(6, 32) * 3).to(dtype)
-    _parity(nn.LayerNorm(32, dtype=dtype), nm.LpLayerNorm(32, norm="l2", dtype=dtype), x, atol=atol, gatol=1e-4)
+    _parity(nn.LayerNorm(32, dtype=dtype), nm.LpLayerNorm(32, norm="l2", dtype=dtype), x, atol=atol, gatol=1e-4,
+            device=device)
 
 
 @pytest.mark.parametrize("eps", [1e-6, None])
 @pytest.mark.parametrize("affine", [True, False])
-def test_rms_norm_l2_equals_nn_rms_norm(eps, affine):
+def test_rms_norm_l2_equals_nn_rms_norm(eps, affine, device):
     torch.manual_seed(0)
     x = torch.randn(4, 7, 64, dtype=torch.float64) * 2 + 0.5
     _parity(nn.RMSNorm(64, eps=eps, elementwise_affine=affine, dtype=torch.float64),
-            nm.LpRMSNorm(64, norm="l2", eps=eps, elementwise_affine=affine, dtype=torch.float64), x)
+            nm.LpRMSNorm(64, norm="l2", eps=eps, elementwise_affine=affine, dtype=torch.float64), x,
+            device=device)
 
 
 @pytest.mark.parametrize("groups,channels,shape", [(4, 16, (3, 16, 5, 5)), (1, 6, (2, 6, 7)), (6, 6, (2, 6, 3, 2, 2))])
 @pytest.mark.parametrize("affine", [True, False])
-def test_group_norm_l2_equals_nn_group_norm(groups, channels, shape, affine):
+def test_group_norm_l2_equals_nn_group_norm(groups, channels, shape, affine, device):
     torch.manual_seed(0)
     x = torch.randn(*shape, dtype=torch.float64) * 2 + 0.5
     _parity(nn.GroupNorm(groups, channels, affine=affine, dtype=torch.float64),
-            nm.LpGroupNorm(groups, channels, norm="l2", affine=affine, dtype=torch.float64), x)
+            nm.LpGroupNorm(groups, channels, norm="l2", affine=affine, dtype=torch.float64), x,
+            device=device)
 
 
 @pytest.mark.parametrize("norm", NORMS)
-def test_gradcheck_every_norm(norm):
+def test_gradcheck_every_norm(norm, device):
     torch.manual_seed(0)
-    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(12, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 12, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(12, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: nm.lp_layer_norm(x, 12, w, b, norm=norm), (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w: nm.lp_rms_norm(x, 12, w, eps=1e-6, norm=norm), (x, w))
-    xg = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
-    wg = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    xg = torch.randn(2, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    wg = torch.rand(4, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: nm.lp_group_norm(x, 2, w, None, norm=norm), (xg, wg))
 
 
@@ -114,19 +120,19 @@ def test_rms_norm_gaussian_consistent(norm, n):
 
 
 @pytest.mark.parametrize("norm", NORMS)
-def test_constant_row_finite_with_finite_gradient(norm):
-    x = torch.full((2, 16), 3.0, dtype=torch.float64, requires_grad=True)
-    y = nm.LpLayerNorm(16, norm=norm, dtype=torch.float64)(x)
+def test_constant_row_finite_with_finite_gradient(norm, device):
+    x = torch.full((2, 16), 3.0, dtype=torch.float64, device=device, requires_grad=True)
+    y = nm.LpLayerNorm(16, norm=norm, dtype=torch.float64, device=device)(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert torch.equal(y, torch.zeros_like(y))
 
 
-def test_huge_input_no_overflow():
-    x = torch.randn(2, 32) * 1e30
+def test_huge_input_no_overflow(device):
+    x = torch.randn(2, 32, device=device) * 1e30
     for norm in NORMS:
-        assert torch.isfinite(nm.LpLayerNorm(32, norm=norm)(x)).all()
-        assert torch.isfinite(nm.LpRMSNorm(32, norm=norm)(x)).all()
+        assert torch.isfinite(nm.LpLayerNorm(32, norm=norm, device=device)(x)).all()
+        assert torch.isfinite(nm.LpRMSNorm(32, norm=norm, device=device)(x)).all()
 
 
 def test_module_conventions():

@@ -18,16 +18,17 @@ def slice_norms(w, p, dim=0):
 
 def _train(module, steps=40, lr=5.0, shape=(16, 4, 9, 9)):
     opt = torch.optim.SGD(module.parameters(), lr=lr)
+    device = next(module.parameters()).device
     for _ in range(steps):
         opt.zero_grad()
-        module(torch.randn(*shape)).pow(2).mean().backward()
+        module(torch.randn(*shape).to(device)).pow(2).mean().backward()
         opt.step()
 
 
 @pytest.mark.parametrize("p", PS)
 @pytest.mark.parametrize("learn_scale", [True, False])
-def test_weight_unchanged_at_registration_and_bound_holds(p, learn_scale):
-    conv = nn.Conv2d(4, 8, 3)
+def test_weight_unchanged_at_registration_and_bound_holds(p, learn_scale, device):
+    conv = nn.Conv2d(4, 8, 3, device=device)
     w0 = conv.weight.detach().clone()
     nm.bounded_weight_norm(conv, p=p, learn_scale=learn_scale)
     torch.testing.assert_close(conv.weight, w0, atol=1e-6, rtol=1e-6)
@@ -57,11 +58,11 @@ def test_explicit_rho():
 
 @pytest.mark.parametrize("cls", [BoundedWeightNorm, WeightNorm])
 @pytest.mark.parametrize("p", PS)
-def test_gradcheck_float64(cls, p):
-    v = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
-    g = (torch.rand(4, 1, 1, dtype=torch.float64) + 0.5).requires_grad_()
+def test_gradcheck_float64(cls, p, device):
+    v = torch.randn(4, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    g = (torch.rand(4, 1, 1, dtype=torch.float64, device=device) + 0.5).requires_grad_()
     extra = (torch.tensor(3.0, dtype=torch.float64),) if cls is BoundedWeightNorm else ()
-    param = cls(0, float(p), True, None, *extra)
+    param = cls(0, float(p), True, None, *extra).to(device)
     assert torch.autograd.gradcheck(lambda g, v: param(g, v), (g, v))
 
 
@@ -82,13 +83,17 @@ def test_removal_state_dict_deepcopy():
     torch.testing.assert_close(lin.weight, w)
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(device):
+    # compiled on the test device against the same layer run eagerly on the CPU in float64
     torch._dynamo.reset()
     conv = nn.Conv2d(3, 4, 3)
     nm.bounded_weight_norm(conv)
+    ref = copy.deepcopy(conv).double()
+    conv.to(device)
     f = torch.compile(conv, fullgraph=True)
     x = torch.randn(2, 3, 6, 6)
-    torch.testing.assert_close(f(x), conv(x))
+    torch.testing.assert_close(f(x.to(device)).cpu().double(), ref(x.double()), atol=1e-5, rtol=1e-5)
+    x = x.to(device)
     f(x).sum().backward()
     assert conv.parametrizations.weight.original1.grad is not None
 

@@ -10,6 +10,7 @@ after 2 epochs straight (on the same device, threads and library versions).
 
 Files (``out_dir``, rank 0 only): ``config.yaml``, ``metrics.jsonl``, ``steps.csv``, ``epochs.csv``,
 ``checkpoint.pt``. The library logs through ``logging``; progress bars only when asked (the CLI decides).
+Checkpoint and resume plumbing (state_dict, load_state_dict, save, resume): :mod:`.trainer_state`.
 """
 
 from __future__ import annotations
@@ -37,25 +38,20 @@ from ..weight_norm_form import to_weight_norm_form
 from . import distributed as D
 from .augment import Augment
 from .batches import iterate_batches
-from .checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError
 from .config import BOUNDED_WEIGHT_NORM, NO_WEIGHT_NORM, ConfigError, TrainConfig, save_config
 from .data import ArrayDataset, DataSplit, load_dataset
-from .metrics import METRICS_FILES, MetricsWriter
+from .metrics import MetricsWriter
 from .models import build_model
-from .optim import build_optimizer, build_scheduler, describe_length_change
-from .rng_state import capture_rng_state, restore_rng_state
+from .optim import build_optimizer, build_scheduler
 from .run_folder import check_output_folder, tidy_run_folder
 from .stop_signals import stop_on_signals
+from .trainer_state import CHECKPOINT_NAME, RESUMABLE_CHANGES, TrainerState
 from .wd_tools import WeightDecayTools
 
 __all__ = ["Trainer", "TrainResult", "DivergedError", "CHECKPOINT_NAME", "RESUMABLE_CHANGES"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "checkpoint.pt"
-#: config keys that may differ between a checkpoint and the run resuming it
-RESUMABLE_CHANGES = frozenset({"epochs", "workers", "threads", "log_every", "checkpoint_every"})
-
 
 class DivergedError(RuntimeError):
     """The loss (or a normalization's batch statistics) became NaN/Inf: training stopped, nothing saved."""
@@ -80,7 +76,7 @@ class TrainResult:
         return statistics.median(self.step_times) if self.step_times else float("nan")
 
 
-class Trainer:
+class Trainer(TrainerState):
     """Build data, model, optimizer and schedule from a :class:`TrainConfig` and train.
 
     Args:
@@ -175,96 +171,9 @@ class Trainer:
         self._writer = MetricsWriter(self.out) if self.out is not None and self.info.is_main else None
 
     # ------------------------------------------------------------------------------------------ state
-    @property
-    def checkpoint_path(self) -> Path | None:
-        return self.out / CHECKPOINT_NAME if self.out is not None else None
-
     def request_stop(self, reason: str = "stopped") -> None:
         """Finish the current step, save a checkpoint and return from :meth:`fit` with status ``reason``."""
         self._stop = reason
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly (collective under DDP: every rank must call it)."""
-        D.broadcast_buffers(self.model, self.info)
-        return {
-            "version": CHECKPOINT_VERSION,
-            "config": self.cfg.to_dict(),
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "model": D.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": D.all_gather_objects(capture_rng_state(self.generator), self.info),
-            "world_size": self.info.world_size,
-            "epoch_accumulators": dict(self._acc),
-            "history": list(self.history),
-            "wd_tools": self.wd_tools.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        if state["world_size"] != self.info.world_size:
-            raise CheckpointError(
-                f"{source} was written by {state['world_size']} rank(s); this run has "
-                f"{self.info.world_size} (resume with the same --nproc_per_node)"
-            )
-        saved = TrainConfig.from_dict(state["config"], source=source).to_dict()
-        diff = sorted(
-            k for k, v in self.cfg.to_dict().items() if saved[k] != v and k not in RESUMABLE_CHANGES
-        )
-        if diff:
-            details = ", ".join(f"{k}: {saved[k]!r} → {self.cfg.to_dict()[k]!r}" for k in diff)
-            raise CheckpointError(
-                f"{source} was written with a different config ({details}); only "
-                f"{sorted(RESUMABLE_CHANGES)} may change on resume"
-            )
-        try:
-            D.unwrap(self.model).load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{source} does not match the model/optimizer of this config: {e}") from e
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        self.global_step = int(state["global_step"])
-        change = describe_length_change(TrainConfig.from_dict(state["config"], source=source), self.cfg,
-                                        self.steps_per_epoch, self.global_step)
-        if change and self.info.is_main and self.epoch < self.cfg.epochs:
-            log.warning("%s", change)
-        self._acc = dict(state.get("epoch_accumulators", self._acc))
-        self.history = list(state.get("history", []))
-        self.wd_tools.load_state_dict(state.get("wd_tools", {}))
-        restore_rng_state(state["rng"][self.info.rank], self.generator)
-
-    def save(self) -> None:
-        """Write ``checkpoint.pt`` atomically (rank 0) after gathering every rank's RNG state."""
-        if self.checkpoint_path is None:
-            return
-        state = self.state_dict()
-        if self.info.is_main:
-            save_checkpoint(state, self.checkpoint_path)
-            log.debug(
-                "saved checkpoint %s (epoch %d, step %d)",
-                self.checkpoint_path,
-                self.epoch,
-                self.step_in_epoch,
-            )
-        D.barrier(self.info)
-
-    def resume(self, path: str | Path | None = None) -> None:
-        """Load ``path`` (default ``out_dir/checkpoint.pt``); later metrics are dropped from the files."""
-        path = Path(path) if path is not None else self.checkpoint_path
-        if path is None:
-            raise CheckpointError("resume needs a checkpoint path or an out_dir")
-        if not path.is_file() and self.out is not None and (self.out / METRICS_FILES[0]).is_file():
-            raise CheckpointError(
-                f"cannot resume: {self.out} holds no checkpoint yet (the run stopped before its first one was "
-                "saved); start it again without --resume (its metrics so far are discarded)"
-            )
-        self.load_state_dict(load_checkpoint(path, map_location=self.device), source=f"checkpoint {path}")
-        if self._writer is not None:
-            self._writer.truncate_after(self.global_step)
-        log.info("resumed from %s at epoch %d, step %d (global step %d)", path, self.epoch, self.step_in_epoch,
-                 self.global_step)
 
     # ------------------------------------------------------------------------------------------- loop
     def _epoch_batches(self, epoch: int) -> list[Tensor]:
@@ -290,6 +199,7 @@ class Trainer:
     def _train_step(self, x: Tensor, y: Tensor) -> None:
         x = self.augment(x.to(self.device), self.generator, train=True).to(self.param_dtype)
         y = y.to(self.device)
+        self._sync()  # the augmentation's queued kernels finish outside the timed step
         t0 = time.perf_counter()
         try:
             with self._autocast():
@@ -301,8 +211,7 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         self.step_times.append(time.perf_counter() - t0)
         lv = float(loss.item())
         if not math.isfinite(lv):
@@ -315,6 +224,11 @@ class Trainer:
         if self._writer is not None and self.global_step % self.cfg.log_every == 0:
             self._writer.write({"kind": "step", "global_step": self.global_step, "epoch": self.epoch, "loss": lv,
                                 "lr": self.optimizer.param_groups[0]["lr"], **self.wd_tools.metrics()})
+
+    def _sync(self) -> None:
+        """Wait for the device (CUDA runs kernels asynchronously: a step timed without it is its launches)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _diverged(self, what: str) -> None:
         last = f"{self.checkpoint_path} holds epoch {self.epoch}" if self.checkpoint_path is not None and \
