@@ -193,14 +193,14 @@ def test_ineligible_cases_are_recognised():
     assert dispatch._use_native("auto", torch.randn(4, 3, 7, 7), w, b, "l1", 1, 1)  # 196 B rows
     assert dispatch._use_native("auto", torch.randn(8192, 3, 8, 8), w, b, "l1", 1, 1)  # 256 B rows, 6 MB
     assert dispatch._use_native("auto", torch.randn(4, 3, 4, 4), w, b, "l1", 1, 1)  # 64 B rows
-    assert not dispatch._use_native("auto", torch.randn(4, 3, 3, 3), w, b, "l1", 1, 1)  # 36 B rows
-    assert not dispatch._use_native("auto", torch.randn(4, 3, 7, 7).bfloat16(), w, b, "l1", 1, 1)  # 98 B rows
+    assert not dispatch._use_native("auto", torch.randn(8192, 3, 3, 3), w, b, "l1", 1, 1)  # 36 B rows, 864 KB
+    assert not dispatch._use_native("auto", torch.randn(2048, 3, 7, 7).bfloat16(), w, b, "l1", 1, 1)  # 98 B rows
     assert dispatch._use_native("auto", torch.randn(4, 3, 8, 8).bfloat16(), w, b, "l1", 1, 1)  # 128 B rows
-    assert dispatch._use_native("auto", torch.randn(8192, 3, 3, 3), w, b, "topk", 1, 1)  # top-k: wherever eligible
+    assert dispatch._use_native("auto", torch.randn(8192, 3, 3, 3), w, b, "topk", 1, 1)  # top-k: native wherever eligible
     assert dispatch._use_native("auto", torch.randn(16, 3), w, b, "l1", 1, 1)
     assert dispatch._use_native("auto", x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
-    assert not dispatch._use_native("auto", torch.randn(16, 3, 4), w, b, "l1", 1, 1)
-    assert dispatch._use_native("native", torch.randn(16, 3, 4), w, b, "l1", 1, 1)
+    assert not dispatch._use_native("auto", torch.randn(16384, 3, 4), w, b, "l1", 1, 1)  # 16 B rows, 768 KB
+    assert dispatch._use_native("native", torch.randn(16384, 3, 4), w, b, "l1", 1, 1)
     assert not dispatch._use_native("compiled", x, w, b, "l1", 1, 1)
 
 
@@ -350,3 +350,25 @@ def test_range_positions_mark_unique_and_tied_extremes():
     assert pos[0].tolist() == expect_hi and pos[1].tolist() == expect_lo
     assert expect_hi[3] == 2 * S + 5
     _compare(x, "range")  # unique and tied channels in one call
+
+
+def test_auto_takes_native_for_small_inputs_in_eager_mode_only():
+    """Under AUTO_SMALL_BYTES "auto" takes the native kernels whatever the row length (an Inductor call costs
+    more than the work there); traced (torch.compile) the row-length rule stands, and the result matches the
+    reference either way."""
+    x = torch.randn(64, 8, 2, 2)  # 16 B rows, 8 KB
+    w, b = torch.ones(8), torch.zeros(8)
+    assert x.numel() * 4 < native.AUTO_SMALL_BYTES and native.auto_prefers(x, "l1")
+    assert dispatch._use_native("auto", x, w, b, "l1", 1, 1)
+    big = torch.randn(native.AUTO_SMALL_BYTES // 16 + 1, 1, 2, 2)  # the same rows, just over the limit
+    assert not native.auto_prefers(big, "l1")
+    seen = []
+
+    def traced(t):
+        seen.append(native.auto_prefers(t, "l1"))
+        return t * 2
+
+    torch.compile(traced, backend="eager", fullgraph=True)(x)
+    assert seen == [False]
+    _compare(x * 2 + 1, "l1", impl="auto")
+

@@ -31,7 +31,7 @@ __all__ = ["CSRC", "FLAGS", "CACHE_ENV", "CC_ENV", "cache_dir", "source_key", "l
 CSRC = Path(__file__).with_name("csrc")
 CC_ENV = "NORMMATTERS_CC"
 CACHE_ENV = "NORMMATTERS_CACHE"
-FLAGS = ("-O3", "-march=native", "-fopenmp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math")
 _NAME = "normmatters_native"
 #: the translation units: the batch-norm operators and the per-sample (row) norm operators
 SOURCES = ("ops.cpp", "row_norm_ops.cpp")

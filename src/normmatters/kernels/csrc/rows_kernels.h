@@ -10,6 +10,7 @@
 // rebuilds d = (y − b)/scale and linf/range thresholds from y (no in-place top-k here).
 #pragma once
 #include "channel_kernels.h"
+#include "topk_net.h"
 
 #define NM_ROWBLK 64
 
@@ -274,8 +275,10 @@ int nm_forward_rows(const TS *x, TS *y, const T *__restrict__ w, const T *__rest
                by element only if one's |d| beats (or, NaN, does not trail) that channel's threshold */
             T *__restrict__ tv = tops + (int64_t)t_ * C * (topk + 1), *__restrict__ thr = tv + C * topk;
             int32_t *__restrict__ cnt = topi + (int64_t)t_ * 2 * C, *__restrict__ at = cnt + C;
-            for (int64_t c = 0; c < C; ++c) { cnt[c] = 0; at[c] = 0; thr[c] = -1; }
-            for (int64_t r = r0; r < r1; ++r) for (int64_t c0 = 0; c0 < C; c0 += 64) {
+            /* sorted lists from the insertion network where it applies (topk_net.h; every thread alike) */
+            const int net = nt_ <= 256 && nm_topk_rows_net<TS, T>(x, mean_out, r0, r1, C, topk, tv, cnt);
+            if (!net) for (int64_t c = 0; c < C; ++c) { cnt[c] = 0; at[c] = 0; thr[c] = -1; }
+            if (!net) for (int64_t r = r0; r < r1; ++r) for (int64_t c0 = 0; c0 < C; c0 += 64) {
                 const TS *xr = x + r * C;
                 const int64_t c1 = C - c0 < 64 ? C : c0 + 64;
                 int hit = 0;
@@ -296,6 +299,16 @@ int nm_forward_rows(const TS *x, TS *y, const T *__restrict__ w, const T *__rest
             _Pragma("omp barrier")
             _Pragma("omp for schedule(static)")
             for (int64_t c = 0; c < C; ++c) { /* merge the threads' candidates as the channel kernel keeps them */
+                if (net) {
+                    double acc;
+                    T th;
+                    nm_topk_merge_sorted<T>(tops, C * (topk + 1), topi, 2 * C, nt_, c, topk, &acc, &th);
+                    /* μ not finite: |d| has NaN, which the network does not order; the statistic is NaN */
+                    const int fin = isfinite(mean_out[c]);
+                    raw_out[c] = fin ? (T)(acc / topk) : (T)NAN;
+                    hi_out[c] = fin ? th : (T)NAN;
+                    continue;
+                }
                 T top[NM_KMAX];
                 int kept = 0, m = 0;
                 T th = 0;
