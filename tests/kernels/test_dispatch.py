@@ -29,7 +29,8 @@ def _x(*shape, **kw):
 @need_native
 @pytest.mark.parametrize("impl, shape, cl, expected", [
     ("auto", (8, 4, 16, 16), False, "native"),        # long rows: the channel kernels
-    ("auto", (8, 4, 3, 3), False, "compiled"),        # 36-byte rows: Inductor measured faster
+    ("auto", (2048, 4, 3, 3), False, "compiled"),     # 36-byte rows, 288 KB: Inductor measured faster
+    ("auto", (8, 4, 3, 3), False, "native"),          # the same rows under native.AUTO_SMALL_BYTES
     ("auto", (8, 4, 3, 3), True, "native"),           # channels_last: the rows kernels
     ("native", (8, 4, 3, 3), False, "native"),
     ("compiled", (8, 4, 16, 16), False, "compiled"),

@@ -196,7 +196,7 @@ def test_ineligible_cases_are_recognised():
     assert not dispatch._use_native("auto", torch.randn(8192, 3, 3, 3), w, b, "l1", 1, 1)  # 36 B rows, 864 KB
     assert not dispatch._use_native("auto", torch.randn(2048, 3, 7, 7).bfloat16(), w, b, "l1", 1, 1)  # 98 B rows
     assert dispatch._use_native("auto", torch.randn(4, 3, 8, 8).bfloat16(), w, b, "l1", 1, 1)  # 128 B rows
-    assert dispatch._use_native("auto", torch.randn(8192, 3, 3, 3), w, b, "topk", 1, 1)  # top-k: native wherever eligible
+    assert dispatch._use_native("auto", torch.randn(8192, 3, 3, 3), w, b, "topk", 1, 1)  # top-k: always native
     assert dispatch._use_native("auto", torch.randn(16, 3), w, b, "l1", 1, 1)
     assert dispatch._use_native("auto", x.to(memory_format=torch.channels_last), w, b, "l1", 1, 1)
     assert not dispatch._use_native("auto", torch.randn(16384, 3, 4), w, b, "l1", 1, 1)  # 16 B rows, 768 KB

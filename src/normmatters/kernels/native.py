@@ -83,8 +83,8 @@ def available() -> bool:
 #: 1.35 vs 1.79; but 32×512×7×7 (98 B) 2.19 vs 1.15 and 64×256×4×4 (32 B) 5.8 vs 2.7.
 AUTO_MIN_ROW_BYTES = 64
 AUTO_MIN_ROW_BYTES_BF16 = 128
-#: ... except for inputs under AUTO_SMALL_BYTES, which "auto" gives the native kernels in eager mode: there a call of the
-#: Inductor kernels costs more than the work (its wrappers, ~1 ms a layer step), whatever the row length.
+#: ... except for inputs under AUTO_SMALL_BYTES, which "auto" gives the native kernels in eager mode: there a call
+#: of the Inductor kernels costs more than the work (its wrappers, ~1 ms a layer step), whatever the row length.
 #: Measured fwd+bwd / BN, interleaved, thread CPU time, one thread, on the loaded 2-core VM, native vs
 #: compiled: l1 64×64×2×2 (16 B rows, 64 KB; the last stage of ``normmatters compare``'s ResNet-8 on 8×8
 #: digits) 0.79 vs 1.89, 256×64×2×2 0.96 vs 1.30, 128×64×3×3 (288 KB) 0.92 vs 1.97; range alike.
