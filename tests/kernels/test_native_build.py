@@ -56,7 +56,9 @@ def test_first_build_compiles_into_the_keyed_directory_with_the_flags(monkeypatc
     key = native_build.source_key(native_build._compiler())
     assert kw["build_directory"] == str(tmp_path / f"normmatters_native_{key}")
     assert {"-O3", "-march=native", "-fopenmp"} <= set(kw["extra_cflags"]) and not kw["is_python_module"]
-    assert kw["sources"] == [str(native_build.CSRC / "ops.cpp")]
+    # every C++ translation unit of csrc/ (the batch-norm operators and the per-sample row-norm operators)
+    assert sorted(kw["sources"]) == sorted(str(p) for p in native_build.CSRC.glob("*.cpp"))
+    assert str(native_build.CSRC / "ops.cpp") in kw["sources"]
 
 
 def test_built_library_is_loaded_from_the_cache_without_compiling(monkeypatch):
