@@ -46,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="layer-norm: the plain (native) variants to run (default: all seven; names as in the table)")
     p.add_argument("--precision", nargs="+", default=None, metavar="FORMAT",
                    choices=["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2"],
-                   help="layer-norm: also run the --emulate layers with their forward emulated in these formats")
+                   help="layer-norm: also run the --emulate layers with their forward emulated in these formats "
+                        "(default: none, native variants only)")
     p.add_argument("--scale", type=float, nargs="+", default=None,
                    help="layer-norm: factors the emulated normalizations' input is multiplied by (default 1)")
     p.add_argument("--emulate", nargs="+", default=None, metavar="LAYER",
