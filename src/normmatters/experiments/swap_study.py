@@ -1,0 +1,540 @@
+"""The swap study (``normmatters reproduce swap``): put an Lp norm into a network trained with the stock layer.
+
+Two trained models, each trained once with the stock normalization and the same seed:
+
+* ``transformer``: the byte-level decoder-only transformer of the layer-norm study
+  (:class:`~normmatters.experiments.layer_norm_study.CharTransformer`, pre-norm, ``nn.LayerNorm``), AdamW with a
+  one-cycle-like schedule (linear warm-up over 10 % of the steps, cosine decay to 0), on the same corpus (the
+  Python standard library's ``.py`` files by default; the last 10 % held out).
+* ``resnet``: the ResNet of ``normmatters compare`` (:func:`~normmatters.experiments.models.build_model`,
+  ``resnet8``, ``nn.BatchNorm2d``) on the embedded 8×8 digits (train split standardized per channel, no
+  augmentation), SGD with Nesterov momentum 0.9 and weight decay 5e-4, same schedule shape.
+
+For each norm of ``norms`` (``l2`` is the exactness control: Gaussian-consistent, it *is* the stock layer) the
+trained model is swapped at four stages:
+
+* ``none``: :func:`~normmatters.convert_norms` / :func:`~normmatters.convert_batchnorm`, nothing else;
+* ``calibrated``: then ``calibrate_norms(model, batches)`` on ``calib_batches`` training batches;
+* ``finetuned``: then ``finetune_steps`` training steps with the Lp layer in place (fresh optimizer, peak lr
+  ``*_finetune_lr``, warm-up 10 % + cosine); the held-out metrics are also recorded along the way
+  (``finetune.csv``, at ``finetune_points``);
+* ``scratch``: the same initial weights (same seed) with the Lp layer from step 0, trained for
+  ``steps + finetune_steps`` steps with the base recipe.
+
+Two reference rows per model (norm ``torch``): ``original`` (the trained model) and ``finetuned`` (the original
+fine-tuned with the same recipe and steps, so a swapped model's fine-tuning gain is not mistaken for recovery).
+
+Metrics on held-out data (fixed batches, the same for every row): ``val_loss`` (mean cross-entropy, nats),
+``bpc`` (transformer: ``val_loss / ln 2``, bits per byte), ``accuracy`` (top-1: next byte / digit class),
+``drift`` = ‖f(x) − f₀(x)‖ / ‖f₀(x)‖ over all held-out logits, f₀ the original trained model (also for
+``scratch``), in eval mode, and ``agreement`` (fraction of held-out predictions whose argmax equals f₀'s).
+``drift_train``: the same drift with both models in training mode on the same held-out batches — for batch norm
+that is what training sees (batch statistics instead of the running ones); the transformer has no train-mode
+difference (no dropout), so it equals ``drift``.
+
+Why batch norm and layer norm differ: a converted ``LpBatchNorm`` keeps the original's running mean and
+variance and in eval mode normalizes by them, so ``none`` leaves the eval-mode function unchanged for every
+norm; only training (batch statistics) sees the new estimator. ``LpLayerNorm`` has no running statistics: every
+forward uses the new estimator, so the swap changes the function at once by the ratio of the Lp estimate to the
+standard deviation of each row's activations (1 only for Gaussian rows).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..atomic_write import atomic_write
+from ..convert import convert_batchnorm
+from ..convert_layer_norms import convert_norms
+from ..estimators import get_estimator
+from .layer_norm_study import CharTransformer, read_corpus
+from .run_folder import check_output_folder
+
+__all__ = ["SwapStudy", "SwapResult", "MODELS", "STAGES", "NORMS", "run_swap_study", "write_swap_report",
+           "format_swap_table", "relative_drift", "stand_in_calibrate_norms", "RESULT_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+MODELS = ("transformer", "resnet")
+STAGES = ("none", "calibrated", "finetuned", "scratch")
+#: the Lp norms swapped in by default; l2 is the exactness control
+NORMS = ("l2", "l1", "linf", "topk", "range")
+#: the columns of results.csv, in order
+RESULT_COLUMNS = ("model", "norm", "stage", "steps_with_norm", "steps_total", "val_loss", "bpc", "accuracy",
+                  "drift", "drift_train", "agreement", "seconds")
+
+
+@dataclass
+class SwapStudy:
+    """What to swap into what, and how long to train. Defaults: the full study (about 10 min on 2 idle cores)."""
+
+    models: tuple[str, ...] = MODELS
+    norms: tuple[str, ...] = NORMS
+    seed: int = 0
+    # the transformer (see layer_norm_study) and its corpus
+    corpus: Path | None = None  # None: the standard library's .py files
+    max_chars: int = 2_000_000
+    lm_layers: int = 2
+    lm_width: int = 64
+    lm_heads: int = 4
+    lm_context: int = 64
+    lm_batch: int = 32
+    lm_lr: float = 1e-2
+    lm_steps: int = 1500
+    lm_finetune_steps: int = 200
+    lm_finetune_lr: float = 1e-3
+    lm_eval_batches: int = 16
+    # the ResNet of compare
+    dataset: str = "digits"
+    cnn_model: str = "resnet8"
+    cnn_batch: int = 64
+    cnn_lr: float = 0.1
+    cnn_weight_decay: float = 5e-4
+    cnn_steps: int = 400
+    cnn_finetune_steps: int = 100
+    cnn_finetune_lr: float = 0.01
+    # both
+    calib_batches: int = 8
+    threads: int | None = 1  # torch threads while the study runs (None: leave as is); 1 is fastest on a busy CPU
+    finetune_points: tuple[int, ...] = field(default_factory=lambda: (0, 10, 25, 50, 100, 200))
+
+    def check(self) -> None:
+        """Raise ValueError naming the bad setting."""
+        bad = [m for m in self.models if m not in MODELS]
+        if bad or not self.models:
+            raise ValueError(f"swap study: models {list(self.models)}: expected a non-empty subset of {list(MODELS)}")
+        if not self.norms:
+            raise ValueError("swap study: norms is empty; expected some of " + ", ".join(NORMS))
+        for n in self.norms:
+            if not get_estimator(n).divides:
+                raise ValueError(f"swap study: norm {n!r} does not divide by a dispersion (it cannot stand in for "
+                                 f"the standard deviation); expected one of {list(NORMS)}")
+        for name in ("lm_steps", "cnn_steps", "lm_batch", "cnn_batch", "lm_eval_batches", "calib_batches",
+                     "lm_context", "lm_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"swap study: {name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("lm_finetune_steps", "cnn_finetune_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"swap study: {name} must be ≥ 0, got {getattr(self, name)}")
+
+
+@dataclass
+class SwapResult:
+    """The rows of results.csv and the fine-tuning curves of one study."""
+
+    rows: list[dict[str, Any]]
+    curves: list[dict[str, Any]]  # model, norm, step, val_loss, accuracy, drift
+    base_seconds: dict[str, float]
+    calibration: str  # which calibrate_norms ran
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+@torch.no_grad()
+def stand_in_calibrate_norms(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None
+                             ) -> list[dict[str, Any]]:
+    """STAND-IN for ``normmatters.calibrate_norms`` (issue 26 item 4), used only while that is not available.
+
+    For each Lp layer (``LpLayerNorm`` / ``LpRMSNorm`` / ``LpBatchNorm``), in forward order, with the layers
+    before it already calibrated: collect its inputs on ``batches``, normalize them with the layer's estimator
+    without affine (z = (x − μ)/σ̂_p), and take k = 1 / std(z) — per row for a layer norm (median over rows),
+    per channel for a batch norm (batch statistics) — i.e. k ≈ σ̂_p/σ. It is folded into the affine weight
+    (weight ← weight · k); a batch norm's running variance becomes k²·running_var so its eval-mode output is
+    unchanged while training (batch statistics) starts consistent. A layer without affine weight is left as it
+    is. Returns one record per layer: name, k (mean), drift of the layer's output before/after.
+    """
+    from ..nn.batchnorm import LpBatchNorm
+    from ..nn.layernorm import LpLayerNorm, LpRMSNorm
+
+    batch_list = list(batches)[:max_batches]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LpLayerNorm | LpRMSNorm | LpBatchNorm)]
+    report = []
+    was_training = model.training
+    model.eval()
+    for name, layer in layers:
+        seen: list[Tensor] = []
+        handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+        try:
+            for b in batch_list:
+                _call(model, b)
+        finally:
+            handle.remove()
+        if layer.weight is None or not seen:
+            report.append({"layer": name, "k": 1.0, "skipped": "no affine weight" if seen else "never called"})
+            continue
+        probe = copy.deepcopy(layer).train()
+        probe.weight.fill_(1.0)
+        if getattr(probe, "bias", None) is not None:
+            probe.bias.zero_()
+        if isinstance(layer, LpBatchNorm):
+            z = torch.cat([probe(x).transpose(0, 1).flatten(1) for x in seen], 1)  # (C, N·spatial)
+            k = 1.0 / z.std(1, correction=0).clamp_min(1e-6)
+            shape = (-1,)
+            layer.weight.mul_(k)
+            if layer.running_var is not None:
+                layer.running_var.mul_(k.square())
+        else:
+            z = torch.cat([probe(x).flatten(0, -1 - len(layer.normalized_shape)).flatten(1) for x in seen])
+            k = (1.0 / z.std(1, correction=0).clamp_min(1e-6)).median()
+            shape = ()
+            layer.weight.mul_(k.reshape(shape) if shape else k)
+        report.append({"layer": name, "k": float(k.mean())})
+    model.train(was_training)
+    return report
+
+
+def _calibrator() -> tuple[Callable[..., Any], str]:
+    """``normmatters.calibrate_norms`` when this install has it, else the stand-in (and which one it is)."""
+    import normmatters
+
+    real = getattr(normmatters, "calibrate_norms", None)
+    if real is not None:
+        return real, "normmatters.calibrate_norms"
+    return stand_in_calibrate_norms, "stand_in_calibrate_norms (swap_study; stand-in for normmatters.calibrate_norms)"
+
+
+def _call(model: nn.Module, inputs: Any) -> Tensor:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def relative_drift(out: Tensor, ref: Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ (Frobenius over every element); ``ref`` the original model's output."""
+    if out.shape != ref.shape:
+        raise ValueError(f"relative_drift: output shape {tuple(out.shape)} differs from the reference's "
+                         f"{tuple(ref.shape)}")
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, inputs: list[Tensor], train_mode: bool = False) -> Tensor:
+    """The logits on every held-out batch, concatenated; in train mode on a copy (running stats untouched)."""
+    m = copy.deepcopy(model).train() if train_mode else model
+    was = model.training
+    if not train_mode:
+        model.eval()
+    try:
+        return torch.cat([m(x).flatten(0, -2) for x in inputs])
+    finally:
+        model.train(was)
+
+
+@dataclass
+class _Task:
+    """One model: how to build it, train it and evaluate it."""
+
+    name: str
+    build: Callable[[], nn.Module]  # the stock-norm model with the seed's initial weights
+    convert: Callable[[nn.Module, str], nn.Module]
+    next_batch: Callable[[torch.Generator], tuple[Tensor, Tensor]]
+    eval_inputs: list[Tensor]
+    eval_targets: Tensor  # flattened, aligned with _outputs
+    calib_inputs: list[Tensor]
+    optimizer: Callable[[nn.Module, float], torch.optim.Optimizer]
+    lr: float
+    steps: int
+    finetune_lr: float
+    finetune_steps: int
+    train_mode_differs: bool
+    bits: bool  # report bits per character
+
+    def metrics(self, model: nn.Module, ref: Tensor | None, ref_train: Tensor | None) -> dict[str, float]:
+        out = _outputs(model, self.eval_inputs)
+        loss = float(F.cross_entropy(out, self.eval_targets))
+        row = {"val_loss": loss, "bpc": loss / math.log(2) if self.bits else float("nan"),
+               "accuracy": float((out.argmax(1) == self.eval_targets).double().mean())}
+        if ref is not None:
+            row["drift"] = relative_drift(out, ref)
+            row["agreement"] = float((out.argmax(1) == ref.argmax(1)).double().mean())
+            if not self.train_mode_differs:
+                row["drift_train"] = row["drift"]
+            elif ref_train is not None:
+                row["drift_train"] = relative_drift(_outputs(model, self.eval_inputs, True), ref_train)
+        return row
+
+
+def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over 10 % of the steps, then cosine decay to 0."""
+    warm = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _train(task: _Task, model: nn.Module, steps: int, lr: float, gen: torch.Generator,
+           on_step: Callable[[int], None] | None = None) -> None:
+    """``steps`` optimizer steps of the task's recipe; ``on_step(k)`` after step k (and k = 0 before)."""
+    if on_step is not None:
+        on_step(0)
+    if steps == 0:
+        return
+    opt = task.optimizer(model, lr)
+    sched = _schedule(opt, steps)
+    model.train()
+    for step in range(1, steps + 1):
+        x, y = task.next_batch(gen)
+        loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(step)
+    model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ tasks
+
+
+def _transformer_task(study: SwapStudy) -> _Task:
+    data = torch.frombuffer(bytearray(read_corpus(study.corpus, study.max_chars)), dtype=torch.uint8)
+    split = int(len(data) * 0.9)
+    train, val = data[:split], data[split:]
+    if len(val) <= study.lm_context + 1:
+        raise ValueError(f"swap study: the held-out corpus ({len(val)} bytes) is shorter than the context "
+                         f"({study.lm_context}); use a larger corpus or a smaller context")
+    ctx, batch = study.lm_context, study.lm_batch
+
+    def sample(source: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        start = torch.randint(0, len(source) - ctx - 1, (batch,), generator=gen)
+        chunk = source[start[:, None] + torch.arange(ctx + 1)].long()
+        return chunk[:, :-1], chunk[:, 1:]
+
+    g_eval, g_cal = torch.Generator().manual_seed(12345), torch.Generator().manual_seed(777)
+    evals = [sample(val, g_eval) for _ in range(study.lm_eval_batches)]
+
+    def build() -> nn.Module:
+        torch.manual_seed(study.seed)
+        return CharTransformer("nn.LayerNorm", study.lm_layers, study.lm_width, study.lm_heads, ctx)
+
+    return _Task(
+        "transformer", build, lambda m, norm: convert_norms(m, norm=norm, kinds=("layer",)),
+        lambda gen: sample(train, gen), [x for x, _ in evals], torch.cat([y.flatten() for _, y in evals]),
+        [sample(train, g_cal)[0] for _ in range(study.calib_batches)],
+        lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01),
+        study.lm_lr, study.lm_steps, study.lm_finetune_lr, study.lm_finetune_steps, False, True)
+
+
+def _resnet_task(study: SwapStudy) -> _Task:
+    from .data import load_dataset
+    from .models import build_model
+
+    data = load_dataset(study.dataset)
+    mean, std = data.channel_stats()
+
+    def norm(x: Tensor) -> Tensor:
+        return (x - mean[:, None, None]) / std[:, None, None]
+
+    train_x, train_y = norm(data.train.images), data.train.labels
+    test_x, test_y = norm(data.test.images), data.test.labels
+    batch = study.cnn_batch
+
+    def sample(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(len(train_y), (batch,), generator=gen)
+        return train_x[idx], train_y[idx]
+
+    g_cal = torch.Generator().manual_seed(777)
+
+    def build() -> nn.Module:
+        torch.manual_seed(study.seed)
+        return build_model(study.cnn_model, "bn", in_channels=data.in_channels, image_size=data.image_size,
+                           num_classes=data.num_classes)
+
+    def sgd(m: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                               weight_decay=study.cnn_weight_decay)
+
+    chunks = list(torch.split(torch.arange(len(test_y)), 256))
+    return _Task(
+        "resnet", build, lambda m, n: convert_batchnorm(m, norm=n), sample, [test_x[i] for i in chunks], test_y,
+        [sample(g_cal)[0] for _ in range(study.calib_batches)], sgd,
+        study.cnn_lr, study.cnn_steps, study.cnn_finetune_lr, study.cnn_finetune_steps, True, False)
+
+
+# ------------------------------------------------------------------------------------------------------ study
+
+
+def run_swap_study(study: SwapStudy) -> SwapResult:
+    """Train each model once with its stock norm, then swap every norm in at every stage (module docstring)."""
+    study.check()
+    threads = torch.get_num_threads()
+    if study.threads is not None:
+        torch.set_num_threads(study.threads)
+    try:
+        return _run(study)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(study: SwapStudy) -> SwapResult:
+    calibrate, calibration = _calibrator()
+    log.info("swap study: calibration by %s", calibration)
+    rows: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+    base_seconds: dict[str, float] = {}
+    for name in study.models:
+        task = _transformer_task(study) if name == "transformer" else _resnet_task(study)
+        t0 = time.perf_counter()
+        original = task.build()
+        _train(task, original, task.steps, task.lr, torch.Generator().manual_seed(study.seed))
+        base_seconds[name] = time.perf_counter() - t0
+        ref = _outputs(original, task.eval_inputs)
+        ref_train = _outputs(original, task.eval_inputs, True) if task.train_mode_differs else ref
+        total = task.steps + task.finetune_steps
+
+        def row(norm: str, stage: str, model: nn.Module, with_norm: int, steps_total: int, seconds: float,
+                task: _Task = task, ref: Tensor = ref, ref_train: Tensor = ref_train) -> None:
+            r = {"model": task.name, "norm": norm, "stage": stage, "steps_with_norm": with_norm,
+                 "steps_total": steps_total, **task.metrics(model, ref, ref_train), "seconds": seconds}
+            rows.append(r)
+            log.info("swap study: %s %s %s: val loss %.4f, drift %.4g, accuracy %.4f", task.name, norm, stage,
+                     r["val_loss"], r["drift"], r["accuracy"])
+
+        row("torch", "original", original, 0, task.steps, base_seconds[name])
+        for norm in ("torch", *study.norms):
+            t0 = time.perf_counter()
+            model = copy.deepcopy(original)
+            if norm != "torch":
+                model = task.convert(model, norm)
+                row(norm, "none", model, 0, task.steps, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                calibrate(model, task.calib_inputs)
+                row(norm, "calibrated", model, 0, task.steps, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+            points = {p for p in study.finetune_points if p <= task.finetune_steps} | {task.finetune_steps}
+
+            def record(step: int, model: nn.Module = model, norm: str = norm, points: set = points,
+                       task: _Task = task, ref: Tensor = ref) -> None:
+                if step in points:
+                    m = task.metrics(model, ref, None)
+                    curves.append({"model": task.name, "norm": norm, "step": step, "val_loss": m["val_loss"],
+                                   "accuracy": m["accuracy"], "drift": m["drift"]})
+
+            _train(task, model, task.finetune_steps, task.finetune_lr,
+                   torch.Generator().manual_seed(study.seed + 1), record)
+            row(norm, "finetuned", model, task.finetune_steps if norm != "torch" else 0, total,
+                time.perf_counter() - t0)
+            if norm == "torch":
+                continue
+            t0 = time.perf_counter()
+            scratch = task.convert(task.build(), norm)
+            _train(task, scratch, total, task.lr, torch.Generator().manual_seed(study.seed))
+            row(norm, "scratch", scratch, total, total, time.perf_counter() - t0)
+    return SwapResult(rows, curves, base_seconds, calibration)
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _csv_text(rows: list[dict[str, Any]], columns: Iterable[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    columns = list(columns)
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([_fmt(r.get(c, "")) for c in columns])
+    return buf.getvalue()
+
+
+def format_swap_table(result: SwapResult) -> str:
+    """A markdown table of every row (one per model, norm and stage)."""
+    lines = ["| model | norm | stage | steps with norm / total | val loss | bits/char | accuracy | drift "
+             "| drift (train mode) | agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result.rows:
+        bpc = "" if math.isnan(r["bpc"]) else f"{r['bpc']:.3f}"
+        lines.append(f"| {r['model']} | {r['norm']} | {r['stage']} | {r['steps_with_norm']} / {r['steps_total']} | "
+                     f"{r['val_loss']:.4f} | {bpc} | {r['accuracy']:.4f} | {r['drift']:.3g} | "
+                     f"{r['drift_train']:.3g} | {r['agreement']:.4f} |")
+    return "\n".join(lines)
+
+
+def _findings(result: SwapResult) -> list[str]:
+    """Sentences read off the numbers (no judgement beyond thresholds stated in the sentence)."""
+    out = []
+    by = {(r["model"], r["norm"], r["stage"]): r for r in result.rows}
+    for model in dict.fromkeys(r["model"] for r in result.rows):
+        orig = by[model, "torch", "original"]
+        ft = by.get((model, "torch", "finetuned"))
+        norms = [n for n in dict.fromkeys(r["norm"] for r in result.rows if r["model"] == model) if n != "torch"]
+        for n in norms:
+            parts = [f"{s} {by[model, n, s]['val_loss']:.3f} (drift {by[model, n, s]['drift']:.2g})"
+                     for s in STAGES if (model, n, s) in by]
+            out.append(f"- {model}, {n}: val loss " + ", ".join(parts) + f"; original {orig['val_loss']:.3f}"
+                       + (f", original fine-tuned {ft['val_loss']:.3f}" if ft else "") + ".")
+    return out
+
+
+def write_swap_report(study: SwapStudy, result: SwapResult, out: Path, command: str | None = None,
+                      seconds: float | None = None) -> Path:
+    """results.csv, finetune.csv, swap.png (:mod:`normmatters.experiments.swap_plots`) and report.md in ``out``
+    (each written atomically); returns report.md's path."""
+    from .swap_plots import plot_swap
+
+    out = check_output_folder(out)
+    atomic_write(out / "results.csv", _csv_text(result.rows, RESULT_COLUMNS))
+    atomic_write(out / "finetune.csv", _csv_text(result.curves, ("model", "norm", "step", "val_loss", "accuracy",
+                                                                 "drift")))
+    plot = plot_swap(result, out / "swap.png")
+    corpus = "the Python standard library's .py files" if study.corpus is None else f"`{study.corpus}`"
+    text = ["# Swapping an Lp norm into a trained network", ""]
+    if command:
+        text += [f"Command: `{command}`" + (f" ({seconds:.0f} s)" if seconds is not None else ""), ""]
+    text += ["Settings:", ""]
+    if "transformer" in study.models:
+        text.append(
+            f"- transformer: byte-level, {study.lm_layers} layers, width {study.lm_width}, {study.lm_heads} heads, "
+            f"context {study.lm_context}, batch {study.lm_batch}; nn.LayerNorm, AdamW lr {study.lm_lr:g} (warm-up "
+            f"10 % + cosine), {study.lm_steps} steps (took {result.base_seconds.get('transformer', 0):.0f} s), on "
+            f"{corpus} (≤ {study.max_chars} bytes, last 10 % held out; {study.lm_eval_batches} held-out batches); "
+            f"fine-tune: {study.lm_finetune_steps} steps at peak lr {study.lm_finetune_lr:g}; scratch: "
+            f"{study.lm_steps + study.lm_finetune_steps} steps.")
+    if "resnet" in study.models:
+        text.append(
+            f"- resnet: {study.cnn_model} with nn.BatchNorm2d on {study.dataset} (standardized, no augmentation), "
+            f"batch {study.cnn_batch}, SGD Nesterov momentum 0.9, lr {study.cnn_lr:g}, weight decay "
+            f"{study.cnn_weight_decay:g} (warm-up 10 % + cosine), {study.cnn_steps} steps (took "
+            f"{result.base_seconds.get('resnet', 0):.0f} s), held-out: the test split; fine-tune: "
+            f"{study.cnn_finetune_steps} steps at peak lr {study.cnn_finetune_lr:g}; scratch: "
+            f"{study.cnn_steps + study.cnn_finetune_steps} steps.")
+    text += [f"- calibration: `{result.calibration}` on {study.calib_batches} training batches; seed {study.seed}.",
+             "",
+             "Stages: `none` = converted, nothing else; `calibrated` = then calibrated; `finetuned` = then "
+             "fine-tuned; `scratch` = trained with the Lp norm from the same initial weights for base + fine-tune "
+             "steps. Rows with norm `torch`: the original model and the original fine-tuned with the same recipe "
+             "(the reference for `finetuned`). `drift` = ‖f(x) − f₀(x)‖/‖f₀(x)‖ over the held-out logits, f₀ the "
+             "original, in eval mode; `drift (train mode)` the same with batch statistics (batch norm); "
+             "`agreement`: share of held-out argmax predictions equal to the original's.", "",
+             format_swap_table(result), "", "Read off the numbers:", "", *_findings(result), "",
+             "Fine-tuning curves: `finetune.csv` (held-out loss, accuracy and drift at the fine-tuning steps "
+             f"{sorted(set(study.finetune_points))}).", "", f"![swap]({plot.name})", ""]
+    return atomic_write(out / "report.md", "\n".join(text))
