@@ -25,8 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run one of the paper's studies on a small model and write report.md, results.csv and plots. "
         "weight-decay: weight decay before a normalization only changes the effective step size (Hoffer et al. "
         "2018, sec. 5); weight-norm: (bounded) weight norm against batch norm (sec. 6); layer-norm: nn.LayerNorm / "
-        "nn.RMSNorm against their Lp versions in a small character-level transformer.")
-    p.add_argument("study", choices=["weight-decay", "weight-norm", "layer-norm"], help="which study")
+        "nn.RMSNorm against their Lp versions in a small character-level transformer; swap: Lp norms swapped into a "
+        "trained transformer and ResNet (no retraining, calibrated, fine-tuned, from scratch).")
+    p.add_argument("study", choices=["weight-decay", "weight-norm", "layer-norm", "swap"], help="which study")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run")
     p.add_argument("--dataset", default="digits", help="digits (embedded), or a folder / idx:/cifar:/folder: path")
@@ -59,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="layer-norm: steps between validation-curve points (default 25)")
     p.add_argument("--context", type=int, default=None, help="layer-norm: context length (default 128)")
     p.add_argument("--batch", type=int, default=None, help="layer-norm: batch size (default 32)")
+    p.add_argument("--norms", nargs="+", default=None,
+                   help="swap: the Lp norms swapped in (default l2 l1 linf topk range; --quick: l1 linf)")
     p.set_defaults(func=run)
 
     for action in p._actions:
@@ -73,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         report, table = _weight_norm(args, out)
     elif args.study == "layer-norm":
         report, table = _layer_norm(args, out)
+    elif args.study == "swap":
+        report, table = _swap(args, out, t0)
     else:
         report, table = _weight_decay(args, out)
     print(table)
@@ -163,3 +168,29 @@ def _layer_norm(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
     rows = run_layer_norm_study(study)
     command = "normmatters " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else None
     return write_layer_norm_report(study, rows, out, command), format_layer_norm_table(rows)
+
+
+def _swap(args: argparse.Namespace, out: Path, t0: float) -> tuple[Path, str]:
+    import shlex
+    import sys
+
+    from ..experiments.run_folder import check_output_folder
+    from ..experiments.swap_study import SwapStudy, format_swap_table, run_swap_study, write_swap_report
+
+    check_output_folder(out)  # before anything trains
+    study = SwapStudy(corpus=args.corpus, dataset=args.dataset)
+    if args.quick:
+        study.norms, study.max_chars, study.calib_batches, study.bn_impl = ("l1", "linf"), 300_000, 2, "eager"
+        study.lm_width, study.lm_context, study.lm_batch, study.lm_eval_batches = 32, 32, 16, 4
+        study.lm_steps, study.lm_finetune_steps, study.cnn_steps, study.cnn_finetune_steps = 60, 20, 40, 20
+        study.finetune_points = (0, 5, 10, 20)
+    if args.seeds:
+        if len(args.seeds) > 1:
+            raise SystemExit(f"reproduce swap: one seed (the trained model's), got --seeds {args.seeds}")
+        study.seed = args.seeds[0]
+    if args.norms:
+        study.norms = tuple(args.norms)
+    result = run_swap_study(study)
+    command = "normmatters " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else None
+    report = write_swap_report(study, result, out, command, time.perf_counter() - t0)
+    return report, format_swap_table(result)

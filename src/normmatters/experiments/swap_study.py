@@ -108,6 +108,7 @@ class SwapStudy:
     cnn_finetune_lr: float = 0.01
     # both
     calib_batches: int = 8
+    bn_impl: str | None = None  # LpBatchNorm ``impl`` (None: the default, "auto"); "eager" skips torch.compile
     threads: int | None = 1  # torch threads while the study runs (None: leave as is); 1 is fastest on a busy CPU
     finetune_points: tuple[int, ...] = field(default_factory=lambda: (0, 10, 25, 50, 100, 200))
 
@@ -370,8 +371,8 @@ def _resnet_task(study: SwapStudy) -> _Task:
 
     chunks = list(torch.split(torch.arange(len(test_y)), 256))
     return _Task(
-        "resnet", build, lambda m, n: convert_batchnorm(m, norm=n), sample, [test_x[i] for i in chunks], test_y,
-        [sample(g_cal)[0] for _ in range(study.calib_batches)], sgd,
+        "resnet", build, lambda m, n: convert_batchnorm(m, norm=n, impl=study.bn_impl), sample,
+        [test_x[i] for i in chunks], test_y, [sample(g_cal)[0] for _ in range(study.calib_batches)], sgd,
         study.cnn_lr, study.cnn_steps, study.cnn_finetune_lr, study.cnn_finetune_steps, True, False)
 
 
