@@ -24,6 +24,8 @@ _NAMES = {
     "convert_norms": "convert_layer_norms",
     "to_torch_norms": "convert_layer_norms",
     "to_weight_norm_form": "weight_norm_form",
+    "calibrate_norms": "calibrate",
+    "CalibrationReport": "calibrate",
     "norm_layer": "factory",
     "available_norms": "estimators",
     "get_estimator": "estimators",
