@@ -2,7 +2,7 @@
 
 Rows: (1) held-out loss per stage (``none``, ``calibrated``, ``finetuned``, ``scratch``), one line per norm, the
 original model (solid) and the original fine-tuned as long (dashed) as horizontal references; (2) drift
-‖f − f₀‖/‖f₀‖ per stage on a log scale; (3) held-out loss during fine-tuning (step 0 = calibrated), per norm
+‖f − f₀‖/‖f₀‖ per stage on a log scale (floored at 1e-9; dashed: in training mode, where it differs); (3) held-out loss during fine-tuning (step 0 = calibrated), per norm
 and for the original. Input: a :class:`~normmatters.experiments.swap_study.SwapResult`.
 """
 
@@ -42,7 +42,10 @@ def plot_swap(result: SwapResult, path: Path) -> Path:
             stages = [s for s in _STAGES if (n, s) in by]
             xs = [_STAGES.index(s) for s in stages]
             ax_loss.plot(xs, [by[n, s]["val_loss"] for s in stages], marker="o", label=n)
-            ax_drift.plot(xs, [max(by[n, s]["drift"], 1e-9) for s in stages], marker="o", label=n)
+            (line,) = ax_drift.plot(xs, [max(by[n, s]["drift"], 1e-9) for s in stages], marker="o", label=n)
+            if any(by[n, s]["drift_train"] != by[n, s]["drift"] for s in stages):  # batch norm: batch statistics
+                ax_drift.plot(xs, [max(by[n, s]["drift_train"], 1e-9) for s in stages], marker="x", ls="--",
+                              color=line.get_color(), label=f"{n}, train mode")
         if ("torch", "original") in by:
             ax_loss.axhline(by["torch", "original"]["val_loss"], color="k", lw=1, label="original")
         if ("torch", "finetuned") in by:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic_write import atomic_write
+from ..calibrate import calibrate_norms
 from ..convert import convert_batchnorm
 from ..convert_layer_norms import convert_norms
 from ..estimators import get_estimator
@@ -64,7 +65,7 @@ from .layer_norm_study import CharTransformer, read_corpus
 from .run_folder import check_output_folder
 
 __all__ = ["SwapStudy", "SwapResult", "MODELS", "STAGES", "NORMS", "run_swap_study", "write_swap_report",
-           "format_swap_table", "relative_drift", "stand_in_calibrate_norms", "RESULT_COLUMNS"]
+           "format_swap_table", "relative_drift", "RESULT_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,8 @@ class SwapStudy:
     lm_context: int = 64
     lm_batch: int = 32
     lm_lr: float = 1e-2
-    lm_steps: int = 1500
-    lm_finetune_steps: int = 200
+    lm_steps: int = 800
+    lm_finetune_steps: int = 150
     lm_finetune_lr: float = 1e-3
     lm_eval_batches: int = 16
     # the ResNet of compare
@@ -103,14 +104,14 @@ class SwapStudy:
     cnn_batch: int = 64
     cnn_lr: float = 0.1
     cnn_weight_decay: float = 5e-4
-    cnn_steps: int = 400
-    cnn_finetune_steps: int = 100
+    cnn_steps: int = 300
+    cnn_finetune_steps: int = 60
     cnn_finetune_lr: float = 0.01
     # both
     calib_batches: int = 8
     bn_impl: str | None = None  # LpBatchNorm ``impl`` (None: the default, "auto"); "eager" skips torch.compile
     threads: int | None = 1  # torch threads while the study runs (None: leave as is); 1 is fastest on a busy CPU
-    finetune_points: tuple[int, ...] = field(default_factory=lambda: (0, 10, 25, 50, 100, 200))
+    finetune_points: tuple[int, ...] = field(default_factory=lambda: (0, 10, 25, 50, 100, 150))
 
     def check(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -139,81 +140,7 @@ class SwapResult:
     rows: list[dict[str, Any]]
     curves: list[dict[str, Any]]  # model, norm, step, val_loss, accuracy, drift
     base_seconds: dict[str, float]
-    calibration: str  # which calibrate_norms ran
-
-
-# ------------------------------------------------------------------------------------------------ calibration
-
-
-@torch.no_grad()
-def stand_in_calibrate_norms(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None
-                             ) -> list[dict[str, Any]]:
-    """STAND-IN for ``normmatters.calibrate_norms`` (issue 26 item 4), used only while that is not available.
-
-    For each Lp layer (``LpLayerNorm`` / ``LpRMSNorm`` / ``LpBatchNorm``), in forward order, with the layers
-    before it already calibrated: collect its inputs on ``batches``, normalize them with the layer's estimator
-    without affine (z = (x − μ)/σ̂_p), and take k = 1 / std(z) — per row for a layer norm (median over rows),
-    per channel for a batch norm (batch statistics) — i.e. k ≈ σ̂_p/σ. It is folded into the affine weight
-    (weight ← weight · k); a batch norm's running variance becomes k²·running_var so its eval-mode output is
-    unchanged while training (batch statistics) starts consistent. A layer without affine weight is left as it
-    is. Returns one record per layer: name, k (mean), drift of the layer's output before/after.
-    """
-    from ..nn.batchnorm import LpBatchNorm
-    from ..nn.layernorm import LpLayerNorm, LpRMSNorm
-
-    batch_list = list(batches)[:max_batches]
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LpLayerNorm | LpRMSNorm | LpBatchNorm)]
-    report = []
-    was_training = model.training
-    model.eval()
-    for name, layer in layers:
-        seen: list[Tensor] = []
-        handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-        try:
-            for b in batch_list:
-                _call(model, b)
-        finally:
-            handle.remove()
-        if layer.weight is None or not seen:
-            report.append({"layer": name, "k": 1.0, "skipped": "no affine weight" if seen else "never called"})
-            continue
-        probe = copy.deepcopy(layer).train()
-        probe.weight.fill_(1.0)
-        if getattr(probe, "bias", None) is not None:
-            probe.bias.zero_()
-        if isinstance(layer, LpBatchNorm):
-            z = torch.cat([probe(x).transpose(0, 1).flatten(1) for x in seen], 1)  # (C, N·spatial)
-            k = 1.0 / z.std(1, correction=0).clamp_min(1e-6)
-            shape = (-1,)
-            layer.weight.mul_(k)
-            if layer.running_var is not None:
-                layer.running_var.mul_(k.square())
-        else:
-            z = torch.cat([probe(x).flatten(0, -1 - len(layer.normalized_shape)).flatten(1) for x in seen])
-            k = (1.0 / z.std(1, correction=0).clamp_min(1e-6)).median()
-            shape = ()
-            layer.weight.mul_(k.reshape(shape) if shape else k)
-        report.append({"layer": name, "k": float(k.mean())})
-    model.train(was_training)
-    return report
-
-
-def _calibrator() -> tuple[Callable[..., Any], str]:
-    """``normmatters.calibrate_norms`` when this install has it, else the stand-in (and which one it is)."""
-    import normmatters
-
-    real = getattr(normmatters, "calibrate_norms", None)
-    if real is not None:
-        return real, "normmatters.calibrate_norms"
-    return stand_in_calibrate_norms, "stand_in_calibrate_norms (swap_study; stand-in for normmatters.calibrate_norms)"
-
-
-def _call(model: nn.Module, inputs: Any) -> Tensor:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
+    calibration: list[dict[str, Any]]  # model, norm, layer, class, factor, drift_before, drift_after, calibrated
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -392,8 +319,7 @@ def run_swap_study(study: SwapStudy) -> SwapResult:
 
 
 def _run(study: SwapStudy) -> SwapResult:
-    calibrate, calibration = _calibrator()
-    log.info("swap study: calibration by %s", calibration)
+    calibration: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
     base_seconds: dict[str, float] = {}
@@ -423,7 +349,10 @@ def _run(study: SwapStudy) -> SwapResult:
                 model = task.convert(model, norm)
                 row(norm, "none", model, 0, task.steps, time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                calibrate(model, task.calib_inputs)
+                for c in calibrate_norms(model, task.calib_inputs):
+                    calibration.append({"model": task.name, "norm": norm, "layer": c.name, "class": c.layer,
+                                        "factor": c.factor, "drift_before": c.drift_before,
+                                        "drift_after": c.drift_after, "calibrated": c.calibrated})
                 row(norm, "calibrated", model, 0, task.steps, time.perf_counter() - t0)
                 t0 = time.perf_counter()
             points = {p for p in study.finetune_points if p <= task.finetune_steps} | {task.finetune_steps}
@@ -497,7 +426,7 @@ def _findings(result: SwapResult) -> list[str]:
 
 def write_swap_report(study: SwapStudy, result: SwapResult, out: Path, command: str | None = None,
                       seconds: float | None = None) -> Path:
-    """results.csv, finetune.csv, swap.png (:mod:`normmatters.experiments.swap_plots`) and report.md in ``out``
+    """results.csv, finetune.csv, calibration.csv, swap.png (:mod:`normmatters.experiments.swap_plots`) and report.md in ``out``
     (each written atomically); returns report.md's path."""
     from .swap_plots import plot_swap
 
@@ -505,6 +434,9 @@ def write_swap_report(study: SwapStudy, result: SwapResult, out: Path, command: 
     atomic_write(out / "results.csv", _csv_text(result.rows, RESULT_COLUMNS))
     atomic_write(out / "finetune.csv", _csv_text(result.curves, ("model", "norm", "step", "val_loss", "accuracy",
                                                                  "drift")))
+    atomic_write(out / "calibration.csv", _csv_text(result.calibration, ("model", "norm", "layer", "class", "factor",
+                                                                         "drift_before", "drift_after",
+                                                                         "calibrated")))
     plot = plot_swap(result, out / "swap.png")
     corpus = "the Python standard library's .py files" if study.corpus is None else f"`{study.corpus}`"
     text = ["# Swapping an Lp norm into a trained network", ""]
@@ -527,7 +459,9 @@ def write_swap_report(study: SwapStudy, result: SwapResult, out: Path, command: 
             f"{result.base_seconds.get('resnet', 0):.0f} s), held-out: the test split; fine-tune: "
             f"{study.cnn_finetune_steps} steps at peak lr {study.cnn_finetune_lr:g}; scratch: "
             f"{study.cnn_steps + study.cnn_finetune_steps} steps.")
-    text += [f"- calibration: `{result.calibration}` on {study.calib_batches} training batches; seed {study.seed}.",
+    text += [f"- calibration: `normmatters.calibrate_norms(model, batches)` (defaults: least-squares factor, per "
+             f"layer for layer norm, per channel for batch norm) on {study.calib_batches} training batches; the "
+             f"fitted factors and each layer's drift before / after: `calibration.csv`. Seed {study.seed}.",
              "",
              "Stages: `none` = converted, nothing else; `calibrated` = then calibrated; `finetuned` = then "
              "fine-tuned; `scratch` = trained with the Lp norm from the same initial weights for base + fine-tune "
