@@ -26,3 +26,16 @@ def test_reproduce_rejects_unknown_study(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "batch-size"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_reproduce_swap_quick_one_norm(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("def f(x):\n    return x * 2 + 1\n" * 600)
+    assert main(["reproduce", "swap", "--quick", "--norms", "l1", "--corpus", str(corpus),
+                 "--out", str(tmp_path / "swap")]) == 0
+    out = capsys.readouterr().out
+    assert "| transformer | l1 | scratch |" in out and "| resnet | l1 | calibrated |" in out and "report:" in out
+    header = (tmp_path / "swap" / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["model", "norm", "stage"] and {"val_loss", "drift", "accuracy", "bpc"} <= set(header)
+    assert (tmp_path / "swap" / "swap.png").exists() and (tmp_path / "swap" / "report.md").exists()

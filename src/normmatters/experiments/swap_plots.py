@@ -1,9 +1,10 @@
 """The swap study's plot (``swap.png``): one column per model.
 
-Rows: (1) held-out loss per stage (``none``, ``calibrated``, ``finetuned``, ``scratch``), one line per norm, the
-original model (solid) and the original fine-tuned as long (dashed) as horizontal references; (2) drift
-‖f − f₀‖/‖f₀‖ per stage on a log scale (floored at 1e-9; dashed: in training mode, where it differs); (3) held-out loss during fine-tuning (step 0 = calibrated), per norm
-and for the original. Input: a :class:`~normmatters.experiments.swap_study.SwapResult`.
+Rows: (1) held-out loss per stage (``none``, ``calibrated``, ``finetuned``, ``scratch``), one line per norm,
+the original model (solid) and the original fine-tuned as long (dashed) as horizontal references; (2) drift
+‖f − f₀‖/‖f₀‖ per stage on a log scale (floored at 1e-9; dashed: in training mode, where it differs); (3)
+held-out loss during fine-tuning (step 0 = calibrated), per norm and for the original. Input: a
+:class:`~normmatters.experiments.swap_study.SwapResult`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def plot_swap(result: SwapResult, path: Path) -> Path:
     for col, model in enumerate(models):
         rows = [r for r in result.rows if r["model"] == model]
         by = {(r["norm"], r["stage"]): r for r in rows}
-        norms = [n for n in dict.fromkeys(r["norm"] for r in rows) if n != "torch"]
+        stock = next((r["norm"] for r in rows if r["stage"] == "original"), None)  # the original model's rows
+        norms = [n for n in dict.fromkeys(r["norm"] for r in rows if r["stage"] in _STAGES) if n != stock]
         ax_loss, ax_drift, ax_ft = axes[0][col], axes[1][col], axes[2][col]
         for n in norms:
             stages = [s for s in _STAGES if (n, s) in by]
@@ -46,10 +48,10 @@ def plot_swap(result: SwapResult, path: Path) -> Path:
             if any(by[n, s]["drift_train"] != by[n, s]["drift"] for s in stages):  # batch norm: batch statistics
                 ax_drift.plot(xs, [max(by[n, s]["drift_train"], 1e-9) for s in stages], marker="x", ls="--",
                               color=line.get_color(), label=f"{n}, train mode")
-        if ("torch", "original") in by:
-            ax_loss.axhline(by["torch", "original"]["val_loss"], color="k", lw=1, label="original")
-        if ("torch", "finetuned") in by:
-            ax_loss.axhline(by["torch", "finetuned"]["val_loss"], color="k", lw=1, ls="--",
+        if (stock, "original") in by:
+            ax_loss.axhline(by[stock, "original"]["val_loss"], color="k", lw=1, label="original")
+        if (stock, "finetuned") in by:
+            ax_loss.axhline(by[stock, "finetuned"]["val_loss"], color="k", lw=1, ls="--",
                             label="original fine-tuned")
         for ax, ylabel in ((ax_loss, "held-out loss (nats)"), (ax_drift, "drift ‖f − f₀‖/‖f₀‖")):
             ax.set_xticks(range(len(_STAGES)), _STAGES)
@@ -58,15 +60,16 @@ def plot_swap(result: SwapResult, path: Path) -> Path:
             ax.legend(fontsize=7)
         ax_loss.set_title(f"{model}: swapped into the trained model", fontsize=10)
         ax_drift.set_yscale("log")
-        for n in ["torch", *norms]:
+        for n in [stock, *norms]:
             pts = sorted((c["step"], c["val_loss"]) for c in result.curves if c["model"] == model and c["norm"] == n)
             if pts:
-                ax_ft.plot(*zip(*pts, strict=True), marker=".", label="original" if n == "torch" else n,
-                           color="k" if n == "torch" else None)
+                ax_ft.plot(*zip(*pts, strict=True), marker=".", label="original" if n == stock else n,
+                           color="k" if n == stock else None)
         ax_ft.set_xlabel("fine-tuning step (0: after calibration)")
         ax_ft.set_ylabel("held-out loss (nats)")
         ax_ft.grid(alpha=0.3)
-        ax_ft.legend(fontsize=7)
+        if ax_ft.lines:
+            ax_ft.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

@@ -64,7 +64,7 @@ from ..estimators import get_estimator
 from .layer_norm_study import CharTransformer, read_corpus
 from .run_folder import check_output_folder
 
-__all__ = ["SwapStudy", "SwapResult", "MODELS", "STAGES", "NORMS", "run_swap_study", "write_swap_report",
+__all__ = ["SwapStudy", "SwapResult", "MODELS", "STAGES", "NORMS", "STOCK", "run_swap_study", "write_swap_report",
            "format_swap_table", "relative_drift", "RESULT_COLUMNS"]
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ MODELS = ("transformer", "resnet")
 STAGES = ("none", "calibrated", "finetuned", "scratch")
 #: the Lp norms swapped in by default; l2 is the exactness control
 NORMS = ("l2", "l1", "linf", "topk", "range")
+#: the ``norm`` of the rows of the original model (the stock layer): stages ``original`` and ``finetuned``
+STOCK = "torch"
 #: the columns of results.csv, in order
 RESULT_COLUMNS = ("model", "norm", "stage", "steps_with_norm", "steps_total", "val_loss", "bpc", "accuracy",
                   "drift", "drift_train", "agreement", "seconds")
@@ -341,11 +343,11 @@ def _run(study: SwapStudy) -> SwapResult:
             log.info("swap study: %s %s %s: val loss %.4f, drift %.4g, accuracy %.4f", task.name, norm, stage,
                      r["val_loss"], r["drift"], r["accuracy"])
 
-        row("torch", "original", original, 0, task.steps, base_seconds[name])
-        for norm in ("torch", *study.norms):
+        row(STOCK, "original", original, 0, task.steps, base_seconds[name])
+        for norm in (STOCK, *study.norms):
             t0 = time.perf_counter()
             model = copy.deepcopy(original)
-            if norm != "torch":
+            if norm != STOCK:
                 model = task.convert(model, norm)
                 row(norm, "none", model, 0, task.steps, time.perf_counter() - t0)
                 t0 = time.perf_counter()
@@ -366,9 +368,9 @@ def _run(study: SwapStudy) -> SwapResult:
 
             _train(task, model, task.finetune_steps, task.finetune_lr,
                    torch.Generator().manual_seed(study.seed + 1), record)
-            row(norm, "finetuned", model, task.finetune_steps if norm != "torch" else 0, total,
+            row(norm, "finetuned", model, task.finetune_steps if norm != STOCK else 0, total,
                 time.perf_counter() - t0)
-            if norm == "torch":
+            if norm == STOCK:
                 continue
             t0 = time.perf_counter()
             scratch = task.convert(task.build(), norm)
@@ -413,9 +415,9 @@ def _findings(result: SwapResult) -> list[str]:
     out = []
     by = {(r["model"], r["norm"], r["stage"]): r for r in result.rows}
     for model in dict.fromkeys(r["model"] for r in result.rows):
-        orig = by[model, "torch", "original"]
-        ft = by.get((model, "torch", "finetuned"))
-        norms = [n for n in dict.fromkeys(r["norm"] for r in result.rows if r["model"] == model) if n != "torch"]
+        orig = by[model, STOCK, "original"]
+        ft = by.get((model, STOCK, "finetuned"))
+        norms = [n for n in dict.fromkeys(r["norm"] for r in result.rows if r["model"] == model) if n != STOCK]
         for n in norms:
             parts = [f"{s} {by[model, n, s]['val_loss']:.3f} (drift {by[model, n, s]['drift']:.2g})"
                      for s in STAGES if (model, n, s) in by]
@@ -426,8 +428,8 @@ def _findings(result: SwapResult) -> list[str]:
 
 def write_swap_report(study: SwapStudy, result: SwapResult, out: Path, command: str | None = None,
                       seconds: float | None = None) -> Path:
-    """results.csv, finetune.csv, calibration.csv, swap.png (:mod:`normmatters.experiments.swap_plots`) and report.md in ``out``
-    (each written atomically); returns report.md's path."""
+    """results.csv, finetune.csv, calibration.csv, swap.png (:mod:`normmatters.experiments.swap_plots`) and
+    report.md in ``out`` (each written atomically); returns report.md's path."""
     from .swap_plots import plot_swap
 
     out = check_output_folder(out)
