@@ -12,6 +12,7 @@ from normmatters.experiments.swap_study import (
     STOCK,
     SwapStudy,
     format_swap_table,
+    kl_to_original,
     relative_drift,
     run_swap_study,
     write_swap_report,
@@ -37,6 +38,14 @@ def result(tiny_study):
     return run_swap_study(tiny_study)
 
 
+def test_kl_to_original():
+    ref = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    assert kl_to_original(ref + 5, ref) == pytest.approx(0, abs=1e-12)  # a shift of every logit: no change
+    p0, p = torch.tensor([0.5, 0.5]), torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    expected = float((p0 * (p0 / p).log()).sum()) / 2
+    assert kl_to_original(torch.tensor([[0.0, 1.0], [1.0, 2.0]]), ref) == pytest.approx(expected)
+
+
 def test_relative_drift():
     ref = torch.tensor([[3.0, 4.0]])
     assert relative_drift(ref, ref) == 0
@@ -57,6 +66,7 @@ def test_every_stage_of_every_norm(result, tiny_study):
                        for s in STAGES)
         # the exactness control: l2 is the stock layer, before and after calibration
         assert by[model, "l2", "none"]["drift"] < 1e-5 and by[model, "l2", "calibrated"]["drift"] < 1e-5
+        assert by[model, "l2", "none"]["kl"] < 1e-9
         assert by[model, "l2", "none"]["val_loss"] == pytest.approx(by[model, STOCK, "original"]["val_loss"],
                                                                     abs=1e-5)
         # the same fine-tuning of an exact swap is the original's fine-tuning
@@ -86,7 +96,7 @@ def test_report_files(result, tiny_study, tmp_path):
     assert tuple(rows[0]) == RESULT_COLUMNS and len(rows) == len(result.rows)
     assert {r["stage"] for r in rows} >= set(STAGES) and rows[0]["bpc"] != "" and rows[-1]["bpc"] == ""
     assert (out / "swap.png").stat().st_size > 1000
-    assert (out / "finetune.csv").read_text().startswith("model,norm,step,val_loss,accuracy,drift\n")
+    assert (out / "finetune.csv").read_text().startswith("model,norm,step,val_loss,accuracy,drift,kl\n")
     assert "factor" in (out / "calibration.csv").read_text().splitlines()[0]
     text = report.read_text()
     assert format_swap_table(result) in text and "Command: `normmatters reproduce swap`" in text

@@ -27,7 +27,8 @@ fine-tuned with the same recipe and steps, so a swapped model's fine-tuning gain
 Metrics on held-out data (fixed batches, the same for every row): ``val_loss`` (mean cross-entropy, nats),
 ``bpc`` (transformer: ``val_loss / ln 2``, bits per byte), ``accuracy`` (top-1: next byte / digit class),
 ``drift`` = ‖f(x) − f₀(x)‖ / ‖f₀(x)‖ over all held-out logits, f₀ the original trained model (also for
-``scratch``), in eval mode, and ``agreement`` (fraction of held-out predictions whose argmax equals f₀'s).
+``scratch``), in eval mode, ``kl`` = mean KL(p₀ ‖ p) of the predicted distributions (nats; unlike the logit
+drift, blind to logit shifts softmax ignores), and ``agreement`` (fraction of held-out predictions whose argmax equals f₀'s).
 ``drift_train``: the same drift with both models in training mode on the same held-out batches — for batch norm
 that is what training sees (batch statistics instead of the running ones); the transformer has no train-mode
 difference (no dropout), so it equals ``drift``.
@@ -65,7 +66,7 @@ from .layer_norm_study import CharTransformer, read_corpus
 from .run_folder import check_output_folder
 
 __all__ = ["SwapStudy", "SwapResult", "MODELS", "STAGES", "NORMS", "STOCK", "run_swap_study", "write_swap_report",
-           "format_swap_table", "relative_drift", "RESULT_COLUMNS"]
+           "format_swap_table", "relative_drift", "kl_to_original", "RESULT_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ NORMS = ("l2", "l1", "linf", "topk", "range")
 STOCK = "torch"
 #: the columns of results.csv, in order
 RESULT_COLUMNS = ("model", "norm", "stage", "steps_with_norm", "steps_total", "val_loss", "bpc", "accuracy",
-                  "drift", "drift_train", "agreement", "seconds")
+                  "drift", "drift_train", "kl", "agreement", "seconds")
 
 
 @dataclass
@@ -140,7 +141,7 @@ class SwapResult:
     """The rows of results.csv and the fine-tuning curves of one study."""
 
     rows: list[dict[str, Any]]
-    curves: list[dict[str, Any]]  # model, norm, step, val_loss, accuracy, drift
+    curves: list[dict[str, Any]]  # model, norm, step, val_loss, accuracy, drift, kl
     base_seconds: dict[str, float]
     calibration: list[dict[str, Any]]  # model, norm, layer, class, factor, drift_before, drift_after, calibrated
 
@@ -154,6 +155,14 @@ def relative_drift(out: Tensor, ref: Tensor) -> float:
         raise ValueError(f"relative_drift: output shape {tuple(out.shape)} differs from the reference's "
                          f"{tuple(ref.shape)}")
     return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def kl_to_original(out: Tensor, ref: Tensor) -> float:
+    """Mean over predictions of KL(p₀ ‖ p) in nats, p = softmax of each row of ``out`` (N, classes), p₀ of
+    ``ref``'s: how much the predicted distribution moved, blind to what softmax ignores (a shift of every logit,
+    the logits of classes with vanishing probability)."""
+    return float(F.kl_div(F.log_softmax(out.double(), 1), F.log_softmax(ref.double(), 1), reduction="batchmean",
+                          log_target=True))
 
 
 @torch.no_grad()
@@ -195,6 +204,7 @@ class _Task:
                "accuracy": float((out.argmax(1) == self.eval_targets).double().mean())}
         if ref is not None:
             row["drift"] = relative_drift(out, ref)
+            row["kl"] = kl_to_original(out, ref)
             row["agreement"] = float((out.argmax(1) == ref.argmax(1)).double().mean())
             if not self.train_mode_differs:
                 row["drift_train"] = row["drift"]
@@ -364,7 +374,7 @@ def _run(study: SwapStudy) -> SwapResult:
                 if step in points:
                     m = task.metrics(model, ref, None)
                     curves.append({"model": task.name, "norm": norm, "step": step, "val_loss": m["val_loss"],
-                                   "accuracy": m["accuracy"], "drift": m["drift"]})
+                                   "accuracy": m["accuracy"], "drift": m["drift"], "kl": m["kl"]})
 
             _train(task, model, task.finetune_steps, task.finetune_lr,
                    torch.Generator().manual_seed(study.seed + 1), record)
@@ -401,12 +411,12 @@ def _csv_text(rows: list[dict[str, Any]], columns: Iterable[str]) -> str:
 def format_swap_table(result: SwapResult) -> str:
     """A markdown table of every row (one per model, norm and stage)."""
     lines = ["| model | norm | stage | steps with norm / total | val loss | bits/char | accuracy | drift "
-             "| drift (train mode) | agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| drift (train mode) | KL to original | agreement |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
         bpc = "" if math.isnan(r["bpc"]) else f"{r['bpc']:.3f}"
         lines.append(f"| {r['model']} | {r['norm']} | {r['stage']} | {r['steps_with_norm']} / {r['steps_total']} | "
                      f"{r['val_loss']:.4f} | {bpc} | {r['accuracy']:.4f} | {r['drift']:.3g} | "
-                     f"{r['drift_train']:.3g} | {r['agreement']:.4f} |")
+                     f"{r['drift_train']:.3g} | {r['kl']:.3g} | {r['agreement']:.4f} |")
     return "\n".join(lines)
 
 
@@ -419,7 +429,8 @@ def _findings(result: SwapResult) -> list[str]:
         ft = by.get((model, STOCK, "finetuned"))
         norms = [n for n in dict.fromkeys(r["norm"] for r in result.rows if r["model"] == model) if n != STOCK]
         for n in norms:
-            parts = [f"{s} {by[model, n, s]['val_loss']:.3f} (drift {by[model, n, s]['drift']:.2g})"
+            parts = [f"{s} {by[model, n, s]['val_loss']:.3f} (drift {by[model, n, s]['drift']:.2g}, KL "
+                     f"{by[model, n, s]['kl']:.2g})"
                      for s in STAGES if (model, n, s) in by]
             out.append(f"- {model}, {n}: val loss " + ", ".join(parts) + f"; original {orig['val_loss']:.3f}"
                        + (f", original fine-tuned {ft['val_loss']:.3f}" if ft else "") + ".")
@@ -435,7 +446,7 @@ def write_swap_report(study: SwapStudy, result: SwapResult, out: Path, command: 
     out = check_output_folder(out)
     atomic_write(out / "results.csv", _csv_text(result.rows, RESULT_COLUMNS))
     atomic_write(out / "finetune.csv", _csv_text(result.curves, ("model", "norm", "step", "val_loss", "accuracy",
-                                                                 "drift")))
+                                                                 "drift", "kl")))
     atomic_write(out / "calibration.csv", _csv_text(result.calibration, ("model", "norm", "layer", "class", "factor",
                                                                          "drift_before", "drift_after",
                                                                          "calibrated")))
@@ -469,8 +480,8 @@ def write_swap_report(study: SwapStudy, result: SwapResult, out: Path, command: 
              "fine-tuned; `scratch` = trained with the Lp norm from the same initial weights for base + fine-tune "
              "steps. Rows with norm `torch`: the original model and the original fine-tuned with the same recipe "
              "(the reference for `finetuned`). `drift` = ‖f(x) − f₀(x)‖/‖f₀(x)‖ over the held-out logits, f₀ the "
-             "original, in eval mode; `drift (train mode)` the same with batch statistics (batch norm); "
-             "`agreement`: share of held-out argmax predictions equal to the original's.", "",
+             "original, in eval mode; `drift (train mode)` the same with batch statistics (batch norm); `KL to "
+             "original`: mean KL(p₀ ‖ p) of the predicted distributions in nats; `agreement`: share of held-out argmax predictions equal to the original's.", "",
              format_swap_table(result), "", "Read off the numbers:", "", *_findings(result), "",
              "Fine-tuning curves: `finetune.csv` (held-out loss, accuracy and drift at the fine-tuning steps "
              f"{sorted(set(study.finetune_points))}).", "", f"![swap]({plot.name})", ""]
