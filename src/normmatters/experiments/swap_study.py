@@ -28,7 +28,8 @@ Metrics on held-out data (fixed batches, the same for every row): ``val_loss`` (
 ``bpc`` (transformer: ``val_loss / ln 2``, bits per byte), ``accuracy`` (top-1: next byte / digit class),
 ``drift`` = ‖f(x) − f₀(x)‖ / ‖f₀(x)‖ over all held-out logits, f₀ the original trained model (also for
 ``scratch``), in eval mode, ``kl`` = mean KL(p₀ ‖ p) of the predicted distributions (nats; unlike the logit
-drift, blind to logit shifts softmax ignores), and ``agreement`` (fraction of held-out predictions whose argmax equals f₀'s).
+drift, blind to logit shifts softmax ignores), and ``agreement`` (fraction of held-out predictions whose
+argmax equals f₀'s).
 ``drift_train``: the same drift with both models in training mode on the same held-out batches — for batch norm
 that is what training sees (batch statistics instead of the running ones); the transformer has no train-mode
 difference (no dropout), so it equals ``drift``.
@@ -481,7 +482,8 @@ def write_swap_report(study: SwapStudy, result: SwapResult, out: Path, command: 
              "steps. Rows with norm `torch`: the original model and the original fine-tuned with the same recipe "
              "(the reference for `finetuned`). `drift` = ‖f(x) − f₀(x)‖/‖f₀(x)‖ over the held-out logits, f₀ the "
              "original, in eval mode; `drift (train mode)` the same with batch statistics (batch norm); `KL to "
-             "original`: mean KL(p₀ ‖ p) of the predicted distributions in nats; `agreement`: share of held-out argmax predictions equal to the original's.", "",
+             "original`: mean KL(p₀ ‖ p) of the predicted distributions in nats; `agreement`: share of held-out "
+             "argmax predictions equal to the original's.", "",
              format_swap_table(result), "", "Read off the numbers:", "", *_findings(result), "",
              "Fine-tuning curves: `finetune.csv` (held-out loss, accuracy and drift at the fine-tuning steps "
              f"{sorted(set(study.finetune_points))}).", "", f"![swap]({plot.name})", ""]
