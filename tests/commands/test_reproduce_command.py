@@ -39,3 +39,12 @@ def test_reproduce_swap_quick_one_norm(tmp_path, capsys):
     header = (tmp_path / "swap" / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["model", "norm", "stage"] and {"val_loss", "drift", "accuracy", "bpc"} <= set(header)
     assert (tmp_path / "swap" / "swap.png").exists() and (tmp_path / "swap" / "report.md").exists()
+
+
+def test_reproduce_swap_rejects_bad_settings_before_training(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="norm 'mean' does not divide"):
+        main(["reproduce", "swap", "--norms", "mean", "--out", str(tmp_path / "swap")])
+    with pytest.raises(SystemExit, match="one seed"):
+        main(["reproduce", "swap", "--seeds", "0", "1", "--out", str(tmp_path / "swap")])

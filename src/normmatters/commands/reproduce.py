@@ -190,6 +190,10 @@ def _swap(args: argparse.Namespace, out: Path, t0: float) -> tuple[Path, str]:
         study.seed = args.seeds[0]
     if args.norms:
         study.norms = tuple(args.norms)
+    try:
+        study.check()  # bad settings: one line, before anything trains
+    except ValueError as e:
+        raise SystemExit(f"reproduce {e}") from None
     result = run_swap_study(study)
     command = "normmatters " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else None
     report = write_swap_report(study, result, out, command, time.perf_counter() - t0)
