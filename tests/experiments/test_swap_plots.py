@@ -1,4 +1,5 @@
-"""The swap plot from a hand-made result: every model gets a column, batch norm's train-mode drift is drawn."""
+"""The swap plot from a hand-made result: every model gets a column, batch norm's train-mode drift is drawn,
+the KL row is filled."""
 
 import math
 
@@ -8,7 +9,7 @@ from normmatters.experiments.swap_study import STAGES, STOCK, SwapResult
 
 def _row(model, norm, stage, loss, drift, drift_train=None):
     return {"model": model, "norm": norm, "stage": stage, "val_loss": loss, "drift": drift,
-            "drift_train": drift if drift_train is None else drift_train, "bpc": math.nan}
+            "drift_train": drift if drift_train is None else drift_train, "kl": drift / 10, "bpc": math.nan}
 
 
 def test_plot_swap(tmp_path):

@@ -13,6 +13,7 @@ from normmatters.experiments.swap_study import (
     SwapStudy,
     format_swap_table,
     kl_to_original,
+    read_swap_result,
     relative_drift,
     run_swap_study,
     write_swap_report,
@@ -101,6 +102,15 @@ def test_report_files(result, tiny_study, tmp_path):
     text = report.read_text()
     assert format_swap_table(result) in text and "Command: `normmatters reproduce swap`" in text
     assert "transformer, l1: val loss none" in text and not list(out.glob(".*.tmp"))
+    back = read_swap_result(out)  # the written files give the result back (6 significant digits)
+    assert [(r["model"], r["norm"], r["stage"]) for r in back.rows] == [
+        (r["model"], r["norm"], r["stage"]) for r in result.rows]
+    assert all(b["val_loss"] == pytest.approx(r["val_loss"], rel=1e-5) and b["steps_total"] == r["steps_total"]
+               for b, r in zip(back.rows, result.rows, strict=True))
+    assert len(back.curves) == len(result.curves) and len(back.calibration) == len(result.calibration)
+    (out / "finetune.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="finetune.csv is missing"):
+        read_swap_result(out)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -67,7 +67,7 @@ from .layer_norm_study import CharTransformer, read_corpus
 from .run_folder import check_output_folder
 
 __all__ = ["SwapStudy", "SwapResult", "MODELS", "STAGES", "NORMS", "STOCK", "run_swap_study", "write_swap_report",
-           "format_swap_table", "relative_drift", "kl_to_original", "RESULT_COLUMNS"]
+           "format_swap_table", "relative_drift", "kl_to_original", "RESULT_COLUMNS", "read_swap_result"]
 
 log = logging.getLogger(__name__)
 
@@ -489,3 +489,36 @@ def write_swap_report(study: SwapStudy, result: SwapResult, out: Path, command: 
              "Fine-tuning curves: `finetune.csv` (held-out loss, accuracy and drift at the fine-tuning steps "
              f"{sorted(set(study.finetune_points))}).", "", f"![swap]({plot.name})", ""]
     return atomic_write(out / "report.md", "\n".join(text))
+
+
+def _parse(value: str) -> Any:
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value) if value != "" else math.nan
+    except ValueError:
+        return value
+
+
+def read_swap_result(folder: str | Path) -> SwapResult:
+    """The :class:`SwapResult` a run wrote into ``folder`` (results.csv, finetune.csv, calibration.csv), e.g. to
+    redraw its plot: ``plot_swap(read_swap_result(d), d / "swap.png")``. Numbers as written (6 significant
+    digits); ``base_seconds`` from the ``original`` rows."""
+    folder = Path(folder)
+    tables = {}
+    for name in ("results", "finetune", "calibration"):
+        path = folder / f"{name}.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"read_swap_result: {path} is missing; expected the files of a swap-study run")
+        with open(path, newline="") as fh:
+            tables[name] = [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+    missing = [c for c in RESULT_COLUMNS if tables["results"] and c not in tables["results"][0]]
+    if missing or not tables["results"]:
+        raise ValueError(f"read_swap_result: {folder / 'results.csv'} lacks the columns {missing} (or has no rows); "
+                         f"expected {list(RESULT_COLUMNS)}")
+    base = {r["model"]: r["seconds"] for r in tables["results"] if r["stage"] == "original"}
+    return SwapResult(tables["results"], tables["finetune"], base, tables["calibration"])
