@@ -129,7 +129,11 @@ def _input_ranks(module: nn.Module, example_input: Any) -> dict[nn.Module, int]:
     """The input rank of every rank-agnostic Lp batch norm, from one forward of ``example_input`` (no gradients)."""
     ranks: dict[nn.Module, int] = {}
     targets = [m for m in module.modules() if type(m) in (LpBatchNorm, SyncLpBatchNorm)]
-    handles = [m.register_forward_pre_hook(lambda m, args: ranks.setdefault(m, args[0].dim())) for m in targets]
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        ranks.setdefault(m, args[0].dim())
+
+    handles = [m.register_forward_pre_hook(hook) for m in targets]
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
