@@ -142,3 +142,13 @@ def test_to_torch_batchnorm_sync_false_gives_plain_layers():
     assert [type(m) for m in back] == [nn.BatchNorm2d, nn.BatchNorm2d]
     conv = nm.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), norm="l1", sync=True)
     assert type(conv[0]) is nm.SyncLpBatchNorm2d
+
+
+def test_adapted_layers_built_directly_stay_and_sync_batchnorm_is_verified_in_eval():
+    m = nn.Sequential(nm.LpBatchNormAct2d(4, norm="l1", act=nn.ReLU()), nm.LpLayerNorm2d(4, norm="l1"))
+    back, rep = nm.to_torch_batchnorm(m, report=True)
+    assert type(back[0]) is nm.LpBatchNormAct2d and "no stock counterpart" in rep.skipped[0][2]
+    back, rep = nm.to_torch_norms(m, report=True)
+    assert type(back[1]) is nm.LpLayerNorm2d and "no stock counterpart" in rep.skipped[0][2]
+    out, rep = nm.convert_batchnorm(nn.Sequential(nn.SyncBatchNorm(4)), norm="l1", report=True)
+    assert type(out[0]) is nm.SyncLpBatchNorm and rep.converted == [("0", "SyncBatchNorm", "SyncLpBatchNorm")]

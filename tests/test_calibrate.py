@@ -129,7 +129,6 @@ def test_hugging_face_gemma_with_keyword_batches():
         for mod in m.modules():
             if "RMSNorm" in type(mod).__name__:
                 mod.weight.uniform_(-0.5, 0.5)
-        y0 = m(input_ids=ids[0]).logits
         c = nm.convert_norms(copy.deepcopy(m), norm="linf")
         w0 = c.model.norm.weight.clone()
         report = nm.calibrate_norms(c, [{"input_ids": i} for i in ids])

@@ -17,7 +17,8 @@ Verification (:func:`convert_modules`): before a module is replaced, its ``norm=
 same adapter from a copy, runs on a random probe input of the module's shape, dtype and device — in training and in
 eval mode when the module keeps running statistics — next to a copy of the original; a counterpart whose output
 differs by more than the dtype's tolerance (max |Δ| ≤ tol·(1 + max |y|): float64 1e-9, float32 1e-5, float16 5e-3,
-bfloat16 3e-2) leaves the module as it was, with a warning and an entry in the report. A subclass of a stock class
+bfloat16 3e-2; ``nn.SyncBatchNorm``: eval mode only, as its training step is a collective) leaves the module as it
+was, with a warning and an entry in the report. A subclass of a stock class
 without an adapter is left as it is with one warning per class (``strict=True``: ``TypeError``; a failed
 verification: ``ValueError``).
 """
@@ -208,8 +209,11 @@ def _verify(m: nn.Module, adapter: Adapter, options: dict) -> str | None:
     try:
         x = (torch.randn(adapter.probe(m), generator=gen, dtype=torch.float32) * 2 + 0.5).to(device, dtype)
         ref = copy.deepcopy(m)
-        twin = adapter.to_lp(copy.deepcopy(m), "l2", {k: v for k, v in options.items() if k in _STRUCTURAL})
-        modes = (True, False) if adapter.has_running_stats(m) else (m.training,)
+        twin = adapter.to_lp(copy.deepcopy(m), "l2", {})
+        if isinstance(m, nn.SyncBatchNorm):  # training would be a collective (and CPU-refused) under a process group
+            modes = (False,)
+        else:
+            modes = (True, False) if adapter.has_running_stats(m) else (m.training,)
         tol = _TOL.get(dtype, 1e-5)
         with torch.no_grad():
             for mode in modes:
@@ -231,7 +235,8 @@ def _shape(t: Any) -> Any:
     return list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-#: converter options that change structure, not the statistic: passed to the l2 counterpart being verified
+#: converter options that change structure, not the statistic (the l2 counterpart being verified is built without
+#: them: an unsynced twin computes the same as a synced one on one process, without a collective)
 _STRUCTURAL = frozenset({"sync", "process_group"})
 
 

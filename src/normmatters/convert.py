@@ -183,6 +183,9 @@ def to_torch_batchnorm(module: nn.Module, sync: bool = True, example_input: Any 
         if back is not None:
             rep.converted.append((name, type(m).__name__, type(back).__name__))
             return back
+        if m._modules:  # e.g. LpBatchNormAct2d built directly: its activation has no place in nn.BatchNorm
+            rep.skipped.append((name, type(m).__name__, "no stock counterpart (child modules)"))
+            return m
         cls = _torch_class_for(m)
         if not sync and cls is nn.SyncBatchNorm:
             rank = m._expected_dim[-1] if m._expected_dim else ranks.get(m)
