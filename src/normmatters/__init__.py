@@ -31,6 +31,7 @@ _NAMES = {
     "find_adapter": "adapters",
     "ConversionReport": "adapters",
     "CalibrationReport": "calibrate",
+    "LayerCalibration": "calibrate",
     "norm_layer": "factory",
     "available_norms": "estimators",
     "get_estimator": "estimators",
