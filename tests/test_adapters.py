@@ -61,6 +61,7 @@ def _zoo():
                                     MyLayerNorm2d(8))).eval()
 
 
+@pytest.mark.filterwarnings("ignore:convert_norms.*MyLayerNorm2d")
 def test_zoo_classes_convert_exactly_with_l2_and_keep_their_function():
     m, x = _zoo(), torch.randn(2, 3, 5, 6)
     y0 = m(x)
