@@ -153,3 +153,13 @@ def test_adapted_layers_built_directly_stay_and_sync_batchnorm_is_verified_in_ev
     assert type(back[1]) is nm.LpLayerNorm2d and "no stock counterpart" in rep.skipped[0][2]
     out, rep = nm.convert_batchnorm(nn.Sequential(nn.SyncBatchNorm(4)), norm="l1", report=True)
     assert type(out[0]) is nm.SyncLpBatchNorm and rep.converted == [("0", "SyncBatchNorm", "SyncLpBatchNorm")]
+
+
+@pytest.mark.filterwarnings("ignore:convert_norms")
+def test_group_norm_without_bias_is_reported_or_converted():
+    g = nn.GroupNorm(2, 4, bias=False)
+    out, rep = nm.convert_norms(nn.Sequential(g), norm="l2", report=True)
+    if type(out[0]) is nn.GroupNorm:  # LpGroupNorm without bias= yet
+        assert "bias" in rep.skipped[0][2]
+    else:
+        assert out[0].bias is None and rep.converted

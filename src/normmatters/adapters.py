@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import logging
 import warnings
 from collections.abc import Callable, Iterable
@@ -369,7 +370,10 @@ def _group_to_lp(lp_cls: type[LpGroupNorm], children: tuple[str, ...] = ()):
     def to_lp(m: nn.Module, norm: str, options: dict) -> nn.Module:
         opts = {k: v for k, v in options.items() if k not in _STRUCTURAL}
         if m.affine and m.bias is None:
-            raise ValueError("an affine group norm without bias (bias=False) has no Lp counterpart yet")
+            if "bias" not in inspect.signature(lp_cls).parameters:
+                raise ValueError(f"{lp_cls.__name__} takes no bias=: an affine group norm without bias has no Lp "
+                                 "counterpart yet")
+            opts["bias"] = False
         new = lp_cls(m.num_groups, m.num_channels, norm=norm, eps=m.eps, affine=m.affine, **opts, **_factory(m))
         return move_state(m, new, children)
 

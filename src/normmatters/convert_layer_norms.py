@@ -100,7 +100,8 @@ def _stock(m: nn.Module) -> nn.Module | None:
     elif cls is LpRMSNorm:
         new = nn.RMSNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine, **_like(m))
     elif cls is LpGroupNorm:
-        new = nn.GroupNorm(m.num_groups, m.num_channels, eps=m.eps, affine=m.affine, **_like(m))
+        new = nn.GroupNorm(m.num_groups, m.num_channels, eps=m.eps, affine=m.affine,
+                           bias=not m.affine or getattr(m, "bias", None) is not None, **_like(m))
     elif isinstance(m, LpInstanceNorm) and cls.__module__ == LpInstanceNorm.__module__:
         stock = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[m._dims[1] - 2]
         new = stock(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
