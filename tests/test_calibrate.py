@@ -116,3 +116,22 @@ def test_forward_order_batches_forms_and_skips():
         nm.calibrate_norms("m", xs)
     with pytest.raises(ValueError, match="method"):
         nm.calibrate_norms(m, xs, method="mean")
+
+
+def test_hugging_face_gemma_with_keyword_batches():
+    T = pytest.importorskip("transformers", reason="calibrating a Hugging Face model needs transformers")
+    T.logging.set_verbosity_error()
+    torch.manual_seed(5)
+    m = T.GemmaForCausalLM(T.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+    ids = [torch.randint(0, 64, (2, 12)) for _ in range(3)]
+    with torch.no_grad():
+        for mod in m.modules():
+            if "RMSNorm" in type(mod).__name__:
+                mod.weight.uniform_(-0.5, 0.5)
+        c = nm.convert_norms(copy.deepcopy(m), norm="linf")
+        w0 = c.model.norm.weight.clone()
+        report = nm.calibrate_norms(c, [{"input_ids": i} for i in ids])
+        assert [r.name for r in report][-1] == "model.norm"
+        assert len(report) == 3 and all(r.calibrated and r.drift_after < r.drift_before for r in report)
+        torch.testing.assert_close(1 + c.model.norm.weight, (1 + w0) * report[-1].factor)  # Gemma's 1 + weight

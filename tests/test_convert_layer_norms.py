@@ -70,3 +70,60 @@ def test_single_layer_float32_within_1e_6_both_ways(layer, device):
     lp = nm.convert_norms(layer, norm="l2")
     torch.testing.assert_close(lp(x), ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(nm.to_torch_norms(lp)(x), ref, atol=1e-6, rtol=0)
+
+
+def test_instance_norms_convert_and_back():
+    m = nn.Sequential(nn.InstanceNorm1d(3, affine=True, track_running_stats=True), nn.InstanceNorm2d(3))
+    x = torch.randn(2, 3, 4)
+    y0, weight, running_var = m[0](x), m[0].weight, m[0].running_var
+    c = nm.convert_norms(m, norm="l1", kinds=("instance",))
+    assert [type(mod) for mod in c] == [nm.LpInstanceNorm1d, nm.LpInstanceNorm2d]
+    assert c[0].weight is weight and c[0].running_var is running_var
+    back = nm.to_torch_norms(c)
+    assert [type(mod) for mod in back] == [nn.InstanceNorm1d, nn.InstanceNorm2d]
+    torch.testing.assert_close(back[0](x), y0)
+
+
+def _hf_models():
+    T = pytest.importorskip("transformers", reason="the Hugging Face checks need transformers (the test extra)")
+    T.logging.set_verbosity_error()
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+    return T, {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**cfg)),
+        "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**cfg, head_dim=8)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**cfg)),
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                               num_heads=4)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        "bert": lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=64)),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "qwen2", "t5", "gpt2", "bert"])
+def test_hugging_face_models_convert_exactly_back_and_train(family):
+    _, models = _hf_models()
+    torch.manual_seed(0)
+    m = models[family]().eval()
+    with torch.no_grad():  # non-trivial norm weights (Gemma stores weight − 1)
+        for mod in m.modules():
+            if "norm" in type(mod).__name__.lower() and getattr(mod, "weight", None) is not None:
+                mod.weight.uniform_(-0.5, 0.5)
+    ids = torch.randint(0, 64, (2, 10))
+    kw = {"decoder_input_ids": ids} if family == "t5" else {}
+    norms = {name: type(mod) for name, mod in m.named_modules() if "norm" in type(mod).__name__.lower()}
+    with torch.no_grad():
+        y0 = m(input_ids=ids, **kw).logits
+        c, rep = nm.convert_norms(copy.deepcopy(m), norm="l2", report=True)
+        assert len(rep.converted) == len(norms) > 0 and not rep.skipped
+        assert all(isinstance(mod, (nm.LpLayerNorm, nm.LpRMSNorm)) for name, mod in c.named_modules() if name in norms)
+        torch.testing.assert_close(c(input_ids=ids, **kw).logits, y0, atol=1e-4, rtol=1e-4)
+        back = nm.to_torch_norms(c)
+        assert {name: type(mod) for name, mod in back.named_modules() if name in norms} == norms
+        torch.testing.assert_close(back(input_ids=ids, **kw).logits, y0, atol=1e-4, rtol=1e-4)
+    c1 = nm.convert_norms(copy.deepcopy(m), norm="l1").train()
+    loss = c1(input_ids=ids, labels=ids, **kw).loss
+    loss.backward()
+    norm_grads = [mod.weight.grad for mod in c1.modules() if isinstance(mod, (nm.LpLayerNorm, nm.LpRMSNorm))]
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in norm_grads)
