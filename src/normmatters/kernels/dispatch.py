@@ -204,6 +204,13 @@ def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, t
             return empty_batch_norm(input, weight, bias, num_batches_tracked)
         if opts.precision is not None:
             return emulated_batch_norm(input, tensors, opts, True, momentum, where)
+        if impl == "triton" or (impl == "auto" and input.device.type == "cuda"):  # the Triton kernels
+            from . import triton as triton_kernels
+            out = triton_kernels.batch_norm_training(input, tensors, opts, momentum, where, explicit=impl == "triton")
+            if out is not None:
+                report_nonfinite(out[1], opts.nonfinite, where, tracked=any(t is not None for t in tensors[2:]))
+                return out[0]
+            impl = "auto" if impl == "auto" else "eager"  # not covered (kernels.triton): the composite path
         if impl in ("auto", "native"):
             y = _plan(input, tensors, opts, momentum, where, plans, impl)
             if y is not None:

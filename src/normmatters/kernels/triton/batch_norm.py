@@ -49,8 +49,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
-__all__ = ["TOPK_MAX", "NORM_IDS", "covers", "forward", "backward", "update_running", "layout"]
+__all__ = ["TOPK_MAX", "NORM_IDS", "covers", "forward", "backward", "update_running", "out_like", "aux_shape"]
 
 #: the largest k of the top-k kernels (a power-of-two register list of that length per channel)
 TOPK_MAX = 16
@@ -396,19 +397,12 @@ class Layout:
     def __init__(self, x: Tensor, groups: int, m: int, splits: int | None = None):
         N, C = x.shape[:2]
         S = math.prod(x.shape[2:])
-        st = _ncs_strides(x)
-        rows = False
-        if st is not None:
-            sN, sC, sS = st
-            if S == 1:
-                rows, sS = True, sN
-            elif sC == 1 and sN == S * sS:
-                rows = True
-            elif sS != 1:
-                st = None
-        self.x = x if st is not None else x.contiguous()
-        if st is None:
-            sN, sC, sS = self.x.stride(0), self.x.stride(1), 1
+        x = x if _dense(x) else x.contiguous()
+        sN, sC, sS = _ncs_strides(x)
+        if S == 1:
+            sS = sN
+        rows = S == 1 or (sC == 1 and sN == S * sS)
+        self.x = x
         self.N, self.C, self.S, self.G, self.m = N, C, S, groups, m
         self.g = N // groups
         self.rows = rows
@@ -469,8 +463,25 @@ def _splits(device: torch.device, programs: int, length: int, unit: int) -> int:
     return max(1, min(want, triton.cdiv(length, 8 * unit)))
 
 
-def layout(x: Tensor, groups: int, m: int) -> Layout:
-    return Layout(x, groups, m)
+def _dense(x: Tensor) -> bool:
+    """Contiguous, or channels-last of any rank (channels innermost): the layouts read and written in place."""
+    return x.is_contiguous() or (x.dim() > 2 and x.movedim(1, -1).is_contiguous())
+
+
+def out_like(x: Tensor) -> Tensor:
+    """An empty tensor in the layout the kernels write y and ∂L/∂x in: x's own strides when x is contiguous or
+    channels-last, else contiguous."""
+    return torch.empty_like(x) if _dense(x) else torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def aux_shape(norm: str, groups: int, C: int, chunks: int) -> tuple[int, ...]:
+    """The shape of the forward's ``aux`` output."""
+    nid = NORM_IDS[norm]
+    if nid in (LINF, TOPK):
+        return (groups, C)
+    if nid == RANGE:
+        return (2, groups, max(1, chunks), C)
+    return (0,)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -495,7 +506,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, c: float, eps
     KP = _kp(k) if nid == TOPK else 2
     BI = max(L.BI, KP)
     common = (C, L.CB, L.S, L.s_o, L.s_i, L.s_c, L.gstride, L.P, L.CL, L.SPL)
-    _bn_stats_kernel[L.grid()](xs, ws, ws, *common, L.NSPLIT, G, MODE=1, ROWS=L.rows, BI=BI, BC=L.BC, KP=KP)
+    wrap_triton(_bn_stats_kernel)[L.grid()](xs, ws, ws, *common, L.NSPLIT, G, MODE=1, ROWS=L.rows, BI=BI, BC=L.BC, KP=KP)
     cnt, mu_p, m2_p, hi_p, lo_p = ws.unbind(0)
     n = cnt.sum(1)  # (G, C)
     mean = (cnt * mu_p).sum(1) / n
@@ -504,22 +515,22 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, c: float, eps
         raw = ((m2_p + cnt * (mu_p - mean[:, None]).square()).sum(1) / n).sqrt()
     elif nid == LINF:
         raw = torch.maximum(hi_p.amax(1) - mean, mean - lo_p.amin(1))
-        aux = raw
+        aux = raw.clone()  # (an op's outputs may not alias each other)
     elif nid == RANGE:
         hi = hi_p.reshape(G, m, L.P, C).amax(2)
         lo = lo_p.reshape(G, m, L.P, C).amin(2)
         raw = (hi - lo).mean(1)
         aux = torch.stack((hi, lo))
     elif nid == MEAN:
-        raw = mean
+        raw = mean.clone()
     elif nid == L1:
         ws1 = torch.empty((1, G, L.NSPLIT, C), dtype=acc, device=x.device)
-        _bn_stats_kernel[L.grid()](xs, ws1, mean, *common, L.NSPLIT, G, MODE=2, ROWS=L.rows, BI=BI, BC=L.BC,
+        wrap_triton(_bn_stats_kernel)[L.grid()](xs, ws1, mean, *common, L.NSPLIT, G, MODE=2, ROWS=L.rows, BI=BI, BC=L.BC,
                                    KP=KP)
         raw = ws1[0].sum(1) / n
     else:  # topk
         wst = torch.empty((G, L.NSPLIT, C, KP), dtype=acc, device=x.device)
-        _bn_stats_kernel[L.grid()](xs, wst, mean, *common, L.NSPLIT, G, MODE=3, ROWS=L.rows, BI=BI, BC=L.BC,
+        wrap_triton(_bn_stats_kernel)[L.grid()](xs, wst, mean, *common, L.NSPLIT, G, MODE=3, ROWS=L.rows, BI=BI, BC=L.BC,
                                    KP=KP)
         top = wst.permute(0, 2, 1, 3).reshape(G, C, -1).topk(k, dim=-1).values  # sorted, largest first
         raw = top.mean(-1)
@@ -532,8 +543,8 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, c: float, eps
     if weight is not None:
         scale = scale * weight.to(acc)
     shift = bias.to(acc).expand(G, C).contiguous() if bias is not None else torch.zeros_like(mean)
-    y = torch.empty_like(xs)
-    _bn_norm_kernel[L.grid()](xs, y, mean, scale.contiguous(), shift, *common, ROWS=L.rows, BI=L.BI, BC=L.BC)
+    y = out_like(xs)
+    wrap_triton(_bn_norm_kernel)[L.grid()](xs, y, mean, scale.contiguous(), shift, *common, ROWS=L.rows, BI=L.BI, BC=L.BC)
     return y, mean, raw, aux
 
 
@@ -552,7 +563,7 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, raw: Te
     tau = aux if nid in (LINF, TOPK) else mean
     hi, lo = (aux[0], aux[1]) if nid == RANGE else (mean, mean)
     common = (C, L.CB, L.S, L.s_o, L.s_i, L.s_c, L.gstride)
-    _bn_bwd_reduce_kernel[L.grid()](g, xs, ws, mean, tau, hi, lo, *common, gs_o, gs_i, gs_c, ggs, *L.span_args(),
+    wrap_triton(_bn_bwd_reduce_kernel)[L.grid()](g, xs, ws, mean, tau, hi, lo, *common, gs_o, gs_i, gs_c, ggs, *L.span_args(),
                                     L.NSPLIT, G, m, NORM=nid, ROWS=L.rows, BI=L.BI, BC=L.BC)
     n = L.n
     w = weight.to(acc) if weight is not None else torch.ones((C,), dtype=acc, device=x.device)
@@ -597,8 +608,8 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, raw: Te
             f = (sigma * c / m)[:, None, :]
             e1 = (-kq[:, None, :] * f / sums[2]).contiguous()
             e2 = (kq[:, None, :] * f / sums[3]).contiguous()
-    gx = torch.empty_like(xs)
-    _bn_bwd_elem_kernel[L.grid()](g, xs, gx, mean, a.contiguous(), b.contiguous(), e1, e2, tau, hi, lo, *common,
+    gx = out_like(xs)
+    wrap_triton(_bn_bwd_elem_kernel)[L.grid()](g, xs, gx, mean, a.contiguous(), b.contiguous(), e1, e2, tau, hi, lo, *common,
                                   gs_o, gs_i, gs_c, ggs, *L.span_args(), m, NORM=nid, ROWS=L.rows, BI=L.BI, BC=L.BC)
     return gx, gw, gb
 
@@ -616,7 +627,7 @@ def update_running(mean: Tensor, raw: Tensor | None, running_mean: Tensor | None
     divides = raw is not None
     has_rv = running_var is not None and divides
     dummy = mean
-    _update_kernel[(1,)](
+    wrap_triton(_update_kernel)[(1,)](
         mean, raw if divides else mean, running_mean if running_mean is not None else dummy,
         running_var if has_rv else dummy, num_batches_tracked if num_batches_tracked is not None else status,
         skipped if skipped is not None else status, status, mom_p, C, G, float(c),

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from .batch_norm import LINF, NORM_IDS, RANGE, TOPK, _kp, _pow2
 
@@ -315,7 +316,7 @@ def forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, c: float, ep
     KP = _kp(k) if nid == TOPK else 2
     BN = max(_block(n, m), KP)
     if R:
-        _row_fwd_kernel[(R,)](
+        wrap_triton(_row_fwd_kernel)[(R,)](
             x2, y, weight if weight is not None else x2, bias if bias is not None else x2, mean, raw,
             aux if aux.numel() else mean, n, float(c), math.sqrt(eps), k, m, n // m, groups, NORM=nid,
             CENTERED=centered, HAS_W=weight is not None, HAS_B=bias is not None, SPATIAL=spatial, BN=BN, KP=KP)
@@ -337,11 +338,11 @@ def backward(gy: Tensor, x2: Tensor, weight: Tensor | None, mean: Tensor, raw: T
     gb = torch.empty((groups, n), dtype=acc, device=x2.device)
     BN = _block(n, m)
     if R:
-        _row_bwd_kernel[(R,)](gy, x2, gx, weight if weight is not None else x2, mean, raw,
+        wrap_triton(_row_bwd_kernel)[(R,)](gy, x2, gx, weight if weight is not None else x2, mean, raw,
                               aux if aux.numel() else mean, n, float(c), math.sqrt(eps), k, m, n // m, groups,
                               NORM=nid, CENTERED=centered, HAS_W=weight is not None, SPATIAL=spatial, BN=BN)
         BD = max(16, min(_pow2(n), 256))
-        _row_dw_kernel[(groups, triton.cdiv(n, BD))](gy, x2, mean, raw, gw, gb, R, n, float(c), math.sqrt(eps),
+        wrap_triton(_row_dw_kernel)[(groups, triton.cdiv(n, BD))](gy, x2, mean, raw, gw, gb, R, n, float(c), math.sqrt(eps),
                                                      groups, BN=BD)
     else:
         gw.zero_()
