@@ -3,8 +3,8 @@
 Files: :mod:`.batch_norm` (the batch-statistics family: LpBatchNorm*, SyncLpBatchNorm in one process; ghost
 batches, range chunks, contiguous and channels-last input), :mod:`.row_norm` (layer / RMS / group norm rows),
 :mod:`.ops` (the ``normmatters_triton::`` operators: schemas, fake implementations, autograd). This module holds
-the two entry points the dispatch calls, :func:`batch_norm_training` and :func:`rows`; nothing here imports Triton until
-one of them runs.
+the two entry points the dispatch calls, :func:`batch_norm_training` and :func:`rows`; nothing here imports
+Triton until one of them runs.
 
 Where they run: CUDA tensors; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 Triton is first imported — how the tests run them). ``impl="triton"`` on a CPU tensor without the interpreter,
@@ -17,7 +17,8 @@ choice for ``impl="auto"``): ``norm="topk"`` with k > :data:`TOPK_MAX` (16), and
 
 Non-finite batches: the running buffers keep their values by a select inside the update kernel (num_batches_tracked
 included) and an optional int64 counter tensor counts the skipped batches; nothing is read back to the host here —
-:func:`batch_norm_training` returns the 0-dim status for the caller's policy (:func:`normmatters.functional.report_nonfinite`).
+:func:`batch_norm_training` returns the 0-dim status for the caller's policy
+(:func:`normmatters.functional.report_nonfinite`).
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def _ops():
     return ops
 
 
-def batch_norm_training(input: Tensor, tensors: BatchNormTensors, options: NormOptions, momentum: float | Tensor, where: str,
-               explicit: bool = True, skipped: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+def batch_norm_training(input: Tensor, tensors: BatchNormTensors, options: NormOptions, momentum: float | Tensor,
+                        where: str, explicit: bool = True,
+                        skipped: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
     """One training call of Lp batch norm on the Triton kernels: (y, the 0-dim int64 update status:
     :data:`~normmatters.functional.STORED` / ``NONFINITE`` / ``UNREPRESENTABLE``), or None where they do not
     apply (not covered; ``explicit=False`` — ``impl="auto"`` — and the device cannot run them). ``input`` checked

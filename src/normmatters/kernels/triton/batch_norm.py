@@ -506,7 +506,8 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, c: float, eps
     KP = _kp(k) if nid == TOPK else 2
     BI = max(L.BI, KP)
     common = (C, L.CB, L.S, L.s_o, L.s_i, L.s_c, L.gstride, L.P, L.CL, L.SPL)
-    wrap_triton(_bn_stats_kernel)[L.grid()](xs, ws, ws, *common, L.NSPLIT, G, MODE=1, ROWS=L.rows, BI=BI, BC=L.BC, KP=KP)
+    launch = wrap_triton(_bn_stats_kernel)[L.grid()]
+    launch(xs, ws, ws, *common, L.NSPLIT, G, MODE=1, ROWS=L.rows, BI=BI, BC=L.BC, KP=KP)
     cnt, mu_p, m2_p, hi_p, lo_p = ws.unbind(0)
     n = cnt.sum(1)  # (G, C)
     mean = (cnt * mu_p).sum(1) / n
@@ -525,13 +526,11 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, c: float, eps
         raw = mean.clone()
     elif nid == L1:
         ws1 = torch.empty((1, G, L.NSPLIT, C), dtype=acc, device=x.device)
-        wrap_triton(_bn_stats_kernel)[L.grid()](xs, ws1, mean, *common, L.NSPLIT, G, MODE=2, ROWS=L.rows, BI=BI, BC=L.BC,
-                                   KP=KP)
+        launch(xs, ws1, mean, *common, L.NSPLIT, G, MODE=2, ROWS=L.rows, BI=BI, BC=L.BC, KP=KP)
         raw = ws1[0].sum(1) / n
     else:  # topk
         wst = torch.empty((G, L.NSPLIT, C, KP), dtype=acc, device=x.device)
-        wrap_triton(_bn_stats_kernel)[L.grid()](xs, wst, mean, *common, L.NSPLIT, G, MODE=3, ROWS=L.rows, BI=BI, BC=L.BC,
-                                   KP=KP)
+        launch(xs, wst, mean, *common, L.NSPLIT, G, MODE=3, ROWS=L.rows, BI=BI, BC=L.BC, KP=KP)
         top = wst.permute(0, 2, 1, 3).reshape(G, C, -1).topk(k, dim=-1).values  # sorted, largest first
         raw = top.mean(-1)
         aux = top[..., k - 1].contiguous()
@@ -544,7 +543,8 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, c: float, eps
         scale = scale * weight.to(acc)
     shift = bias.to(acc).expand(G, C).contiguous() if bias is not None else torch.zeros_like(mean)
     y = out_like(xs)
-    wrap_triton(_bn_norm_kernel)[L.grid()](xs, y, mean, scale.contiguous(), shift, *common, ROWS=L.rows, BI=L.BI, BC=L.BC)
+    wrap_triton(_bn_norm_kernel)[L.grid()](xs, y, mean, scale.contiguous(), shift, *common, ROWS=L.rows, BI=L.BI,
+                                           BC=L.BC)
     return y, mean, raw, aux
 
 
@@ -563,8 +563,9 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, raw: Te
     tau = aux if nid in (LINF, TOPK) else mean
     hi, lo = (aux[0], aux[1]) if nid == RANGE else (mean, mean)
     common = (C, L.CB, L.S, L.s_o, L.s_i, L.s_c, L.gstride)
-    wrap_triton(_bn_bwd_reduce_kernel)[L.grid()](g, xs, ws, mean, tau, hi, lo, *common, gs_o, gs_i, gs_c, ggs, *L.span_args(),
-                                    L.NSPLIT, G, m, NORM=nid, ROWS=L.rows, BI=L.BI, BC=L.BC)
+    wrap_triton(_bn_bwd_reduce_kernel)[L.grid()](g, xs, ws, mean, tau, hi, lo, *common, gs_o, gs_i, gs_c, ggs,
+                                                 *L.span_args(), L.NSPLIT, G, m, NORM=nid, ROWS=L.rows, BI=L.BI,
+                                                 BC=L.BC)
     n = L.n
     w = weight.to(acc) if weight is not None else torch.ones((C,), dtype=acc, device=x.device)
     if nid == RANGE:
@@ -609,8 +610,9 @@ def backward(gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, raw: Te
             e1 = (-kq[:, None, :] * f / sums[2]).contiguous()
             e2 = (kq[:, None, :] * f / sums[3]).contiguous()
     gx = out_like(xs)
-    wrap_triton(_bn_bwd_elem_kernel)[L.grid()](g, xs, gx, mean, a.contiguous(), b.contiguous(), e1, e2, tau, hi, lo, *common,
-                                  gs_o, gs_i, gs_c, ggs, *L.span_args(), m, NORM=nid, ROWS=L.rows, BI=L.BI, BC=L.BC)
+    wrap_triton(_bn_bwd_elem_kernel)[L.grid()](g, xs, gx, mean, a.contiguous(), b.contiguous(), e1, e2, tau, hi, lo,
+                                               *common, gs_o, gs_i, gs_c, ggs, *L.span_args(), m, NORM=nid,
+                                               ROWS=L.rows, BI=L.BI, BC=L.BC)
     return gx, gw, gb
 
 

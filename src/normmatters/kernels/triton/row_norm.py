@@ -342,8 +342,8 @@ def backward(gy: Tensor, x2: Tensor, weight: Tensor | None, mean: Tensor, raw: T
                               aux if aux.numel() else mean, n, float(c), math.sqrt(eps), k, m, n // m, groups,
                               NORM=nid, CENTERED=centered, HAS_W=weight is not None, SPATIAL=spatial, BN=BN)
         BD = max(16, min(_pow2(n), 256))
-        wrap_triton(_row_dw_kernel)[(groups, triton.cdiv(n, BD))](gy, x2, mean, raw, gw, gb, R, n, float(c), math.sqrt(eps),
-                                                     groups, BN=BD)
+        wrap_triton(_row_dw_kernel)[(groups, triton.cdiv(n, BD))](gy, x2, mean, raw, gw, gb, R, n, float(c),
+                                                                   math.sqrt(eps), groups, BN=BD)
     else:
         gw.zero_()
         gb.zero_()
