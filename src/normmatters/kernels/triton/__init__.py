@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -37,7 +38,6 @@ __all__ = ["TOPK_MAX", "available", "runs_on", "covers", "batch_norm_training", 
 
 #: the largest k of the top-k kernels (also :data:`.batch_norm.TOPK_MAX`)
 TOPK_MAX = 16
-_NORMS = ("l2", "l1", "linf", "topk", "range", "mean")
 
 
 def available() -> bool:
@@ -46,6 +46,11 @@ def available() -> bool:
 
 
 def _interpreting() -> bool:
+    """Whether the kernels are (or, once defined, will be) Triton's interpreted ones: fixed when :mod:`.ops` is
+    first imported (``TRITON_INTERPRET=1`` then)."""
+    ops = sys.modules.get(__name__ + ".ops")
+    if ops is not None:
+        return ops.INTERPRET
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -55,8 +60,12 @@ def runs_on(x: Tensor) -> bool:
 
 
 def covers(norm: str, k: int) -> bool:
-    """Whether the kernels implement ``norm`` with this ``k``."""
-    return norm in _NORMS and (norm != "topk" or 1 <= k <= TOPK_MAX)
+    """Whether the kernels implement ``norm`` with this ``k`` (a norm taking k: 1 ≤ k ≤ :data:`TOPK_MAX`)."""
+    try:
+        est = get_estimator(norm)
+    except ValueError:
+        return False
+    return "k" not in est.options or 1 <= k <= TOPK_MAX
 
 
 def _check(x: Tensor, where: str) -> None:
@@ -115,7 +124,7 @@ def rows(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, nor
          chunks: int | None, groups: int, spatial: int, where: str, explicit: bool = True) -> Tensor | None:
     """y (R, n) of rows x2 on the Triton row kernels (arguments as :func:`normmatters.kernels.row_norm.rows`,
     validated by the caller), or None where they do not apply (see :func:`batch_norm_training`)."""
-    if not covers(norm, k) or norm == "mean":
+    if not covers(norm, k) or not get_estimator(norm).divides:
         return None
     if not explicit and not runs_on(x2):
         return None

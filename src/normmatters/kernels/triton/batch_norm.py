@@ -51,6 +51,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from ...estimators import get_estimator
+
 __all__ = ["TOPK_MAX", "NORM_IDS", "covers", "forward", "backward", "update_running", "out_like", "aux_shape"]
 
 #: the largest k of the top-k kernels (a power-of-two register list of that length per channel)
@@ -61,8 +63,8 @@ L2, L1, LINF, TOPK, RANGE, MEAN = range(6)
 
 
 def covers(norm: str, k: int) -> bool:
-    """Whether these kernels implement ``norm`` with this ``k`` (top-k: 1 ≤ k ≤ :data:`TOPK_MAX`)."""
-    return norm in NORM_IDS and (norm != "topk" or 1 <= k <= TOPK_MAX)
+    """Whether these kernels implement ``norm`` with this ``k`` (a norm taking k: 1 ≤ k ≤ :data:`TOPK_MAX`)."""
+    return norm in NORM_IDS and ("k" not in get_estimator(norm).options or 1 <= k <= TOPK_MAX)
 
 
 # --- kernels ----------------------------------------------------------------------------------------------

@@ -130,12 +130,7 @@ def _(x, weight, bias, c, eps, norm, centered, k, chunks, groups, spatial):
     R = x.shape[0]
     acc = _acc(x)
     stat = x.new_empty((R,), dtype=acc)
-    if norm in ("linf", "topk"):
-        aux = x.new_empty((R,), dtype=acc)
-    elif norm == "range":
-        aux = x.new_empty((R, max(1, chunks), 4), dtype=acc)
-    else:
-        aux = x.new_empty((0,), dtype=acc)
+    aux = x.new_empty(rn.aux_shape(norm, R, chunks), dtype=acc)
     return torch.empty_like(x, memory_format=torch.contiguous_format), stat, torch.empty_like(stat), aux
 
 

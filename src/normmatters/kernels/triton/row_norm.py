@@ -31,7 +31,7 @@ from torch.library import wrap_triton
 
 from .batch_norm import LINF, NORM_IDS, RANGE, TOPK, _kp, _pow2
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "aux_shape"]
 
 
 @triton.jit
@@ -291,6 +291,16 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def aux_shape(norm: str, R: int, chunks: int) -> tuple[int, ...]:
+    """The shape of the forward's ``aux``: τ (R,) for linf / topk, (R, m, 4) for range, else (0,)."""
+    nid = NORM_IDS[norm]
+    if nid in (LINF, TOPK):
+        return (R,)
+    if nid == RANGE:
+        return (R, max(1, chunks), 4)
+    return (0,)
+
+
 def _block(n: int, m: int) -> int:
     return max(16, min(_pow2(n // m), 2048))
 
@@ -307,12 +317,7 @@ def forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, c: float, ep
     y = torch.empty_like(x2)
     mean = torch.empty((R,), dtype=acc, device=x2.device)
     raw = torch.empty((R,), dtype=acc, device=x2.device)
-    if nid in (LINF, TOPK):
-        aux = torch.empty((R,), dtype=acc, device=x2.device)
-    elif nid == RANGE:
-        aux = torch.empty((R, m, 4), dtype=acc, device=x2.device)
-    else:
-        aux = torch.empty((0,), dtype=acc, device=x2.device)
+    aux = torch.empty(aux_shape(norm, R, chunks), dtype=acc, device=x2.device)
     KP = _kp(k) if nid == TOPK else 2
     BN = max(_block(n, m), KP)
     if R:
