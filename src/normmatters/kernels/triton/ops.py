@@ -84,6 +84,7 @@ def _(gy, x, weight, mean, raw, aux, c, eps, norm, k, groups, chunks):
 def _bn_setup(ctx, inputs, output):
     x, weight, bias, c, eps, norm, k, groups, chunks = inputs
     _, mean, raw, aux = output
+    ctx.mark_non_differentiable(mean, raw, aux)  # (they feed the running statistics only)
     ctx.save_for_backward(x, weight, mean, raw, aux)
     ctx.args = (c, eps, norm, k, groups, chunks)
     ctx.has_bias = bias is not None
@@ -152,6 +153,7 @@ def _(gy, x, weight, mean, raw, aux, c, eps, norm, centered, k, chunks, groups, 
 def _row_setup(ctx, inputs, output):
     x, weight, bias, c, eps, norm, centered, k, chunks, groups, spatial = inputs
     _, mean, raw, aux = output
+    ctx.mark_non_differentiable(mean, raw, aux)
     ctx.save_for_backward(x, weight, mean, raw, aux)
     ctx.args = (c, eps, norm, centered, k, chunks, groups, spatial)
     ctx.bias_like = (bias.shape, bias.dtype) if bias is not None else None
