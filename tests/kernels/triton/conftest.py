@@ -8,6 +8,7 @@ import importlib.util
 import os
 
 import pytest
+
 from devices import resolve
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
