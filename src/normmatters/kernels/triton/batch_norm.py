@@ -532,7 +532,9 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, c: float, eps
         raw = ws1[0].sum(1) / n
     else:  # topk
         wst = torch.empty((G, L.NSPLIT, C, KP), dtype=acc, device=x.device)
-        launch(xs, wst, mean, *common, L.NSPLIT, G, MODE=3, ROWS=L.rows, BI=BI, BC=L.BC, KP=KP)
+        BK = max(KP, min(L.BI, 256))  # (the tile is sorted: smaller tiles)
+        wrap_triton(_bn_stats_kernel)[L.grid()](xs, wst, mean, *common, L.NSPLIT, G, MODE=3, ROWS=L.rows, BI=BK,
+                                                BC=L.BC, KP=KP)
         top = wst.permute(0, 2, 1, 3).reshape(G, C, -1).topk(k, dim=-1).values  # sorted, largest first
         raw = top.mean(-1)
         aux = top[..., k - 1].contiguous()
