@@ -72,3 +72,19 @@ def test_a_training_step_reads_nothing_back(device):
 
 def test_sync_layer_in_one_process(device):
     against_reference(lambda impl: nm.SyncLpBatchNorm2d(3, norm="l1", impl=impl), (4, 3, 2, 2), device, steps=1)
+
+
+def test_compile_and_export_see_the_ops(device):
+    """torch.compile (aot_eager) of a layer on the Triton path matches the reference, buffers included, and
+    torch.export keeps the normmatters_triton:: operator in its graph."""
+    def make(impl):
+        return nm.LpBatchNorm2d(3, norm="l1", impl=impl)
+
+    ref, tri = make("reference"), make("triton").to(device)
+    x = torch.randn(4, 3, 2, 2)
+    y = torch.compile(tri, backend="aot_eager")(x.to(device))
+    assert torch.allclose(y.cpu(), ref(x), atol=1e-5)
+    assert torch.allclose(tri.running_var.cpu(), ref.running_var, atol=1e-6) and tri.num_batches_tracked.item() == 1
+    layer = nm.LpLayerNorm(6, norm="l1", impl="triton").to(device)
+    ep = torch.export.export(layer, (torch.randn(4, 6, device=device),))
+    assert "normmatters_triton.row_fwd.default" in {str(n.target) for n in ep.graph.nodes}

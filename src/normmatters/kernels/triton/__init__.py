@@ -40,8 +40,9 @@ __all__ = ["TOPK_MAX", "available", "runs_on", "covers", "batch_norm_training", 
 TOPK_MAX = 16
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether ``triton`` is importable."""
+    """Whether ``triton`` is importable (a constant of any traced graph)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -54,9 +55,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
+def _device_ok(device_type: str) -> bool:
+    return (device_type == "cuda" or (device_type == "cpu" and _interpreting())) and available()
+
+
 def runs_on(x: Tensor) -> bool:
     """Whether the kernels can run on x's device: CUDA, or the CPU under the interpreter (and triton importable)."""
-    return (x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting())) and available()
+    return _device_ok(x.device.type)
 
 
 def covers(norm: str, k: int) -> bool:
