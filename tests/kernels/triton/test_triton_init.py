@@ -88,3 +88,12 @@ def test_compile_and_export_see_the_ops(device):
     layer = nm.LpLayerNorm(6, norm="l1", impl="triton").to(device)
     ep = torch.export.export(layer, (torch.randn(4, 6, device=device),))
     assert "normmatters_triton.row_fwd.default" in {str(n.target) for n in ep.graph.nodes}
+
+
+def test_dispatch_path_names_the_choice(device):
+    from normmatters.kernels import dispatch
+    x = torch.randn(4, 3, 2, 2, device=device)
+    assert dispatch.path(x, NormOptions(impl="triton"), True) == "triton"
+    assert dispatch.path(x, NormOptions(impl="triton", norm="topk", k=tk.TOPK_MAX + 1), True) == "eager"
+    assert dispatch.path(x, NormOptions(impl="triton", inplace=True), True) == "eager"
+    assert dispatch.path(x, NormOptions(impl="auto"), True) != "triton" or device.type == "cuda"
