@@ -108,3 +108,9 @@ def test_float64_gradcheck(norm, device):
     b = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: ops.bn_fwd(x, w, b, c, 1e-5, norm, 3, 1, 0)[0], (x, w, b),
                                     fast_mode=True)
+
+
+def test_no_affine_no_running_stats_float16(device):
+    against_reference(lambda impl: nm.LpBatchNorm2d(3, norm="linf", affine=False, track_running_stats=False,
+                                                    impl=impl), (4, 3, 2, 2), device, dtype=torch.float16, tol=3e-3,
+                      steps=1)
