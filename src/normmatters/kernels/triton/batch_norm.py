@@ -629,7 +629,7 @@ def update_running(mean: Tensor, raw: Tensor | None, running_mean: Tensor | None
     G, C = mean.shape
     status = torch.empty((), dtype=torch.int64, device=mean.device)
     mom_t = isinstance(momentum, Tensor)
-    mom_p = momentum.reshape(()).to(mean.dtype) if mom_t else status
+    mom_p = momentum.reshape(()).to(device=mean.device, dtype=mean.dtype) if mom_t else status
     divides = raw is not None
     has_rv = running_var is not None and divides
     dummy = mean
