@@ -115,3 +115,16 @@ def test_no_affine_no_running_stats_float16(device):
     against_reference(lambda impl: nm.LpBatchNorm2d(3, norm="linf", affine=False, track_running_stats=False,
                                                     impl=impl), (4, 3, 2, 2), device, dtype=torch.float16, tol=3e-3,
                       steps=1)
+
+
+def test_3d_channels_last_a_sliced_input_and_a_strided_gradient(device):
+    against_reference(lambda impl: nm.LpBatchNorm3d(3, norm="l1", impl=impl), (4, 3, 2, 2, 2), device,
+                      layout=torch.channels_last_3d, steps=1)
+    ref, tri = nm.LpBatchNorm2d(3, norm="range", impl="reference"), nm.LpBatchNorm2d(3, norm="range", impl="triton")
+    tri = tri.to(device)
+    x = torch.randn(8, 3, 4, 4)[::2, :, 1:3]  # not dense: read through a contiguous copy
+    g = torch.randn(4, 3, 4, 2).transpose(2, 3)  # a gradient of other strides than the input's
+    xr, xt = x.clone().requires_grad_(), x.to(device).requires_grad_()
+    yr, yt = ref(xr), tri(xt)
+    close(yr, yt, 1e-5, "output")
+    close(torch.autograd.grad(yr, xr, g)[0], torch.autograd.grad(yt, xt, g.to(device))[0], 1e-4, "input gradient")
