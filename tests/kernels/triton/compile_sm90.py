@@ -13,8 +13,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from normmatters.kernels.triton import batch_norm as B
+from normmatters.kernels.triton import batch_norm_kernels as B
 from normmatters.kernels.triton import row_norm as RN
+from normmatters.kernels.triton import running
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"c_const", "se", "momentum", "bessel"}
@@ -69,7 +70,7 @@ def main() -> int:
         run(RN._row_dw_kernel, dict(BN=256), px)
     for mom_t in (True, False):
         for divides in (True, False):
-            run(B._update_kernel, dict(HAS_RM=True, HAS_RV=divides, HAS_NBT=True, HAS_SKIP=True, MOM_T=mom_t,
+            run(running._update_kernel, dict(HAS_RM=True, HAS_RV=divides, HAS_NBT=True, HAS_SKIP=True, MOM_T=mom_t,
                                        DIVIDES=divides, BC=256),
                 {"nbt_p": "*i64", "skipped_p": "*i64", "status_p": "*i64"})
     print(f"{count - len(errors)}/{count} kernel variants compile for sm_90 (triton {triton.__version__})")

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from . import batch_norm as bn
 from . import row_norm as rn
+from .running import update_running
 
 __all__ = ["INTERPRET", "bn_fwd", "bn_bwd", "bn_update", "row_fwd", "row_bwd"]
 
@@ -109,7 +110,7 @@ bn_fwd.register_autograd(_bn_backward, setup_context=_bn_setup)
 def bn_update(mean: Tensor, raw: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
               num_batches_tracked: Tensor | None, skipped: Tensor | None, c: float, momentum: float,
               momentum_t: Tensor | None, n: int) -> Tensor:
-    return bn.update_running(mean, raw, running_mean, running_var, num_batches_tracked, skipped, c,
+    return update_running(mean, raw, running_mean, running_var, num_batches_tracked, skipped, c,
                              momentum_t if momentum_t is not None else momentum, n)
 
 
