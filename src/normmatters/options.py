@@ -47,7 +47,7 @@ __all__ = ["NormOptions", "check_option", "OPTION_NAMES", "NONFINITE_MODES", "IM
 #: values of ``nonfinite``
 NONFINITE_MODES = ("raise", "skip", "ignore")
 #: values of ``impl`` (None: $NORMMATTERS_KERNEL, read only by :mod:`normmatters.kernels.dispatch`)
-IMPLS = ("auto", "native", "compiled", "eager", "reference")
+IMPLS = ("auto", "native", "compiled", "eager", "triton", "reference")
 
 
 def _check_positive_int(where: str, name: str, value: Any, allow_none: bool) -> None:

@@ -26,4 +26,4 @@ def test_bad_values_name_the_caller_and_the_source(monkeypatch):
     monkeypatch.setenv(ENV, "fast")
     with pytest.raises(ValueError, match=r"lean_batch_norm: \$NORMMATTERS_KERNEL must be one of"):
         resolve_impl(None)
-    assert set(IMPLS) == {"auto", "native", "compiled", "eager", "reference"}
+    assert set(IMPLS) == {"auto", "native", "compiled", "eager", "triton", "reference"}

@@ -61,7 +61,7 @@ __all__ = ["ENV", "IMPLS", "PATHS", "resolve_impl", "path", "batch_norm", "repla
 
 ENV = "NORMMATTERS_KERNEL"
 #: what a call can run on
-PATHS = ("reference", "eager", "compiled", "native", "emulated")
+PATHS = ("reference", "eager", "compiled", "native", "emulated", "triton")
 #: the key of a layer's plan in the ``plans`` mapping it passes (its ``__dict__``)
 PLAN_KEY = "_plan"
 
@@ -117,6 +117,12 @@ def path(input: Tensor, options: NormOptions, training: bool, weight: Tensor | N
         return "eager" if eager else "reference"
     if impl == "reference":
         return "reference"
+    if impl == "triton" or (impl == "auto" and input.device.type == "cuda"):  # the Triton kernels
+        from . import triton as triton_kernels
+        if not options.inplace and triton_kernels.covers(options.norm, options.k) and (
+                impl == "triton" or triton_kernels.runs_on(input)):
+            return "triton"
+        impl = "auto" if impl == "auto" else "eager"
     C = input.shape[1]
     dtype = weight.dtype if weight is not None else acc_dtype(input.dtype)
     w = weight if weight is not None else torch.ones(C, dtype=dtype, device=input.device)
@@ -204,6 +210,13 @@ def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, t
             return empty_batch_norm(input, weight, bias, num_batches_tracked)
         if opts.precision is not None:
             return emulated_batch_norm(input, tensors, opts, True, momentum, where)
+        if impl == "triton" or (impl == "auto" and input.device.type == "cuda"):  # the Triton kernels
+            from . import triton as triton_kernels
+            out = triton_kernels.batch_norm_training(input, tensors, opts, momentum, where, explicit=impl == "triton")
+            if out is not None:
+                report_nonfinite(out[1], opts.nonfinite, where, tracked=any(t is not None for t in tensors[2:]))
+                return out[0]
+            impl = "auto" if impl == "auto" else "eager"  # not covered (kernels.triton): the composite path
         if impl in ("auto", "native"):
             y = _plan(input, tensors, opts, momentum, where, plans, impl)
             if y is not None:

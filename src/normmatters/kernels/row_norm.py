@@ -69,6 +69,13 @@ def rows(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, nor
     ``groups · n/spatial`` elements (layer / RMS norm: groups = spatial = 1, one per element; group norm: one per
     channel of ``spatial`` elements, row r holding group r mod groups). Arguments are validated by the caller."""
     chosen = resolve_impl(impl, where)
+    if chosen == "triton" or (chosen == "auto" and x2.device.type == "cuda"):  # the Triton kernels
+        from . import triton as triton_kernels
+        y = triton_kernels.rows(x2, weight, bias, eps, norm, centered, k, chunks, groups, spatial, where,
+                                explicit=chosen == "triton")
+        if y is not None:
+            return y
+        chosen = "auto" if chosen == "auto" else "eager"  # not covered (kernels.triton): the composite path
     if chosen == "reference":
         return None
     n = x2.shape[1]
