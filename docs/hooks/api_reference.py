@@ -86,7 +86,7 @@ def _expand_public(prefixes: list[str]) -> str:
     wanted = set(prefixes)
     level = 3 if "*" in wanted else 2
     blocks = []
-    for name, path, is_module in public:
+    for _name, path, is_module in public:
         if _owner(path) not in wanted:
             continue
         blocks.append(_module_entry(path, names, level) if is_module else _block(path, heading_level=level))
