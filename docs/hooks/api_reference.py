@@ -7,7 +7,7 @@ expands into ``::: path`` blocks for mkdocstrings:
 
 ``<!-- api public: PREFIX [PREFIX ...] -->``
     every name of ``normmatters.__all__`` whose defining module starts with one of the prefixes (a name that is a
-    module counts as defined by itself), in ``__all__``'s order;
+    module counts as defined by itself), in ``__all__``'s order, modules last (with the rest of their ``__all__``);
 ``<!-- api public: * -->``
     every name of ``normmatters.__all__`` that no other page's marker claims (at most one such marker);
 ``<!-- api module: MODULE -->``
@@ -86,7 +86,8 @@ def _expand_public(prefixes: list[str]) -> str:
     wanted = set(prefixes)
     level = 3 if "*" in wanted else 2
     blocks = []
-    for _name, path, is_module in public:
+    # the names themselves first, then the modules that are public names (with the rest of their ``__all__``)
+    for _name, path, is_module in sorted(public, key=lambda entry: entry[2]):
         if _owner(path) not in wanted:
             continue
         blocks.append(_module_entry(path, names, level) if is_module else _block(path, heading_level=level))

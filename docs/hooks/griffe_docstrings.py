@@ -48,7 +48,9 @@ class SphinxRolesToCode(griffe.Extension):
         self._walk(pkg)
 
     def _walk(self, obj: griffe.Object) -> None:
-        if obj.docstring is None and obj.is_attribute and obj.parent is not None and obj.parent.is_module:
+        # a bare annotation (no value) at module level: a name the module creates at import time
+        if (obj.docstring is None and obj.is_attribute and obj.value is None and obj.parent is not None
+                and obj.parent.is_module):
             doc = _runtime_doc(obj)
             if doc:
                 obj.docstring = griffe.Docstring(doc, parent=obj)
