@@ -78,8 +78,12 @@ class LpBatchNorm(_NormBase):
     Args:
         num_features: C.
         norm: registered estimator name.
-        eps, momentum, affine, track_running_stats, device, dtype: as in ``nn.BatchNorm2d``
-            (``momentum=None``: cumulative moving average).
+        eps: as in ``nn.BatchNorm2d``.
+        momentum: as in ``nn.BatchNorm2d`` (``momentum=None``: cumulative moving average).
+        affine: as in ``nn.BatchNorm2d``.
+        track_running_stats: as in ``nn.BatchNorm2d``.
+        device: as in ``nn.BatchNorm2d``.
+        dtype: as in ``nn.BatchNorm2d``.
         k: how many of the largest |x − μ| ``norm="topk"`` averages.
         chunks: ``norm="range"`` only — average the ranges of this many equal chunks of the batch.
         ghost_batch_size: normalize each group of this many samples with its own statistics.
@@ -91,9 +95,6 @@ class LpBatchNorm(_NormBase):
         options: keyword-only, a :class:`~normmatters.options.NormOptions` giving every option above at once
             (norm, k, chunks, ghost_batch_size, eps, momentum, nonfinite, impl, inplace, precision); an option
             passed as well must agree with it. ``layer.options`` is the layer's current options.
-
-    Every option above is validated again when it is assigned after construction (``layer.momentum = 5``
-    raises ``ValueError``). ``eps`` must be > 0 to train and >= 0 in eval (as ``F.batch_norm``).
         inplace: In-Place ABN style (Rota Bulò et al. 2018): in training the output overwrites the input
             (the same tensor is returned) and backward reconstructs the input from the output, saving
             only the output, weight, bias and (C,) statistics. Needs every weight entry != 0 (checked
@@ -108,6 +109,9 @@ class LpBatchNorm(_NormBase):
             ``normmatters.precision.Precision``): the training forward is emulated with every intermediate
             rounded to that format, the backward is straight-through (float32 gradient of the native
             layer); see :mod:`normmatters.precision.layer`.
+
+    Every option above is validated again when it is assigned after construction (``layer.momentum = 5``
+    raises ``ValueError``). ``eps`` must be > 0 to train and >= 0 in eval (as ``F.batch_norm``).
     """
 
     _expected_dim: tuple[int, ...] | None = None
