@@ -78,7 +78,8 @@ def _problem(norm: str, n: int | None, k: int, chunks: int | None, first: int | 
     return None
 
 
-_problem_cached = functools.lru_cache(maxsize=512)(_problem)
+#: once per argument tuple; under torch.compile a constant of the trace
+_problem_cached = torch._dynamo.assume_constant_result(functools.lru_cache(maxsize=512)(_problem))
 
 
 def check_norm(norm: str, n: int | None, where: str, k: int = 10, chunks: int | None = None,
@@ -162,8 +163,7 @@ def lp_group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, 
         raise ValueError(f"{where}: expected input of shape (N, C, *), got {list(input.shape)}")
     C = input.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
-        raise ValueError(f"{where}: num_groups={num_groups!r} must be a positive int dividing the {C} input "
-                         f"channels")
+        raise ValueError(f"{where}: num_groups={num_groups!r} (a positive int) must divide the {C} input channels")
     spatial = math.prod(input.shape[2:])
     n = C // num_groups * spatial
     check_norm(norm, n, where, k, chunks)

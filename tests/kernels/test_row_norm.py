@@ -12,13 +12,18 @@ from normmatters.bench import saved_bytes
 from normmatters.kernels import row_native, row_norm
 
 
-def test_reference_impl_leaves_the_call_to_the_caller(monkeypatch):
-    x = torch.randn(3, 8)
-    assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, "reference", "here") is None
+def test_decide_maps_impl_to_a_path(monkeypatch):
+    decide = row_norm.decide
+    assert decide("reference", "cpu", torch.float32, "l1", 10) == "reference"
+    assert decide("eager", "cpu", torch.float32, "l1", 10) == "eager"
+    assert decide("compiled", "cpu", torch.float32, "l1", 10) == "compiled"
+    assert decide("auto", "cuda", torch.float32, "l1", 10) == "compiled"  # off the CPU: Inductor
+    assert decide("auto", "cpu", torch.float32, "topk", 65) == "compiled"  # past the native top-k
     monkeypatch.setenv("NORMMATTERS_KERNEL", "reference")
-    assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, None, "here") is None
-    monkeypatch.setenv("NORMMATTERS_KERNEL", "eager")
-    assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, None, "here") is not None
+    calls = []
+    monkeypatch.setattr(row_norm.row_formulas, "reference", lambda *a: calls.append(a) or a[0].clone())
+    nm.lp_layer_norm(torch.randn(3, 8), 8)
+    assert len(calls) == 1
 
 
 def test_bad_impl_names_the_function():
@@ -27,10 +32,10 @@ def test_bad_impl_names_the_function():
 
 
 def test_auto_takes_native_on_cpu(monkeypatch):
-    if not row_native.ensure():
+    if not (row_native.ensure() and row_native.native()):
         pytest.skip("no C++ compiler")
-    calls, real = [], row_native.fwd
-    monkeypatch.setattr(row_native, "fwd", lambda *a: calls.append(a[3]) or real(*a))
+    calls = []
+    monkeypatch.setattr(row_norm, "_ROW_OP", lambda *a: calls.append(a[4]) or a[0].clone())
     x = torch.randn(4, 16)
     nm.lp_layer_norm(x, 16, norm="l1")
     nm.lp_layer_norm(x, 16, norm="topk", k=65 - 49)
@@ -101,7 +106,7 @@ def test_compile_fullgraph_and_export_use_the_native_operators(layer):
     m = layer().double()
     x = torch.randn(3, 4, 4, 4, dtype=torch.float64) if isinstance(m, nm.LpGroupNorm) else \
         torch.randn(3, 5, 16, dtype=torch.float64)
-    assert "lp_row_norm_fwd" in _export_ops(m, x)
+    assert _export_ops(m, x) & {"lp_row_norm", "lp_row_norm_fwd"}
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = m(xa), compiled(xb)
