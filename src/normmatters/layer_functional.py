@@ -33,7 +33,6 @@ output of its shape, as the stock functions do.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor
 
 from .estimators import get_estimator, norms_with_option
 from .kernels.impl import resolve_impl
-from .kernels.row_norm import decide, rows
+from .kernels.row_norm import DECIDED, decide, rows
 from .options import IMPLS
 from .precision.emulate import Precision
 from .precision.layer import _StraightThrough
@@ -78,8 +77,18 @@ def _problem(norm: str, n: int | None, k: int, chunks: int | None, first: int | 
     return None
 
 
-#: once per argument tuple; under torch.compile a constant of the trace
-_problem_cached = torch._dynamo.assume_constant_result(functools.lru_cache(maxsize=512)(_problem))
+#: the problems found: (norm, n, k, chunks, first) → message or None
+_PROBLEMS: dict[tuple, str | None] = {}
+
+
+@torch._dynamo.assume_constant_result
+def _problem_kept(norm: str, n: int | None, k: int, chunks: int | None, first: int | None) -> str | None:
+    problem = _problem(norm, n, k, chunks, first)
+    try:
+        _PROBLEMS[(norm, n, k, chunks, first)] = problem
+    except TypeError:  # an unhashable option: not kept
+        pass
+    return problem
 
 
 def check_norm(norm: str, n: int | None, where: str, k: int = 10, chunks: int | None = None,
@@ -89,9 +98,9 @@ def check_norm(norm: str, n: int | None, where: str, k: int = 10, chunks: int | 
     yet) too few elements per sample for them; ``first``: the dim ``chunks`` splits (default n). Checked once per
     argument tuple."""
     try:
-        problem = _problem_cached(norm, n, k, chunks, first)
-    except TypeError:  # an unhashable option: not cached
-        problem = _problem(norm, n, k, chunks, first)
+        problem = _PROBLEMS[(norm, n, k, chunks, first)]
+    except (KeyError, TypeError):
+        problem = _problem_kept(norm, n, k, chunks, first)
     if problem:
         raise ValueError(f"{where}: {problem}")
 
@@ -108,7 +117,10 @@ def _path(input: Tensor, impl: str | None, norm: str, k: int, eps, where: str) -
         raise ValueError(f"{where}: eps must be a positive finite number, got {eps!r}")
     if impl is None or impl not in _IMPLS:
         impl = resolve_impl(impl, where)
-    return decide(impl, input.device.type, input.dtype, norm, k)
+    try:
+        return DECIDED[(impl, input.device.type, input.dtype, norm, k)]
+    except (KeyError, TypeError):
+        return decide(impl, input.device.type, input.dtype, norm, k)
 
 
 def _check_affine(t: Tensor | None, shape, name: str, where: str) -> None:

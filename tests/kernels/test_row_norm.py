@@ -130,3 +130,24 @@ def test_saved_bytes_at_most_the_stock_layer(impl, norm):
         if norm == "topk":  # one more float32 per row: the k-th largest |d| that backward compares against
             limit += 4 * (inp.numel() // inp.shape[-1] if not isinstance(ours, nm.LpGroupNorm) else 64 * 4)
         assert saved_bytes(lambda o=ours, i=inp: o(i)) <= limit, type(ours).__name__
+
+
+def test_a_failed_compile_disables_only_that_input(monkeypatch):
+    seen = []
+
+    def fake_compiled(x2, *args):
+        seen.append(tuple(x2.shape))
+        if x2.shape[0] == 3:
+            raise RuntimeError("no compiler for this one")
+        return row_norm.row_formulas.forward(x2, *args)
+
+    key = ("forward", "l1", "centered", "float32")
+    monkeypatch.setitem(row_norm._compiled, key, fake_compiled)
+    monkeypatch.setattr(row_norm, "_failed", set())
+    ref = nm.lp_layer_norm(torch.randn(3, 8), 8, impl="reference")  # noqa: F841 - warm-up of nothing compiled
+    with pytest.warns(RuntimeWarning, match=r"rows of shape \[3, 8\]"):
+        nm.lp_layer_norm(torch.randn(3, 8), 8, impl="compiled")
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(nm.lp_layer_norm(x, 8, impl="compiled"), nm.lp_layer_norm(x, 8, impl="reference"))
+    nm.lp_layer_norm(torch.randn(3, 8), 8, impl="compiled")  # the failed input: eager, no second try
+    assert seen == [(3, 8), (5, 8)]

@@ -62,11 +62,23 @@ def native_eligible(x2: Tensor, norm: str, k: int) -> bool:
     return decide("auto", x2.device.type, x2.dtype, norm, k) == "native" and row_native.native()
 
 
+#: the paths decided: (impl, device type, dtype, norm, k) → path (:func:`decide`; callers look up here first)
+DECIDED: dict[tuple[Any, ...], str] = {}
+
+
 @torch._dynamo.assume_constant_result
-@functools.lru_cache(maxsize=256)
 def decide(impl: str, device_type: str, dtype: torch.dtype, norm: str, k: int) -> str:
-    """The path (one of :data:`PATHS`) of a resolved ``impl`` for inputs of this device type and dtype; computed
-    once per argument tuple (registers the operators on first use). Under ``torch.compile`` a constant."""
+    """The path (one of :data:`PATHS`) of a resolved ``impl`` for inputs of this device type and dtype, kept in
+    :data:`DECIDED` (registers the operators on first use). Under ``torch.compile`` a constant of the trace."""
+    path = _decide(impl, device_type, dtype, norm, k)
+    try:
+        DECIDED[(impl, device_type, dtype, norm, k)] = path
+    except TypeError:  # an unhashable k: not kept
+        pass
+    return path
+
+
+def _decide(impl: str, device_type: str, dtype: torch.dtype, norm: str, k: int) -> str:
     if impl in ("compiled", "eager", "reference"):
         return impl
     # --- the one place where a device's kernel is chosen. "native": the operator (CPU: the C++ kernels; other

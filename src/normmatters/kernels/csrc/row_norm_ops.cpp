@@ -229,11 +229,11 @@ Tensor row_norm(const Tensor &x, const c10::optional<Tensor> &weight, const c10:
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("normmatters::lp_row_norm_fwd", "")
                          .typed<FwdFn>();
-    TORCH_CHECK(n >= 1 && x.numel() % n == 0, "normmatters::lp_row_norm: ", x.numel(),
-                " elements are not rows of n = ", n);
-    const Tensor x2 = x.reshape({-1, n}).contiguous();
+    TORCH_CHECK(n >= 1, "normmatters::lp_row_norm: rows of n >= 1 elements, got n = ", n);
+    // symbolic sizes (torch.compile, torch.export): reshape / view by SymInt
+    const Tensor x2 = x.reshape_symint({c10::SymInt(-1), c10::SymInt(n)}).contiguous();
     return std::get<0>(op.call(x2, weight, bias, norm, centered, c, eps, k, chunks, groups, spatial))
-        .view(x.sizes());
+        .view_symint(x.sym_sizes());
 }
 
 }  // namespace
