@@ -140,9 +140,16 @@ def lp_layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
         raise ValueError(f"{where}: expected input with trailing shape {list(normalized_shape)}, "
                          f"got input of shape {list(input.shape)}")
     n = math.prod(normalized_shape)
-    check_norm(norm, n, where, k, chunks, normalized_shape[0])
-    _check_affine(weight, normalized_shape, "weight", where)
-    _check_affine(bias, normalized_shape, "bias", where)
+    try:
+        fine = _PROBLEMS[(norm, n, k, chunks, normalized_shape[0])] is None
+    except (KeyError, TypeError):
+        fine = False
+    if not fine:
+        check_norm(norm, n, where, k, chunks, normalized_shape[0])
+    if (weight is not None and weight.shape != normalized_shape) or (
+            bias is not None and bias.shape != normalized_shape):
+        _check_affine(weight, normalized_shape, "weight", where)
+        _check_affine(bias, normalized_shape, "bias", where)
     return rows(input, n, weight, bias, eps, norm, True, k, chunks, 1, 1, path)
 
 
@@ -160,8 +167,14 @@ def lp_rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, e
         raise ValueError(f"{where}: expected input with trailing shape {list(normalized_shape)}, "
                          f"got input of shape {list(input.shape)}")
     n = math.prod(normalized_shape)
-    check_norm(norm, n, where, k, chunks, normalized_shape[0])
-    _check_affine(weight, normalized_shape, "weight", where)
+    try:
+        fine = _PROBLEMS[(norm, n, k, chunks, normalized_shape[0])] is None
+    except (KeyError, TypeError):
+        fine = False
+    if not fine:
+        check_norm(norm, n, where, k, chunks, normalized_shape[0])
+    if weight is not None and weight.shape != normalized_shape:
+        _check_affine(weight, normalized_shape, "weight", where)
     return rows(input, n, weight, None, eps, norm, False, k, chunks, 1, 1, path)
 
 

@@ -28,7 +28,6 @@ the user's graph.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import warnings
@@ -101,7 +100,7 @@ def rows(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: flo
     ``groups · n/spatial`` elements (layer / RMS norm: groups = spatial = 1, one per element; group norm: one per
     channel of ``spatial`` elements, row r holding group r mod groups). Arguments are validated by the caller."""
     m = chunks or 1
-    c = _constant(norm, n, k, chunks, centered)
+    c = _CONSTANTS.get((norm, n, k, chunks, centered)) or _constant(norm, n, k, chunks, centered)
     if path == "native":
         return _ROW_OP(x, weight, bias, n, norm, centered, c, eps, k, m, groups, spatial)
     x2 = x.reshape(-1, n)
@@ -119,10 +118,8 @@ def _ROW_OP(*args: Any) -> Tensor:  # noqa: N802 - rebound to the operator's ove
     return _ROW_OP(*args)
 
 
-@torch._dynamo.assume_constant_result
-@functools.lru_cache(maxsize=1024)
-def _constant_cached(norm: str, n: int, k: int, chunks: int | None, centered: bool) -> float:
-    return float(get_estimator(norm).constant(n, k=k, chunks=chunks, centered=centered))
+#: c(n) computed: (norm, n, k, chunks, centered) → constant (:func:`_constant`)
+_CONSTANTS: dict[tuple[Any, ...], float] = {}
 
 
 @torch._dynamo.assume_constant_result
@@ -130,7 +127,9 @@ def _constant(norm: str, n: int, k: int, chunks: int | None, centered: bool) -> 
     """c(n) of the estimator (centered, or uncentered for RMS norm) as a Python float, computed once per argument
     tuple; under ``torch.compile`` / ``torch.export`` evaluated once at trace time and kept as a constant of the
     graph (its quadratures call numpy, which the tracer cannot follow). n is a static size: the row length."""
-    return _constant_cached(norm, int(n), k, chunks, centered)
+    c = float(get_estimator(norm).constant(int(n), k=k, chunks=chunks, centered=centered))
+    _CONSTANTS[(norm, n, k, chunks, centered)] = c
+    return c
 
 
 class RowNormFunction(torch.autograd.Function):
