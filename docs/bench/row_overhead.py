@@ -87,12 +87,12 @@ def main() -> None:
     stock = nn.LayerNorm(64)
     for norm in ("l2", "l1", "linf", "topk"):
         ours = nm.LpLayerNorm(64, norm=norm)
-        r = median_ratio(lambda: [ours(xs).sum().backward() for _ in range(50)],
+        r = median_ratio(lambda o=ours: [o(xs).sum().backward() for _ in range(50)],
                          lambda: [stock(xs).sum().backward() for _ in range(50)], rounds)
         print(f"small 8x64 fwd+bwd {norm:5s} {r:5.2f}x nn.LayerNorm (1 thread)")
     for norm in ("l2", "l1"):
         ours = nm.LpLayerNorm(64, norm=norm)
-        print(f"calls per training forward {norm}: ours {python_calls(lambda: ours(xs))}, "
+        print(f"calls per training forward {norm}: ours {python_calls(lambda o=ours: o(xs))}, "
               f"nn.LayerNorm {python_calls(lambda: stock(xs))}")
     g, stock_g = nm.LpGroupNorm(4, 16), nn.GroupNorm(4, 16)
     xg = torch.randn(8, 16, 4, 4, requires_grad=True)
@@ -109,20 +109,20 @@ def main() -> None:
     with torch.no_grad():
         for norm in ("l2", "l1", "linf"):
             ours = nm.LpLayerNorm(768, norm=norm)
-            r = median_ratio(lambda: ours(xl), lambda: ref(xl), rounds)
+            r = median_ratio(lambda o=ours: o(xl), lambda: ref(xl), rounds)
             print(f"large fwd 8192x768 {norm:5s} {r:5.2f}x F.layer_norm")
     xb = torch.randn(8192, 768, dtype=torch.bfloat16, requires_grad=True)
     refb = nn.LayerNorm(768, dtype=torch.bfloat16)
     for norm in ("l2", "l1"):
         ours = nm.LpLayerNorm(768, norm=norm, dtype=torch.bfloat16)
-        r = median_ratio(lambda: ours(xb).sum().backward(), lambda: refb(xb).sum().backward(), max(3, rounds // 2))
+        r = median_ratio(lambda o=ours: o(xb).sum().backward(), lambda: refb(xb).sum().backward(), max(3, rounds // 2))
         print(f"bf16 layer 8192x768 fwd+bwd {norm:5s} {r:5.2f}x nn.LayerNorm")
     if not a.quick:
         xgb = torch.randn(32, 64, 32, 32, dtype=torch.bfloat16, requires_grad=True)
         refg = nn.GroupNorm(8, 64, dtype=torch.bfloat16)
         for norm in ("l2", "l1"):
             ours = nm.LpGroupNorm(8, 64, norm=norm, dtype=torch.bfloat16)
-            r = median_ratio(lambda: ours(xgb).sum().backward(), lambda: refg(xgb).sum().backward(),
+            r = median_ratio(lambda o=ours: o(xgb).sum().backward(), lambda: refg(xgb).sum().backward(),
                              max(3, rounds // 2))
             print(f"bf16 group 32x64x32x32 fwd+bwd {norm:5s} {r:5.2f}x nn.GroupNorm")
 
