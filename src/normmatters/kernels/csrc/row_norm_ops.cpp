@@ -66,6 +66,7 @@ RowShape check_rows(const Tensor &x, int code, int64_t k, int64_t chunks, int64_
 Tensor affine_in(const c10::optional<Tensor> &v, at::ScalarType acc, int64_t A, const char *op, const char *name) {
     if (!v.has_value() || !v->defined()) return Tensor();
     TORCH_CHECK(v->numel() == A, op, ": expected ", name, " of ", A, " elements, got ", v->sizes());
+    if (v->scalar_type() == acc && v->is_contiguous()) return *v;  // read flat through its pointer: no view needed
     return v->reshape({-1}).to(acc).contiguous();
 }
 
