@@ -205,10 +205,13 @@ class LpRowNormFwdAutograd : public torch::autograd::Function<LpRowNormFwdAutogr
                                     ctx->saved_data["chunks"].toInt(), ctx->saved_data["groups"].toInt(),
                                     ctx->saved_data["spatial"].toInt(), need_x, need_w, need_b);
         Tensor rw, rb;
-        if (need_w) rw = gw.reshape(weight.sizes()).to(weight.scalar_type());
+        if (need_w) rw = (gw.sizes() == weight.sizes() ? gw : gw.reshape(weight.sizes())).to(weight.scalar_type());
         if (need_b)
-            rb = gb.reshape(ctx->saved_data["bias_sizes"].toIntVector())
+        {
+            const auto sizes = ctx->saved_data["bias_sizes"].toIntVector();
+            rb = (gb.sizes() == c10::IntArrayRef(sizes) ? gb : gb.reshape(sizes))
                      .to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+        }
         return {need_x ? gx : Tensor(), rw, rb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
                 Tensor()};
     }
@@ -231,6 +234,10 @@ Tensor row_norm(const Tensor &x, const c10::optional<Tensor> &weight, const c10:
                          .findSchemaOrThrow("normmatters::lp_row_norm_fwd", "")
                          .typed<FwdFn>();
     TORCH_CHECK(n >= 1, "normmatters::lp_row_norm: rows of n >= 1 elements, got n = ", n);
+    // already rows (the common layer-norm call on a 2-D input): no view in and out, so no view nodes in autograd
+    if (x.dim() == 2 && !x.unsafeGetTensorImpl()->has_symbolic_sizes_strides() && x.size(1) == n &&
+        x.is_contiguous())
+        return std::get<0>(op.call(x, weight, bias, norm, centered, c, eps, k, chunks, groups, spatial));
     // symbolic sizes (torch.compile, torch.export): reshape / view by SymInt
     const Tensor x2 = x.reshape_symint({c10::SymInt(-1), c10::SymInt(n)}).contiguous();
     return std::get<0>(op.call(x2, weight, bias, norm, centered, c, eps, k, chunks, groups, spatial))
