@@ -183,6 +183,7 @@ class LpRowNormFwdAutograd : public torch::autograd::Function<LpRowNormFwdAutogr
             ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b.scalar_type());
         }
         ctx->mark_non_differentiable({mean, raw, aux});
+        ctx->set_materialize_grads(false);  // no zero tensors for the statistics' (never used) gradients
         return {y, mean, raw, aux};
     }
 
