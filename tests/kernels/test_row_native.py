@@ -82,3 +82,55 @@ def test_bad_input_names_the_operator():
         op(torch.randn(4, 6), None, None, "topk", True, 1.0, 1e-5, 65, 1, 1, 1)
     with pytest.raises(RuntimeError, match="norm must be one of"):
         op(torch.randn(4, 6), None, None, "mean", True, 1.0, 1e-5, 3, 1, 1, 1)
+
+
+def _op_args(norm="l1", centered=True, dtype=torch.float64, R=3, n=8):
+    x = torch.randn(R, n, dtype=dtype)
+    w, b = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+    return x, w, b, (norm, centered, 1.3, 1e-5, 3, 1, 1, 1)
+
+
+@pytest.mark.parametrize("norm,centered", [("l1", True), ("topk", False)])
+def test_opcheck_every_operator(norm, centered):
+    from torch.library import opcheck
+
+    x, w, b, rest = _op_args(norm, centered, torch.float32)
+    opcheck(torch.ops.normmatters.lp_row_norm.default, (x.reshape(3, 2, 4), w, b, 8, *rest))
+    opcheck(torch.ops.normmatters.lp_row_norm_fwd.default, (x.requires_grad_(), w.requires_grad_(), None, *rest))
+    _, mean, raw, aux = torch.ops.normmatters.lp_row_norm_fwd(x.detach(), w, None, *rest)
+    opcheck(torch.ops.normmatters.lp_row_norm_bwd.default,
+            (torch.randn_like(x), x.detach(), w.detach(), mean, raw, aux, *rest, True, True, True))
+
+
+@pytest.mark.parametrize("with_w,with_b", [(True, False), (False, True), (False, False)])
+def test_gradcheck_with_absent_affine(with_w, with_b):
+    x, w, b, rest = _op_args()
+    inputs = [x.requires_grad_()] + [t.requires_grad_() for t, on in ((w, with_w), (b, with_b)) if on]
+
+    def f(x, *p):
+        it = iter(p)
+        return torch.ops.normmatters.lp_row_norm(x, next(it) if with_w else None, next(it) if with_b else None, 8,
+                                                 *rest)
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("centered", [True, False])
+def test_composite_kernel_matches_native(norm, centered):
+    x, w, b, (_, _, c, eps, k, m, g, s) = _op_args(norm, centered)
+    rest = (norm, centered, c, eps, k, m, g, s)
+    native = torch.ops.normmatters.lp_row_norm_fwd(x, w, b, *rest)
+    composite = row_native._fwd_composite(x, w, b, *rest)
+    for a, e in zip(composite, native):
+        torch.testing.assert_close(a, e)
+    gy = torch.randn_like(x)
+    args = (gy, x, w, *native[1:], *rest, True, True, True)
+    for a, e in zip(row_native._bwd_composite(*args), torch.ops.normmatters.lp_row_norm_bwd(*args)):
+        torch.testing.assert_close(a, e)
+
+
+def test_empty_rows():
+    x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.ops.normmatters.lp_row_norm(x, None, None, 8, "l1", True, 1.0, 1e-5, 3, 1, 1, 1)
+    y.sum().backward()
+    assert y.shape == (0, 8) and x.grad.shape == (0, 8)

@@ -12,13 +12,18 @@ from normmatters.bench import saved_bytes
 from normmatters.kernels import row_native, row_norm
 
 
-def test_reference_impl_leaves_the_call_to_the_caller(monkeypatch):
-    x = torch.randn(3, 8)
-    assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, "reference", "here") is None
+def test_decide_maps_impl_to_a_path(monkeypatch):
+    decide = row_norm.decide
+    assert decide("reference", "cpu", torch.float32, "l1", 10) == "reference"
+    assert decide("eager", "cpu", torch.float32, "l1", 10) == "eager"
+    assert decide("compiled", "cpu", torch.float32, "l1", 10) == "compiled"
+    assert decide("auto", "cuda", torch.float32, "l1", 10) == "compiled"  # off the CPU: Inductor
+    assert decide("auto", "cpu", torch.float32, "topk", 65) == "compiled"  # past the native top-k
     monkeypatch.setenv("NORMMATTERS_KERNEL", "reference")
-    assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, None, "here") is None
-    monkeypatch.setenv("NORMMATTERS_KERNEL", "eager")
-    assert row_norm.rows(x, None, None, 1e-5, "l1", True, 10, None, 1, 1, None, "here") is not None
+    calls = []
+    monkeypatch.setattr(row_norm.row_formulas, "reference", lambda *a: calls.append(a) or a[0].clone())
+    nm.lp_layer_norm(torch.randn(3, 8), 8)
+    assert len(calls) == 1
 
 
 def test_bad_impl_names_the_function():
@@ -27,10 +32,10 @@ def test_bad_impl_names_the_function():
 
 
 def test_auto_takes_native_on_cpu(monkeypatch):
-    if not row_native.ensure():
+    if not (row_native.ensure() and row_native.native()):
         pytest.skip("no C++ compiler")
-    calls, real = [], row_native.fwd
-    monkeypatch.setattr(row_native, "fwd", lambda *a: calls.append(a[3]) or real(*a))
+    calls = []
+    monkeypatch.setattr(row_norm, "_ROW_OP", lambda *a: calls.append(a[4]) or a[0].clone())
     x = torch.randn(4, 16)
     nm.lp_layer_norm(x, 16, norm="l1")
     nm.lp_layer_norm(x, 16, norm="topk", k=65 - 49)
@@ -101,7 +106,7 @@ def test_compile_fullgraph_and_export_use_the_native_operators(layer):
     m = layer().double()
     x = torch.randn(3, 4, 4, 4, dtype=torch.float64) if isinstance(m, nm.LpGroupNorm) else \
         torch.randn(3, 5, 16, dtype=torch.float64)
-    assert "lp_row_norm_fwd" in _export_ops(m, x)
+    assert _export_ops(m, x) & {"lp_row_norm", "lp_row_norm_fwd"}
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = m(xa), compiled(xb)
@@ -125,3 +130,24 @@ def test_saved_bytes_at_most_the_stock_layer(impl, norm):
         if norm == "topk":  # one more float32 per row: the k-th largest |d| that backward compares against
             limit += 4 * (inp.numel() // inp.shape[-1] if not isinstance(ours, nm.LpGroupNorm) else 64 * 4)
         assert saved_bytes(lambda o=ours, i=inp: o(i)) <= limit, type(ours).__name__
+
+
+def test_a_failed_compile_disables_only_that_input(monkeypatch):
+    seen = []
+
+    def fake_compiled(x2, *args):
+        seen.append(tuple(x2.shape))
+        if x2.shape[0] == 3:
+            raise RuntimeError("no compiler for this one")
+        return row_norm.row_formulas.forward(x2, *args)
+
+    key = ("forward", "l1", "centered", "float32")
+    monkeypatch.setitem(row_norm._compiled, key, fake_compiled)
+    monkeypatch.setattr(row_norm, "_failed", set())
+    ref = nm.lp_layer_norm(torch.randn(3, 8), 8, impl="reference")  # noqa: F841 - warm-up of nothing compiled
+    with pytest.warns(RuntimeWarning, match=r"rows of shape \[3, 8\]"):
+        nm.lp_layer_norm(torch.randn(3, 8), 8, impl="compiled")
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(nm.lp_layer_norm(x, 8, impl="compiled"), nm.lp_layer_norm(x, 8, impl="reference"))
+    nm.lp_layer_norm(torch.randn(3, 8), 8, impl="compiled")  # the failed input: eager, no second try
+    assert seen == [(3, 8), (5, 8)]

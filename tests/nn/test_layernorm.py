@@ -199,3 +199,86 @@ def test_chunks_must_divide_the_first_normalized_dim():
         nm.LpLayerNorm((4, 6), norm="range", chunks=3)
     with pytest.raises(ValueError, match="LpLayerNorm: norm='topk' needs 1 <= k <= n"):
         nm.LpLayerNorm(6, norm="topk", k=7)
+
+
+def test_group_norm_bias_false_is_nn_group_norms():
+    ref, ours = nn.GroupNorm(2, 4, bias=False).double(), nm.LpGroupNorm(2, 4, norm="l2", bias=False).double()
+    assert ours.bias is None and list(ours.state_dict()) == list(ref.state_dict()) == ["weight"]
+    _parity(ref, ours, torch.randn(3, 4, 5, dtype=torch.float64))
+    assert "bias=False" in repr(ours)
+    with pytest.raises(RuntimeError, match="bias"):  # a state_dict with a bias does not fit
+        ours.load_state_dict(nn.GroupNorm(2, 4).state_dict())
+
+
+LAYERS = [lambda **kw: nm.LpLayerNorm(8, **kw), lambda **kw: nm.LpRMSNorm(8, **kw),
+          lambda **kw: nm.LpGroupNorm(2, 8, **kw)]
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_eps_refused_at_construction_and_assignment(make):
+    name = type(make()).__name__
+    for eps in (0.0, -1.0, float("nan"), float("inf"), "1e-5"):
+        with pytest.raises(ValueError, match=f"{name}: eps must be a positive finite number"):
+            make(eps=eps)
+    layer = make(eps=1e-3)
+    with pytest.raises(ValueError, match=f"{name}: eps"):
+        layer.eps = 0
+    assert layer.eps == 1e-3 and "eps=0.001" in repr(layer)
+    layer.eps = 1e-2
+    assert layer.eps == 1e-2
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_empty_batch_and_integer_input(make):
+    layer = make()
+    x = torch.randn(0, 8, 3, requires_grad=True) if isinstance(layer, nm.LpGroupNorm) else \
+        torch.randn(0, 8, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    with pytest.raises(TypeError, match=f"{type(layer).__name__}: expected a floating-point input, got torch.int64"):
+        layer(torch.ones(2, 8, 3, dtype=torch.int64))
+
+
+def test_path_decided_once_per_device_dtype_training(monkeypatch):
+    layer = nm.LpLayerNorm(8)
+    layer(torch.randn(2, 8))
+    layer(torch.randn(2, 8, dtype=torch.float64))
+    layer.eval()(torch.randn(2, 8))
+    assert set(layer._paths) == {(torch.device("cpu"), torch.float32, True), (torch.device("cpu"), torch.float64, True),
+                                 (torch.device("cpu"), torch.float32, False)}
+    monkeypatch.setenv("NORMMATTERS_KERNEL", "bogus")  # read on first sight only
+    layer(torch.randn(2, 8))
+    layer.impl = "reference"  # an option the path depends on: decided again
+    assert layer._paths == {}
+    layer(torch.randn(2, 8))
+    assert set(layer._paths.values()) == {"reference"}
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", [None, "eager", "compiled"])
+def test_no_host_read_in_a_training_step(impl):
+    kw = {"impl": impl} if impl else {}
+    cases = [(nm.LpLayerNorm(16, norm="l1", **kw), (6, 16))]
+    if impl != "compiled":  # compiled: one compile keeps the test fast
+        cases += [(nm.LpGroupNorm(2, 4, norm="l1", **kw), (3, 4, 4))]
+        cases += [(nm.LpRMSNorm(16, norm=norm, **kw), (6, 16)) for norm in ("l2", "topk", "range")]
+        cases += [(nm.LpLayerNorm(16, norm=norm, **kw), (6, 16)) for norm in ("l2", "linf", "topk", "range")]
+    for layer, shape in cases:
+        x = torch.randn(*shape, requires_grad=True)
+        layer(x).sum().backward()  # warm-up: builds, compiles, decides the path
+        with _HostReads() as reads:
+            layer(x).sum().backward()
+        assert reads.count == 0, repr(layer)

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..estimators import get_estimator
 from ..functional import acc_dtype, inv_std
 
-__all__ = ["forward", "backward", "to_lean", "from_lean"]
+__all__ = ["forward", "backward", "reference", "to_lean", "from_lean"]
 
 
 def to_lean(t: Tensor, m: int) -> Tensor:
@@ -127,3 +127,22 @@ def backward(gy2: Tensor, x2: Tensor, weight: Tensor | None, mean: Tensor, raw: 
     gw = _affine_sum(g * xh, groups, spatial) if need_w else None
     gb = _affine_sum(g, groups, spatial) if need_b else None
     return gx.to(x2.dtype), gw, gb
+
+
+def reference(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: str, centered: bool, k: int,
+              chunks: int | None, groups: int, spatial: int) -> Tensor:
+    """The reference path (``impl="reference"``): y (R, n) in x2's dtype from the registry's ``statistic`` (centered)
+    or ``statistic_uncentered`` (RMS norm) over each row, autograd through every op — the definition the fast paths
+    are tested against."""
+    est = get_estimator(norm)
+    x = x2.to(acc_dtype(x2.dtype))
+    n = x.shape[1]
+    if centered:
+        mean = x.mean(1)
+        sigma = est.statistic(x, mean if est.needs_mean else None, (1,), n, k=k, chunks=chunks)
+        d = x - mean[:, None]
+    else:
+        sigma = est.statistic_uncentered(x, (1,), n, k=k, chunks=chunks)
+        d = x
+    y = d * inv_std(sigma, eps)[:, None]
+    return _affine_add(_affine_mul(y, weight, groups, spatial), bias, groups, spatial).to(x2.dtype)

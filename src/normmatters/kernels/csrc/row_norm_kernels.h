@@ -253,6 +253,9 @@ void nmr_forward(const TS *__restrict__ x, TS *__restrict__ y, const T *__restri
                 } else if (w) {
                     _Pragma("omp simd")
                     for (int64_t j = 0; j < n; ++j) yr[j] = (xr[j] - mu) * rs * w[j];
+                } else if (b) {
+                    _Pragma("omp simd")
+                    for (int64_t j = 0; j < n; ++j) yr[j] = (xr[j] - mu) * rs + b[j];
                 } else {
                     _Pragma("omp simd")
                     for (int64_t j = 0; j < n; ++j) yr[j] = (xr[j] - mu) * rs;

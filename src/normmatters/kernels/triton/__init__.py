@@ -34,7 +34,7 @@ from ...estimators import get_estimator
 from ...functional import check_channel_vectors, training_groups
 from ...options import BatchNormTensors, NormOptions
 
-__all__ = ["TOPK_MAX", "available", "runs_on", "covers", "batch_norm_training", "rows"]
+__all__ = ["TOPK_MAX", "available", "device_ok", "runs_on", "covers", "batch_norm_training", "rows"]
 
 #: the largest k of the top-k kernels (also :data:`.batch_norm.TOPK_MAX`)
 TOPK_MAX = 16
@@ -56,13 +56,15 @@ def _interpreting() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _device_ok(device_type: str) -> bool:
+def device_ok(device_type: str) -> bool:
+    """Whether the kernels can run on this device type: CUDA, or the CPU under the interpreter (and triton
+    importable); a constant of any traced graph."""
     return (device_type == "cuda" or (device_type == "cpu" and _interpreting())) and available()
 
 
 def runs_on(x: Tensor) -> bool:
     """Whether the kernels can run on x's device: CUDA, or the CPU under the interpreter (and triton importable)."""
-    return _device_ok(x.device.type)
+    return device_ok(x.device.type)
 
 
 def covers(norm: str, k: int) -> bool:
@@ -124,6 +126,12 @@ def batch_norm_training(input: Tensor, tensors: BatchNormTensors, options: NormO
                                num_batches_tracked, skipped, c, 0.0 if mom_t is not None else float(momentum),
                                mom_t, n)
     return y, status
+
+
+def check_runs(x: Tensor, where: str) -> None:
+    """A ``ValueError`` naming ``where`` when ``impl="triton"`` cannot run on x (no triton; a CPU tensor without the
+    interpreter)."""
+    _check(x, where)
 
 
 def rows(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, norm: str, centered: bool, k: int,
