@@ -10,6 +10,7 @@ from torch import nn
 import normmatters as nm
 from normmatters.bench import saved_bytes
 from normmatters.kernels import row_native, row_norm
+from normmatters.kernels import triton as triton_kernels
 
 
 def test_decide_maps_impl_to_a_path(monkeypatch):
@@ -17,7 +18,10 @@ def test_decide_maps_impl_to_a_path(monkeypatch):
     assert decide("reference", "cpu", torch.float32, "l1", 10) == "reference"
     assert decide("eager", "cpu", torch.float32, "l1", 10) == "eager"
     assert decide("compiled", "cpu", torch.float32, "l1", 10) == "compiled"
-    assert decide("auto", "cuda", torch.float32, "l1", 10) == "compiled"  # off the CPU: Inductor
+    # on CUDA: the Triton kernels where triton is importable, else Inductor
+    assert decide("auto", "cuda", torch.float32, "l1", 10) == ("triton" if triton_kernels.available() else "compiled")
+    assert decide("triton", "cpu", torch.float32, "l1", 10) == "triton"
+    assert decide("triton", "cpu", torch.float32, "topk", 17) == "eager"  # past the Triton top-k: the formulas
     assert decide("auto", "cpu", torch.float32, "topk", 65) == "compiled"  # past the native top-k
     monkeypatch.setenv("NORMMATTERS_KERNEL", "reference")
     calls = []
