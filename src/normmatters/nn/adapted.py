@@ -27,7 +27,7 @@ from .batchnorm import LpBatchNorm2d
 from .layernorm import LpGroupNorm, LpLayerNorm, LpRMSNorm
 
 __all__ = ["LpLayerNorm2d", "LpBatchNormAct2d", "LpGroupNormAct", "LpLayerNormAct", "LpLayerNormAct2d",
-           "LpHFRMSNorm", "HF_RMS_CASTS"]
+           "LpHFRMSNorm"]
 
 #: the ``cast`` forms of :class:`LpHFRMSNorm`
 HF_RMS_CASTS = ("llama", "gemma", "t5")
