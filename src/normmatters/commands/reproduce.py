@@ -7,6 +7,28 @@ import time
 from pathlib import Path
 
 from . import default_out
+from .checks import (
+    check_out_folder,
+    dataset,
+    increasing,
+    int_in,
+    names_in,
+    number,
+    one_of,
+    out_folder,
+    text_folder,
+    via,
+)
+
+_SEED = int_in(0, 2**32 - 1)
+#: the layer-norm study's largest context and batch (the attention matrix is batch × heads × context²)
+MAX_CONTEXT, MAX_BATCH = 8192, 4096
+
+
+def _variant(name: str) -> None:
+    from ..experiments.layer_norm_study import parse_variant
+
+    parse_variant(name)
 
 #: the help of flags whose default depends on the study (set after the flags are added)
 _HELP = {
@@ -27,42 +49,56 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "2018, sec. 5); weight-norm: (bounded) weight norm against batch norm (sec. 6); layer-norm: nn.LayerNorm / "
         "nn.RMSNorm against their Lp versions in a small character-level transformer.")
     p.add_argument("study", choices=["weight-decay", "weight-norm", "layer-norm"], help="which study")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run")
-    p.add_argument("--dataset", default="digits", help="digits (embedded), or a folder / idx:/cifar:/folder: path")
-    p.add_argument("--model", default=None, help="model name (default resnet8)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default ./normmatters-<study>-<time>)")
+    p.add_argument("--seeds", type=_SEED, nargs="+", default=None, help="seeds (default 0 1 2)")
+    p.add_argument("--epochs", type=int_in(1, 100_000), default=None, help="epochs per run")
+    p.add_argument("--dataset", default="digits", type=dataset,
+                   help="digits (embedded), or a folder / idx:/cifar:/folder: path")
+    p.add_argument("--model", default=None, type=one_of(names_in("normmatters.experiments.models", "MODEL_NAMES")),
+                   help="model name (default resnet8)")
+    p.add_argument("--out", type=out_folder, default=None, help="output folder (default ./normmatters-<study>-<time>)")
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
-    p.add_argument("--milestones", type=int, nargs="+", default=None,
+    p.add_argument("--milestones", type=int_in(1, 100_000), nargs="+", default=None,
                    help="weight-decay: epochs where the rate drops ×0.1 (default 40 90)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
                    help="weight-decay: sgd (default; lr 0.005, λ 0.1) or adamw (decoupled decay)")
-    p.add_argument("--lr", type=float, default=None, help="weight-decay: learning rate (default 0.005)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight-decay: λ of the decay run (default 0.1)")
-    p.add_argument("--corpus", type=Path, default=None,
+    p.add_argument("--lr", type=number(0, lo_open=True), default=None,
+                   help="weight-decay: learning rate (default 0.005)")
+    p.add_argument("--weight-decay", type=number(0), default=None,
+                   help="weight-decay: λ of the decay run (default 0.1)")
+    p.add_argument("--corpus", type=text_folder, default=None,
                    help="layer-norm: folder of text files (default: the Python standard library's .py files)")
-    p.add_argument("--steps", type=int, default=None, help="layer-norm: training steps per run (default 400)")
+    p.add_argument("--steps", type=int_in(1, 10**7), default=None,
+                   help="layer-norm: training steps per run (default 400)")
     p.add_argument("--variants", nargs="+", default=None,
+                   type=via(_variant, "a variant name as in the table, e.g. 'nn.LayerNorm' or 'LpLayerNorm l1'"),
                    help="layer-norm: the plain (native) variants to run (default: all seven; names as in the table)")
     p.add_argument("--precision", nargs="+", default=None, metavar="FORMAT",
                    choices=["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2"],
                    help="layer-norm: also run the --emulate layers with their forward emulated in these formats "
                         "(default: none, native variants only)")
-    p.add_argument("--scale", type=float, nargs="+", default=None,
+    p.add_argument("--scale", type=number(0, lo_open=True), nargs="+", default=None,
                    help="layer-norm: factors the emulated normalizations' input is multiplied by (default 1)")
-    p.add_argument("--emulate", nargs="+", default=None, metavar="LAYER",
+    p.add_argument("--emulate", nargs="+", default=None,
+                   type=one_of(names_in("normmatters.experiments.layer_norm_study", "EMULATED")), metavar="LAYER",
                    help="layer-norm: the Lp layers run emulated, e.g. 'LpLayerNorm l1' (default: LpLayerNorm "
                         "l2 l1 linf range, LpRMSNorm l2 l1)")
-    p.add_argument("--emulated-seeds", type=int, nargs="+", default=None,
+    p.add_argument("--emulated-seeds", type=_SEED, nargs="+", default=None,
                    help="layer-norm: seeds of the emulated variants (default: all seeds)")
-    p.add_argument("--eval-every", type=int, default=None,
+    p.add_argument("--eval-every", type=int_in(1, 10**7), default=None,
                    help="layer-norm: steps between validation-curve points (default 25)")
-    p.add_argument("--context", type=int, default=None, help="layer-norm: context length (default 128)")
-    p.add_argument("--batch", type=int, default=None, help="layer-norm: batch size (default 32)")
-    p.set_defaults(func=run)
+    p.add_argument("--context", type=int_in(2, MAX_CONTEXT), default=None,
+                   help="layer-norm: context length (default 128)")
+    p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=None, help="layer-norm: batch size (default 32)")
+    p.set_defaults(func=run, check=check)
 
     for action in p._actions:
         action.help = _HELP.get(action.dest, action.help)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Constraints between flags, then the output folder (the study writes its report into it)."""
+    increasing("--milestones", args.milestones)
+    args.out = check_out_folder("--out", args.out or default_out(args.study))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -82,7 +82,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="norm layer option, e.g. k=5, ghost_batch_size=32 (repeatable; default: none)",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every setting before any work: the flags (and --config) form a valid TrainConfig; --out is a folder.
+
+    A resumed run's config comes from OUT/config.yaml and is checked when it is read (run)."""
+    from ..experiments.config import TrainConfig, load_config
+    from .checks import UsageError
+
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError("--out", str(args.out), "a folder (or a path that does not exist yet), but it is a file")
+    overrides = _overrides(args)
+    if not args.resume:
+        base = load_config(args.config) if args.config else {}
+        TrainConfig.from_dict({**base, **overrides}, source=str(args.config) if args.config else "flags")
 
 
 def _config_defaults() -> dict[str, Any]:
