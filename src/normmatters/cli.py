@@ -70,7 +70,7 @@ def _ignore_file_size_signal() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    prog = f"{parser.prog} {args.command}"
+    prog = args.command  # "train: ...", as every command's messages begin
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     _ignore_file_size_signal()

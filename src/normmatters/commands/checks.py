@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["Parser", "UsageError", "int_in", "number", "one_of", "names_in", "via", "device", "out_folder",
+__all__ = ["Parser", "UsageError", "int_in", "number", "real", "one_of", "names_in", "via", "device", "out_folder",
            "out_file", "dataset", "text_folder", "check_out_folder", "increasing", "train_norms", "estimator_norms",
            "fail"]
 
@@ -47,7 +47,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         message = " ".join(message.split())
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        name = self.prog.split(" ", 1)[1] if " " in self.prog else self.prog  # "train", as the commands say
+        self.exit(2, f"{name}: {message} (see {self.prog} --help)\n")
 
 
 def _type(name: str, fn: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -107,6 +108,14 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
         return v
 
     return _type("float", parse)
+
+
+def real(text: str) -> float:
+    """Any float, NaN and ±inf included (for a flag whose range a later check states, e.g. TrainConfig's)."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise _bad("a number", text) from None
 
 
 def one_of(choices: Iterable[str] | Callable[[], Iterable[str]]) -> Callable[[str], str]:

@@ -78,8 +78,8 @@ def _archive(path: Path, data: bytes) -> bytes:
     stored, archive = data[len(MAGIC):len(MAGIC) + _DIGEST], data[len(MAGIC) + _DIGEST:]
     if len(stored) != _DIGEST or hashlib.sha256(archive).digest() != stored:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt: its SHA-256 does not match the one stored when it was written (a disk "
-            "error, a partial copy or an edit); it was not loaded and is left as it is"
+            f"checkpoint {path} is corrupt: it does not match the checksum (SHA-256 of the whole file) stored when "
+            "it was written (a disk error, a partial copy or an edit); it was not loaded and is left as it is"
         )
     return archive
 
