@@ -69,7 +69,10 @@ def _ignore_file_size_signal() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a flag refused by its own check (2, one line already printed)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     prog = args.command  # "train: ...", as every command's messages begin
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(prog, e, 2)
     except (OSError, MemoryError) as e:  # a failed write (DiskFullError: the previous file is intact), ...
         logging.getLogger("normmatters").debug("%s failed", prog, exc_info=True)
-        return fail(prog, e if str(e) else type(e).__name__, 1)
+        said = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None else str(e)
+        return fail(prog, said or type(e).__name__, 1)  # DiskFullError's own words, without "[Errno 28]"
 
 
 if __name__ == "__main__":
