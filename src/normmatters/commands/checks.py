@@ -234,9 +234,16 @@ def out_file(text: str) -> Path:
 
 def check_out_folder(flag: str, path: Path) -> Path:
     """Create the output folder and prove it takes a file (the last check before a command works): raise
-    :class:`UsageError` naming ``flag`` otherwise."""
+    :class:`UsageError` naming ``flag`` otherwise. A folder that already holds files is used (a rerun replaces
+    the files it writes again, each whole) with a warning naming them, so nothing is replaced silently."""
+    import logging
     import tempfile
 
+    earlier = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
+    if earlier:  # the user named this folder: its files are replaced one by one (each whole), none deleted
+        logging.getLogger("normmatters").warning(
+            "%s already holds %d file(s) (%s): those this run writes again are replaced, the others kept", path,
+            len(earlier), ", ".join(earlier[:5]) + (", ..." if len(earlier) > 5 else ""))
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

@@ -31,6 +31,7 @@ __all__ = [
     "DistInfo",
     "SINGLE",
     "init_from_env",
+    "env_int",
     "current",
     "wrap_model",
     "unwrap",
