@@ -55,6 +55,7 @@ CASES = [
     (["reproduce", "layer-norm", "--context", "1000000000"], "--context"),
     (["reproduce", "layer-norm", "--context", "1e9"], "--context"),
     (["reproduce", "layer-norm", "--batch", "-1"], "--batch"),
+    (["reproduce", "layer-norm", "--context", "8192", "--batch", "4096"], "--context"),  # 26 TB of attention
     (["reproduce", "layer-norm", "--scale", "nan"], "--scale"),
     (["reproduce", "layer-norm", "--scale", "0"], "--scale"),
     (["reproduce", "layer-norm", "--emulate", "x"], "--emulate"),

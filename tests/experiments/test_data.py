@@ -295,7 +295,7 @@ def test_idx_gzip_bomb_is_inflated_only_as_far_as_its_header_says(tmp_path, monk
 
     _write_idx(tmp_path, gz=True)
     name = IDX_FILES[("train", "labels")] + ".gz"
-    bomb = struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", 6) + bytes(6) + bytes(64 << 20)  # 64 MiB of zeros
+    bomb = struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", 6) + bytes(6) + bytes(16 << 20)  # 16 MiB of zeros
     (tmp_path / name).write_bytes(gzip.compress(bomb, compresslevel=9))
     assert (tmp_path / name).stat().st_size < 200_000
     inflated = []
@@ -311,7 +311,7 @@ def test_idx_gzip_bomb_is_inflated_only_as_far_as_its_header_says(tmp_path, monk
     with pytest.raises(DataError, match=rf"{name}: IDX file has more than {D.IDX_TRAILING_MARGIN} unexpected "
                                         r"trailing bytes .*beyond the 14 bytes its header declares"):
         load_idx(tmp_path)
-    assert sum(inflated) <= D.IDX_TRAILING_MARGIN + 1000  # the images file (136 bytes) and the labels, not 64 MiB
+    assert sum(inflated) <= D.IDX_TRAILING_MARGIN + 1000  # the images file (136 bytes) and the labels, not 16 MiB
 
 
 def test_idx_header_larger_than_memory_refused_before_inflating(tmp_path, monkeypatch):

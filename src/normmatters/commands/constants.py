@@ -7,7 +7,8 @@ import argparse
 from .checks import int_in
 
 #: the largest reduction size: the Monte Carlo column draws max(2**22 // n, 2048) rows of n float64 values
-MAX_N = 2**24
+#: (2**31 draws at 2**20, minutes; more would run for hours)
+MAX_N = 2**20
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import default_out
 from .checks import (
+    UsageError,
     check_out_folder,
     dataset,
     increasing,
@@ -95,9 +96,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action.help = _HELP.get(action.dest, action.help)
 
 
+def _check_attention_fits(args: argparse.Namespace) -> None:
+    """--batch × --context together: the attention scores (batch × heads × context² float32, per layer) must fit
+    in the memory at hand."""
+    from ..experiments.data import available_memory
+    from ..experiments.layer_norm_study import LayerNormStudy
+
+    study = LayerNormStudy()
+    batch = args.batch or (16 if args.quick else study.batch)
+    context = args.context or (64 if args.quick else study.context)
+    need = batch * study.heads * context**2 * 4 * study.layers * 3  # scores, softmax and gradient per layer
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise UsageError("--context", context, f"a context whose attention (batch {batch} × {study.heads} heads × "
+                         f"context², about {need / 2**30:.1f} GiB) fits in the {avail / 2**30:.1f} GiB of memory "
+                         "available")
+
+
 def check(args: argparse.Namespace) -> None:
     """Constraints between flags, then the output folder (the study writes its report into it)."""
     increasing("--milestones", args.milestones)
+    if args.study == "layer-norm" and (args.context or args.batch):
+        _check_attention_fits(args)
     args.out = check_out_folder("--out", args.out or default_out(args.study))
 
 
