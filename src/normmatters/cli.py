@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("normmatters").debug("%s failed", prog, exc_info=True)
         said = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None else str(e)
         return fail(prog, said or type(e).__name__, 1)  # DiskFullError's own words, without "[Errno 28]"
+    except KeyboardInterrupt:  # Ctrl-C: every file is whole (atomic writes); say so instead of a traceback
+        return fail(prog, "interrupted (files already written are whole)", 130)
 
 
 if __name__ == "__main__":
