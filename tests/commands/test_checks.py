@@ -61,6 +61,8 @@ CASES = [
     (["reproduce", "layer-norm", "--emulate", "x"], "--emulate"),
     (["reproduce", "layer-norm", "--variants", "bogus"], "--variants"),
     (["reproduce", "layer-norm", "--eval-every", "0"], "--eval-every"),
+    (["reproduce", "layer-norm", "--epochs", "3"], "--epochs"), (["reproduce", "weight-norm", "--lr", "0.1"], "--lr"),
+    (["reproduce", "weight-decay", "--steps", "5"], "--steps"),  # a flag the study would ignore
     (["reproduce", "layer-norm", "--out", "a-file"], "--out"), (["reproduce", "bogus"], "study"),
     (["precision", "--formats", "fp7"], "--formats"), (["precision", "--norms", "l3"], "--norms"),
     (["precision", "--dists", "bogus"], "--dists"),
@@ -95,9 +97,11 @@ def test_cuda_refused_on_a_machine_without_it(no_work, capsys, monkeypatch):
 
 def test_valid_settings_reach_the_work_with_their_types(no_work):
     assert _code(["precision", "--quick", "--eps", "1e-5", "--out", "P"]) == 0
-    assert _code(["reproduce", "layer-norm", "--context", "16", "--scale", "2", "--milestones", "1", "2"]) == 0
-    (_, p), (_, r) = no_work
+    assert _code(["reproduce", "layer-norm", "--context", "16", "--scale", "2"]) == 0
+    assert _code(["reproduce", "weight-decay", "--milestones", "1", "2", "--dataset", "digits"]) == 0
+    (_, p), (_, r), (_, w) = no_work
     assert p.eps == 1e-5 and p.out.is_dir() and r.context == 16 and r.scale == [2.0] and r.out.is_dir()
+    assert w.milestones == [1, 2]
 
 
 def test_read_only_out_folder_refused(no_work, capsys, monkeypatch):

@@ -26,6 +26,19 @@ _SEED = int_in(0, 2**32 - 1)
 MAX_CONTEXT, MAX_BATCH = 8192, 4096
 
 
+#: flags only some studies read → those studies; given to another of these studies, a flag is refused (not ignored).
+#: A study not named in :data:`_STUDIES` is not restricted (it declares its flags here when it wants them checked).
+_STUDIES = ("weight-decay", "weight-norm", "layer-norm")
+_ONLY = {
+    **dict.fromkeys(("epochs", "model", "dataset"), ("weight-decay", "weight-norm")),
+    **dict.fromkeys(("milestones", "optimizer", "lr", "weight_decay"), ("weight-decay",)),
+    **dict.fromkeys(("corpus", "steps", "variants", "precision", "scale", "emulate", "emulated_seeds", "eval_every",
+                     "context", "batch"), ("layer-norm",)),
+}
+#: flags whose default is not None (given = differs from it)
+_DEFAULTS = {"dataset": "digits"}
+
+
 def _variant(name: str) -> None:
     from ..experiments.layer_norm_study import parse_variant
 
@@ -115,6 +128,13 @@ def _check_attention_fits(args: argparse.Namespace) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """Constraints between flags, then the output folder (the study writes its report into it)."""
+    if args.study in _STUDIES:
+        for dest, studies in _ONLY.items():
+            value = getattr(args, dest)
+            if args.study not in studies and value is not None and value != _DEFAULTS.get(dest):
+                shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+                raise UsageError("--" + dest.replace("_", "-"), shown,
+                                 f"no value with {args.study}: only {' and '.join(studies)} read it")
     increasing("--milestones", args.milestones)
     if args.study == "layer-norm" and (args.context or args.batch):
         _check_attention_fits(args)
