@@ -61,3 +61,35 @@ def test_lazy_package_exports():
     assert nm.functional.lp_batch_norm is nm.lp_batch_norm
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         nm.nope  # noqa: B018
+
+
+def test_a_write_past_the_file_size_limit_exits_1_in_one_line_and_keeps_the_old_file(tmp_path):
+    """main ignores SIGXFSZ (whose default action kills the process mid-write), so the write fails with EFBIG,
+    the atomic writer keeps the previous file, and the command ends with one line, exit 1, no traceback."""
+    p = tmp_path / "precision.csv"
+    p.write_bytes(b"the previous table\n")
+    code = (
+        "import resource, sys\n"
+        "from normmatters import cli\n"
+        "from normmatters.atomic_write import atomic_write\n"
+        "import normmatters.commands.constants as c\n"
+        f"c.run = lambda args: atomic_write({str(p)!r}, b'x' * 8192) and 0\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))\n"
+        "sys.exit(cli.main(['constants']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stderr.startswith("constants: no space left while writing") and r.stderr.count("\n") == 1, r.stderr
+    assert "previous precision.csv is intact" in r.stderr and "Traceback" not in r.stderr
+    assert p.read_bytes() == b"the previous table\n" and [x.name for x in tmp_path.iterdir()] == ["precision.csv"]
+
+
+def test_bad_data_found_while_working_is_one_line_exit_2(monkeypatch, capsys):
+    from normmatters.commands import constants
+
+    def bad(args):
+        raise ValueError("dataset x: not a folder\nsecond line")
+
+    monkeypatch.setattr(constants, "run", bad)
+    assert main(["constants"]) == 2
+    assert capsys.readouterr().err == "constants: dataset x: not a folder second line\n"

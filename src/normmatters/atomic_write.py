@@ -3,8 +3,16 @@
 :func:`atomic_write` writes to a temporary file in the target's folder (``.<name>.<random>.tmp``), flushes and
 fsyncs it, optionally verifies it, then ``os.replace`` s it over the target and fsyncs the folder. A reader
 therefore sees the previous complete file or the new complete one, never a partial file; a failed, interrupted
-or full-disk write leaves the previous file untouched. A process killed mid-write can leave its temporary file
-behind: :func:`remove_orphans` deletes them (the trainer calls it when a run starts).
+or full-disk write (or one past the file-size limit, RLIMIT_FSIZE: the command line ignores SIGXFSZ so such a
+write fails with EFBIG instead of killing the process) leaves the previous file untouched. A process killed
+mid-write can leave its temporary file behind: :func:`remove_orphans` deletes them (the trainer calls it when a
+run starts).
+
+Symbolic links are never written through: when the target is a link, the link itself is replaced by the new
+file (its destination is left as it was). :func:`atomic_open` collects a text file (a CSV) and writes it
+whole, :func:`atomic_savefig` writes a matplotlib figure the same way, and
+:func:`append_text` appends to a log-like file (``metrics.jsonl``) without following a link: it refuses one
+with :class:`SymlinkError`.
 
 No dependency beyond the standard library, so every layer of the package may use it.
 """
@@ -12,14 +20,17 @@ No dependency beyond the standard library, so every layer of the package may use
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "DiskFullError", "remove_orphans"]
+__all__ = ["atomic_write", "atomic_open", "atomic_savefig", "append_text", "DiskFullError", "SymlinkError",
+           "remove_orphans"]
 
 #: errno values that mean "no room left" (ENOSPC: device full, EDQUOT: quota, EFBIG: file-size limit)
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -27,6 +38,31 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 class DiskFullError(OSError):
     """Writing a file ran out of space (disk, quota or file-size limit); the previous file is intact."""
+
+
+class SymlinkError(OSError):
+    """A file to append to is a symbolic link; nothing was written through it."""
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode the written file gets: the replaced file's (not a link's), else 0o666 less the umask."""
+    try:
+        st = os.lstat(path)
+        if not os.path.islink(path):
+            return st.st_mode & 0o7777
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _full_error(e: OSError, path: Path, what: str) -> DiskFullError:
+    return DiskFullError(
+        e.errno,
+        f"no space left while writing {path} ({os.strerror(e.errno or 0)}: the disk, a quota or the file-size "
+        f"limit; {_free_space(path.parent)}): {what}; free some space (or raise the limit) and run again",
+    )
 
 
 def _free_space(folder: Path) -> str:
@@ -81,18 +117,64 @@ def atomic_write(
             os.fsync(f.fileno())
         if verify is not None:
             verify(tmp)
-        os.replace(tmp, path)
+        os.chmod(tmp, _new_file_mode(path))
+        os.replace(tmp, path)  # a link at ``path`` is replaced, not followed
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and not isinstance(e, DiskFullError) and e.errno in _FULL:
-            raise DiskFullError(
-                e.errno,
-                f"no space left while writing {path} ({os.strerror(e.errno)}; {_free_space(path.parent)}): "
-                f"the previous {path.name} is intact; free some space and run again",
-            ) from e
+            raise _full_error(e, path, f"the previous {path.name} is intact") from e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[io.StringIO]:
+    """``with atomic_open(path) as fh:`` — a text handle (``newline=""``, as the csv module wants) whose content
+    is written to ``path`` by :func:`atomic_write` when the block ends without an exception (nothing is written
+    otherwise)."""
+    buf = io.StringIO(newline="")
+    yield buf
+    atomic_write(path, buf.getvalue())
+
+
+def atomic_savefig(fig: object, path: str | Path, **kwargs: object) -> Path:
+    """``fig.savefig`` (a matplotlib figure) into ``path`` through :func:`atomic_write`; the format is the
+    suffix's (``.png``, ``.pdf``, ``.svg``) unless ``format=`` says otherwise."""
+    path = Path(path)
+    kwargs.setdefault("format", path.suffix.lstrip(".").lower() or "png")
+    return atomic_write(path, lambda f: fig.savefig(f, **kwargs))  # type: ignore[attr-defined]
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` to ``path`` (created if missing) with one ``write``; never through a symbolic link.
+
+    Raises:
+        SymlinkError: ``path`` is a symbolic link (dangling or not); nothing was written.
+        DiskFullError: no room left; at most a torn last line was added (readers skip it).
+    """
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    if path.is_symlink():  # O_NOFOLLOW covers this too where it exists; the check gives the clearer message
+        raise SymlinkError(errno.ELOOP, f"{path} is a symbolic link (to {os.readlink(path)}); refusing to write "
+                           "through it: replace it with a regular file or remove it")
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SymlinkError(e.errno, f"{path} is a symbolic link; refusing to write through it") from e
+        raise
+    try:
+        data = text.encode()
+        while data:
+            n = os.write(fd, data)
+            data = data[n:]
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _full_error(e, path, "its earlier lines are intact") from e
+        raise
+    finally:
+        os.close(fd)
 
 
 def remove_orphans(folder: str | Path, name: str) -> list[Path]:

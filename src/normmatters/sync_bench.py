@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .atomic_write import atomic_write
 from .estimators import available_norms
 
 __all__ = ["run_sync_benchmark", "format_sync_table"]
@@ -60,7 +61,8 @@ def _worker(rank, world, port, shape, rounds, norms, out):
         for key, layer in layers.items():
             dist.barrier()
             times[key].append(_step(layer, x, g))
-    torch.save({"times": times, "traffic": traffic}, os.path.join(out, f"rank{rank}.pt"))
+    result = {"times": times, "traffic": traffic}
+    atomic_write(os.path.join(out, f"rank{rank}.pt"), lambda f: torch.save(result, f))  # read whole or not at all
     dist.destroy_process_group()
 
 

@@ -2,6 +2,7 @@
 it prints and writes, with the benchmark itself stood in for (the real run: tests/test_bench.py)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,34 @@ def calls(monkeypatch):
         seen.append(kw)
         return _result(**kw)
     monkeypatch.setattr(bench, "run_benchmark", fake)
+    import torch  # the command refuses a device the machine lacks: pretend this one has a GPU
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     return seen
+
+
+def _code(argv: list[str]) -> int:
+    """main's exit code: it returns it for a flag refused by its own type too (argparse's SystemExit caught)."""
+    return main(argv)
+
+
+def test_bad_settings_are_refused_before_the_benchmark(calls, capsys, monkeypatch):
+    import torch
+
+    for flags, message in ((["--rounds", "0"], "--rounds: expected an int in 1 .. 100000, got '0'"),
+                           (["--norms", "l3"], "--norms: expected one of l2, .*got 'l3'"),
+                           (["--device", "bogus"], "--device: expected a torch device"),
+                           (["--device", "cuda:3"], r"--device: expected cuda:0 .. cuda:0 \(this machine's GPUs\)"),
+                           (["--layers", "--norms", "mean"], "--norms: expected with --layers, one of"),
+                           (["--json", "/proc/x.json"], "--json: expected a file outside /proc")):
+        assert _code(["bench", "--quick", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bench: ") and err.count("\n") == 1 and re.search(message, err), (flags, err)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _code(["bench", "--device", "cuda"]) == 2
+    assert "--device: expected cpu (CUDA is not available on this machine), got 'cuda'" in capsys.readouterr().err
+    assert calls == []
 
 
 def test_arguments_reach_the_benchmark(calls):

@@ -33,4 +33,5 @@ def test_compare_writes_report_and_prints_table(tmp_path, capsys):
 
 def test_compare_bad_dataset(tmp_path, capsys):
     rc = main(["compare", "--dataset", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
-    assert rc == 2 and "no such file or folder" in capsys.readouterr().err
+    assert rc == 2 and "--dataset: expected digits, idx:DIR" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was created

@@ -21,11 +21,9 @@ def test_reproduce_weight_decay_adamw(tmp_path, capsys):
 
 
 def test_reproduce_rejects_unknown_study(capsys):
-    import pytest
-
-    with pytest.raises(SystemExit):
-        main(["reproduce", "batch-size"])
-    assert "invalid choice" in capsys.readouterr().err
+    assert main(["reproduce", "batch-size"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reproduce: argument study: invalid choice: 'batch-size'") and err.count("\n") == 1
 
 
 def test_reproduce_swap_quick_one_norm(tmp_path, capsys):
@@ -41,10 +39,10 @@ def test_reproduce_swap_quick_one_norm(tmp_path, capsys):
     assert (tmp_path / "swap" / "swap.png").exists() and (tmp_path / "swap" / "report.md").exists()
 
 
-def test_reproduce_swap_rejects_bad_settings_before_training(tmp_path):
-    import pytest
-
-    with pytest.raises(SystemExit, match="norm 'mean' does not divide"):
-        main(["reproduce", "swap", "--norms", "mean", "--out", str(tmp_path / "swap")])
-    with pytest.raises(SystemExit, match="one seed"):
-        main(["reproduce", "swap", "--seeds", "0", "1", "--out", str(tmp_path / "swap")])
+def test_reproduce_swap_rejects_bad_settings_before_training(tmp_path, capsys):
+    assert main(["reproduce", "swap", "--norms", "mean", "--out", str(tmp_path / "swap")]) == 2
+    err = capsys.readouterr().err
+    assert "norm 'mean' does not divide" in err and err.count("\n") == 1
+    assert main(["reproduce", "swap", "--seeds", "0", "1", "--out", str(tmp_path / "swap")]) == 2
+    assert "one seed" in capsys.readouterr().err
+    assert not (tmp_path / "swap").exists()

@@ -286,3 +286,53 @@ def test_decompression_bomb_image_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # above twice the limit: PIL's own error
     with pytest.raises(DataError, match=r"a/0.png: refused as a possible decompression bomb"):
         load_image_folder(tmp_path)
+
+
+def test_idx_gzip_bomb_is_inflated_only_as_far_as_its_header_says(tmp_path, monkeypatch):
+    """A small gzip whose data goes on far past its header's shape: refused after reading the declared bytes
+    plus a margin, not inflated whole."""
+    import normmatters.experiments.data as D
+
+    _write_idx(tmp_path, gz=True)
+    name = IDX_FILES[("train", "labels")] + ".gz"
+    bomb = struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", 6) + bytes(6) + bytes(16 << 20)  # 16 MiB of zeros
+    (tmp_path / name).write_bytes(gzip.compress(bomb, compresslevel=9))
+    assert (tmp_path / name).stat().st_size < 200_000
+    inflated = []
+    real_read = gzip.GzipFile.read
+
+    def counting_read(self, size=-1):
+        assert size is not None and size >= 0, "the IDX reader must never inflate a whole stream"
+        out = real_read(self, size)
+        inflated.append(len(out))
+        return out
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counting_read)
+    with pytest.raises(DataError, match=rf"{name}: IDX file has more than {D.IDX_TRAILING_MARGIN} unexpected "
+                                        r"trailing bytes .*beyond the 14 bytes its header declares"):
+        load_idx(tmp_path)
+    assert sum(inflated) <= D.IDX_TRAILING_MARGIN + 1000  # the images file (136 bytes) and the labels, not 16 MiB
+
+
+def test_idx_header_larger_than_memory_refused_before_inflating(tmp_path, monkeypatch):
+    import normmatters.experiments.data as D
+
+    _write_idx(tmp_path, gz=True)
+    monkeypatch.setattr(D, "available_memory", lambda: 1000)  # 6×5×4 images × 13 bytes per value > 1000
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: its header declares shape \(6, 5, 4\) "
+                                        r"\(120 values.*would not fit in the 1000 bytes of memory available"):
+        load_idx(tmp_path)
+
+
+def test_image_folder_larger_than_memory_refused_naming_the_image(tmp_path, monkeypatch):
+    import normmatters.experiments.data as D
+
+    _write_images(tmp_path, {"a": 2, "b": 2}, size=(10, 10))  # 300 values per image
+    per_image = 300 * D._BYTES_PER_VALUE
+    monkeypatch.setattr(D, "available_memory", lambda: 2 * per_image + 100)  # the third image does not fit
+    decoded = []
+    monkeypatch.setattr(D, "_read_images", lambda *a, **k: decoded.append(a))
+    with pytest.raises(DataError, match=r"b/0.png: the images of the folder up to this one \(10×10\) hold 900 "
+                                        r"values.*refused before decoding any"):
+        load_image_folder(tmp_path)
+    assert decoded == []

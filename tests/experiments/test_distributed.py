@@ -129,3 +129,19 @@ def test_prepare_norm_layers_auto_syncs_every_norm(device, stock):
     assert [type(m).__name__ for m in lp_only] == ["BatchNorm2d", "SyncLpBatchNorm2d"]
     with pytest.raises(ValueError, match="sync_norm must be"):
         D.prepare_norm_layers(model, "all", D.DistInfo(0, 2, 0))
+
+
+def test_torchrun_environment_values_are_checked_by_name(monkeypatch):
+    from normmatters.experiments import distributed as D
+
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    with pytest.raises(ValueError, match="environment variable WORLD_SIZE must be an int ≥ 1, got 'abc'"):
+        D.init_from_env()
+    monkeypatch.setenv("WORLD_SIZE", "0")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an int ≥ 1, got '0'"):
+        D.init_from_env()
+    monkeypatch.setenv("WORLD_SIZE", "")
+    assert D.env_int("WORLD_SIZE", 1, lo=1) == 1 and D.init_from_env() == D.current()
+    monkeypatch.setenv("LOCAL_RANK", "-2")
+    with pytest.raises(ValueError, match="LOCAL_RANK must be an int ≥ 0, got '-2'"):
+        D.env_int("LOCAL_RANK", 0)

@@ -87,3 +87,21 @@ def test_records_roundtrip(tmp_path):
     (r,) = read_jsonl(w.jsonl)
     assert r["global_step"] == 3 and r["x"] != r["x"]
     assert json.loads(w.jsonl.read_text().splitlines()[0])["kind"] == "epoch"
+
+
+def test_appends_never_follow_a_symlink(tmp_path):
+    from normmatters.atomic_write import SymlinkError
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    w = MetricsWriter(run)
+    (run / "steps.csv").symlink_to(outside / "never-created")  # dangling
+    (run / "metrics.jsonl").symlink_to(outside / "kept.jsonl")
+    (outside / "kept.jsonl").write_text("keep me")
+    with pytest.raises(SymlinkError, match="metrics.jsonl is a symbolic link"):
+        w.write({"kind": "step", "global_step": 1, "loss": 1.0})
+    (run / "metrics.jsonl").unlink()
+    with pytest.raises(SymlinkError, match="steps.csv is a symbolic link"):
+        w.write({"kind": "step", "global_step": 1, "loss": 1.0})
+    assert (outside / "kept.jsonl").read_text() == "keep me" and not (outside / "never-created").exists()

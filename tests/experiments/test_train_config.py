@@ -33,3 +33,6 @@ def test_errors(tmp_path):
         load_config(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="binary.yaml: cannot read it as text"):
+        load_config(tmp_path / "binary.yaml")

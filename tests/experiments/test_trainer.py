@@ -176,12 +176,23 @@ def test_longer_run_says_what_happens_to_the_schedule(tiny, tmp_path, caplog):
 
 
 def test_fresh_run_after_a_kill_before_the_first_checkpoint(tiny, tmp_path):
-    """Killed after logging epoch 1 but before its checkpoint: a fresh run must not list epoch 1 twice."""
+    """Killed after logging epoch 1 but before its checkpoint: resume is impossible, a fresh run refuses to discard
+    the earlier metrics (nothing is reset silently); once they are moved away it starts, listing each epoch once."""
+    from normmatters.experiments.run_folder import OutputFolderError
+
     Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit()
     (tmp_path / "checkpoint.pt").unlink()
     (tmp_path / ".checkpoint.pt.k1ll.tmp").write_bytes(b"half a checkpoint")
-    with pytest.raises(CheckpointError, match="holds no checkpoint yet .* start it again without --resume"):
+    with pytest.raises(CheckpointError, match="holds no checkpoint yet .* move its metrics files away"):
         Trainer(_cfg(epochs=1), tmp_path, data=tiny).fit(resume=True)
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(OutputFolderError, match="holds the metrics of an earlier run .* does not discard them"):
+        Trainer(_cfg(epochs=2), tmp_path, data=tiny).fit()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    kept = tmp_path / "earlier"
+    kept.mkdir()
+    for name in ("metrics.jsonl", "steps.csv", "epochs.csv"):
+        (tmp_path / name).rename(kept / name)
     Trainer(_cfg(epochs=2), tmp_path, data=tiny).fit()
     epochs = [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "epoch"]
     assert epochs == [1, 2]

@@ -79,3 +79,50 @@ def test_save_and_resume_round_trip_and_resume_needs_a_path(tiny, tmp_path):
     Trainer(_cfg(), None, data=tiny).save()  # no folder: nothing written, no error
     with pytest.raises(CheckpointError, match="resume needs a checkpoint path or an out_dir"):
         Trainer(_cfg(), None, data=tiny).resume()
+
+
+def _bn_key(state: dict) -> str:
+    return next(k for k in state["model"] if k.endswith("num_batches_tracked"))
+
+
+_IMPOSSIBLE = [
+    (lambda s: s.update(step_in_epoch=50, global_step=50), "step_in_epoch must be below the 3 steps of an epoch"),
+    (lambda s: s.update(epoch=-5), "epoch must be an int ≥ 0, found -5"),
+    (lambda s: s.update(global_step=7), r"global_step must be epoch × \d+ steps \+ step_in_epoch = 1"),
+    (lambda s: s["rng"][0].update(numpy=None), r"rng\[0\]\.numpy must be present"),
+    (lambda s: s["rng"].clear(), r"rng must be a list of 1 per-rank random states"),
+    (lambda s: s["rng"][0]["python"].update(state=[1, 2]), r"rng\[0\]\.python\.state must be 625 ints"),
+    (lambda s: s.update(history=[{"epoch": 1}]), r"history must be one record per finished epoch \(1\.\.0\)"),
+    (lambda s: s["epoch_accumulators"].update(count=-1), "epoch_accumulators must be"),
+    (lambda s: s["model"].update({_bn_key(s): torch.tensor(-3)}), r"model\..*num_batches_tracked must be an integer"),
+    (lambda s: s["model"].update({_bn_key(s): torch.tensor(2.5)}), r"model\..*num_batches_tracked must be an integer"),
+    (lambda s: s.update(config=None), "config must be a dict"),
+]
+
+
+def test_impossible_values_are_refused_by_name(tiny):
+    """Values a run cannot have written (a crafted or damaged file with a valid digest) are refused before any
+    of them is applied, naming the entry."""
+    import copy
+
+    a = Trainer(_cfg(), None, data=tiny)
+    _one_step(a)
+    good = a.state_dict()
+    b = Trainer(_cfg(), None, data=tiny)
+    for change, named in _IMPOSSIBLE:
+        state = copy.deepcopy(good)
+        change(state)
+        with pytest.raises(CheckpointError, match=rf"ck: {named}.*left as it is"):
+            b.load_state_dict(state, source="ck")
+    b.load_state_dict(good, source="ck")  # nothing was applied before: the good state still loads
+    assert (b.epoch, b.step_in_epoch, b.global_step) == (0, 1, 1)
+
+
+def test_negative_optimizer_step_is_refused(tiny):
+    a = Trainer(_cfg(optimizer="adam", lr=1e-3), None, data=tiny)
+    _one_step(a)
+    state = a.state_dict()
+    first = next(iter(state["optimizer"]["state"]))
+    state["optimizer"]["state"][first]["step"] = torch.tensor(-1.0)
+    with pytest.raises(CheckpointError, match=rf"optimizer\.state\[{first}\]\.step must be a count ≥ 0"):
+        Trainer(_cfg(optimizer="adam", lr=1e-3), None, data=tiny).load_state_dict(state, source="ck")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .checks import UsageError, device, estimator_norms, int_in, one_of, out_file
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time and memory of the Lp layers vs nn.BatchNorm (ratios, one run)",
@@ -15,10 +17,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="one shape, float32, contiguous; in-place and ResNet-20 rows for l1 and range only "
                         "(under a minute)")
-    p.add_argument("--json", metavar="FILE", help="also write all results to FILE (default: print only)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--norms", nargs="+", default=None, help="subset of norms (default: all)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement "
+    p.add_argument("--json", metavar="FILE", type=out_file, help="also write all results to FILE (default: print only)")
+    p.add_argument("--device", default="cpu", type=device, help="torch device (default: cpu)")
+    p.add_argument("--norms", nargs="+", type=one_of(estimator_norms), default=None,
+                   help="subset of norms (default: all)")
+    p.add_argument("--rounds", type=int_in(1, 100_000), default=None, help="interleaved rounds per measurement "
                         "(default: the benchmark's own, fewer with --quick)")
     p.add_argument("--sync", action="store_true",
                    help="instead: SyncLpBatchNorm2d on 2 gloo CPU ranks — step time vs the unsynced layer and vs "
@@ -29,7 +32,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "fwd and fwd+bwd, eager and compiled (8192x768, 4096x4096 float32/bfloat16; 16x256x32x32, "
                         "32 groups); --quick: small shapes, float32")
     p.add_argument("--eager-only", action="store_true", help="with --layers: skip the torch.compile columns")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Constraints between flags: --layers times a subset of the norms; --sync and --layers exclude each other."""
+    if args.sync and args.layers:
+        raise UsageError("--layers", "given with --sync", "one of --sync and --layers")
+    if args.layers and args.norms:
+        from ..bench_layers import NORMS
+
+        for n in args.norms:
+            if n not in NORMS:
+                raise UsageError("--norms", n, f"with --layers, one of {', '.join(NORMS)}")
+    if (args.sync or args.layers) and args.device != "cpu":
+        raise UsageError("--device", args.device, "cpu with --sync and --layers (they run on the CPU)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 from . import default_out
+from .checks import check_out_folder, dataset, device, int_in, names_in, number, one_of, out_folder, train_norms
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,31 +19,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "print accuracy, loss, time and memory ratios; write report.md, CSV/JSONL "
         "and plots.",
     )
-    p.add_argument(
-        "--norms", nargs="+", default=None, help="norms to compare (default: bn l2 l1 linf topk range)"
-    )
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick: 1)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8; --quick: 2)")
+    p.add_argument("--norms", nargs="+", type=one_of(train_norms), default=None,
+                   help="norms to compare (default: bn l2 l1 linf topk range)")
+    p.add_argument("--seeds", type=int_in(1, 1000), default=None, help="number of seeds (default 3; --quick: 1)")
+    p.add_argument("--epochs", type=int_in(1, 100_000), default=None, help="epochs per run (default 8; --quick: 2)")
     p.add_argument(
         "--dataset",
         default="digits",
+        type=dataset,
         help="'digits' (embedded), or idx:DIR, cifar:DIR, folder:DIR, or a DIR (format detected)",
     )
-    p.add_argument("--model", default="resnet8", help="resnet8|resnet20|resnet32|resnet56|vgg11|vgg16|mlp")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov, cosine schedule)")
+    p.add_argument("--model", default="resnet8", type=one_of(names_in("normmatters.experiments.models", "MODEL_NAMES")),
+                   help="resnet8|resnet20|resnet32|resnet56|vgg11|vgg16|mlp")
+    p.add_argument("--batch-size", type=int_in(1, 2**20), default=64, help="batch size")
+    p.add_argument("--lr", type=number(0, lo_open=True), default=0.1,
+                   help="peak learning rate (SGD, Nesterov, cosine schedule)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=int_in(1, 4096),
         default=1,
         help="torch CPU threads (default 1: small models run fastest and steadiest single-threaded)",
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: runs/compare-<date>-<time>)"
+        "--out", type=out_folder, default=None, help="output folder (default: runs/compare-<date>-<time>)"
     )
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs: a smoke test")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.set_defaults(func=run)
+    p.add_argument("--device", default="cpu", type=device, help="cpu or cuda[:N]")
+    p.set_defaults(func=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """The last check before training: the output folder takes a file."""
+    args.out = check_out_folder("--out", args.out or default_out("compare"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,9 +62,6 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("normmatters.experiments").setLevel(logging.WARNING)
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     epochs = args.epochs if args.epochs is not None else (2 if args.quick else 8)
-    if seeds < 1 or epochs < 1:
-        print("compare: --seeds and --epochs must be ≥ 1", file=sys.stderr)
-        return 2
     out = args.out or default_out("compare")
     cfg = CompareConfig(
         norms=tuple(args.norms or DEFAULT_NORMS),

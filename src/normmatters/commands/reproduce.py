@@ -7,6 +7,45 @@ import time
 from pathlib import Path
 
 from . import default_out
+from .checks import (
+    UsageError,
+    check_out_folder,
+    dataset,
+    increasing,
+    int_in,
+    names_in,
+    number,
+    one_of,
+    out_folder,
+    text_folder,
+    via,
+)
+
+_SEED = int_in(0, 2**32 - 1)
+#: the layer-norm study's largest context and batch (the attention matrix is batch × heads × context²)
+MAX_CONTEXT, MAX_BATCH = 8192, 4096
+
+
+#: flags only some studies read → those studies; given to another of these studies, a flag is refused (not ignored).
+#: A study not named in :data:`_STUDIES` is not restricted (it declares its flags here when it wants them checked).
+_STUDIES = ("weight-decay", "weight-norm", "layer-norm", "swap")
+_ONLY = {
+    **dict.fromkeys(("epochs", "model"), ("weight-decay", "weight-norm")),
+    "dataset": ("weight-decay", "weight-norm", "swap"),
+    "corpus": ("layer-norm", "swap"),
+    "norms": ("swap",),
+    **dict.fromkeys(("milestones", "optimizer", "lr", "weight_decay"), ("weight-decay",)),
+    **dict.fromkeys(("steps", "variants", "precision", "scale", "emulate", "emulated_seeds", "eval_every",
+                     "context", "batch"), ("layer-norm",)),
+}
+#: flags whose default is not None (given = differs from it)
+_DEFAULTS = {"dataset": "digits"}
+
+
+def _variant(name: str) -> None:
+    from ..experiments.layer_norm_study import parse_variant
+
+    parse_variant(name)
 
 #: the help of flags whose default depends on the study (set after the flags are added)
 _HELP = {
@@ -28,44 +67,91 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "nn.RMSNorm against their Lp versions in a small character-level transformer; swap: Lp norms swapped into a "
         "trained transformer and ResNet (no retraining, calibrated, fine-tuned, from scratch).")
     p.add_argument("study", choices=["weight-decay", "weight-norm", "layer-norm", "swap"], help="which study")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run")
-    p.add_argument("--dataset", default="digits", help="digits (embedded), or a folder / idx:/cifar:/folder: path")
-    p.add_argument("--model", default=None, help="model name (default resnet8)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default ./normmatters-<study>-<time>)")
+    p.add_argument("--seeds", type=_SEED, nargs="+", default=None, help="seeds (default 0 1 2)")
+    p.add_argument("--epochs", type=int_in(1, 100_000), default=None, help="epochs per run")
+    p.add_argument("--dataset", default="digits", type=dataset,
+                   help="digits (embedded), or a folder / idx:/cifar:/folder: path")
+    p.add_argument("--model", default=None, type=one_of(names_in("normmatters.experiments.models", "MODEL_NAMES")),
+                   help="model name (default resnet8)")
+    p.add_argument("--out", type=out_folder, default=None, help="output folder (default ./normmatters-<study>-<time>)")
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
-    p.add_argument("--milestones", type=int, nargs="+", default=None,
+    p.add_argument("--milestones", type=int_in(1, 100_000), nargs="+", default=None,
                    help="weight-decay: epochs where the rate drops ×0.1 (default 40 90)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
                    help="weight-decay: sgd (default; lr 0.005, λ 0.1) or adamw (decoupled decay)")
-    p.add_argument("--lr", type=float, default=None, help="weight-decay: learning rate (default 0.005)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight-decay: λ of the decay run (default 0.1)")
-    p.add_argument("--corpus", type=Path, default=None,
+    p.add_argument("--lr", type=number(0, lo_open=True), default=None,
+                   help="weight-decay: learning rate (default 0.005)")
+    p.add_argument("--weight-decay", type=number(0), default=None,
+                   help="weight-decay: λ of the decay run (default 0.1)")
+    p.add_argument("--corpus", type=text_folder, default=None,
                    help="layer-norm: folder of text files (default: the Python standard library's .py files)")
-    p.add_argument("--steps", type=int, default=None, help="layer-norm: training steps per run (default 400)")
+    p.add_argument("--steps", type=int_in(1, 10**7), default=None,
+                   help="layer-norm: training steps per run (default 400)")
     p.add_argument("--variants", nargs="+", default=None,
+                   type=via(_variant, "a variant name as in the table, e.g. 'nn.LayerNorm' or 'LpLayerNorm l1'"),
                    help="layer-norm: the plain (native) variants to run (default: all seven; names as in the table)")
     p.add_argument("--precision", nargs="+", default=None, metavar="FORMAT",
                    choices=["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2"],
                    help="layer-norm: also run the --emulate layers with their forward emulated in these formats "
                         "(default: none, native variants only)")
-    p.add_argument("--scale", type=float, nargs="+", default=None,
+    p.add_argument("--scale", type=number(0, lo_open=True), nargs="+", default=None,
                    help="layer-norm: factors the emulated normalizations' input is multiplied by (default 1)")
-    p.add_argument("--emulate", nargs="+", default=None, metavar="LAYER",
+    p.add_argument("--emulate", nargs="+", default=None,
+                   type=one_of(names_in("normmatters.experiments.layer_norm_study", "EMULATED")), metavar="LAYER",
                    help="layer-norm: the Lp layers run emulated, e.g. 'LpLayerNorm l1' (default: LpLayerNorm "
                         "l2 l1 linf range, LpRMSNorm l2 l1)")
-    p.add_argument("--emulated-seeds", type=int, nargs="+", default=None,
+    p.add_argument("--emulated-seeds", type=_SEED, nargs="+", default=None,
                    help="layer-norm: seeds of the emulated variants (default: all seeds)")
-    p.add_argument("--eval-every", type=int, default=None,
+    p.add_argument("--eval-every", type=int_in(1, 10**7), default=None,
                    help="layer-norm: steps between validation-curve points (default 25)")
-    p.add_argument("--context", type=int, default=None, help="layer-norm: context length (default 128)")
-    p.add_argument("--batch", type=int, default=None, help="layer-norm: batch size (default 32)")
-    p.add_argument("--norms", nargs="+", default=None,
+    p.add_argument("--context", type=int_in(2, MAX_CONTEXT), default=None,
+                   help="layer-norm: context length (default 128)")
+    p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=None, help="layer-norm: batch size (default 32)")
+    p.add_argument("--norms", nargs="+", default=None, type=one_of(estimator_norms),
                    help="swap: the Lp norms swapped in (default l2 l1 linf topk range; --quick: l1 linf)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
 
     for action in p._actions:
         action.help = _HELP.get(action.dest, action.help)
+
+
+def _check_attention_fits(args: argparse.Namespace) -> None:
+    """--batch × --context together: the attention scores (batch × heads × context² float32, per layer) must fit
+    in the memory at hand."""
+    from ..experiments.data import available_memory
+    from ..experiments.layer_norm_study import LayerNormStudy
+
+    study = LayerNormStudy()
+    batch = args.batch or (16 if args.quick else study.batch)
+    context = args.context or (64 if args.quick else study.context)
+    need = batch * study.heads * context**2 * 4 * study.layers * 3  # scores, softmax and gradient per layer
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise UsageError("--context", context, f"a context whose attention (batch {batch} × {study.heads} heads × "
+                         f"context², about {need / 2**30:.1f} GiB) fits in the {avail / 2**30:.1f} GiB of memory "
+                         "available")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Constraints between flags, then the output folder (the study writes its report into it)."""
+    if args.study in _STUDIES:
+        for dest, studies in _ONLY.items():
+            value = getattr(args, dest)
+            if args.study not in studies and value is not None and value != _DEFAULTS.get(dest):
+                shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+                raise UsageError("--" + dest.replace("_", "-"), shown,
+                                 f"no value with {args.study}: only {' and '.join(studies)} read it")
+    increasing("--milestones", args.milestones)
+    if args.study == "layer-norm" and (args.context or args.batch):
+        _check_attention_fits(args)
+    if args.study == "swap":
+        if args.seeds and len(args.seeds) > 1:
+            raise UsageError("--seeds", " ".join(map(str, args.seeds)), "one seed with swap (the trained model's)")
+        try:
+            _swap_study(args).check()
+        except ValueError as e:
+            raise UsageError("--norms", " ".join(args.norms or ()), str(e).removeprefix("swap study: ")) from None
+    args.out = check_out_folder("--out", args.out or default_out(args.study))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,14 +256,10 @@ def _layer_norm(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
     return write_layer_norm_report(study, rows, out, command), format_layer_norm_table(rows)
 
 
-def _swap(args: argparse.Namespace, out: Path, t0: float) -> tuple[Path, str]:
-    import shlex
-    import sys
+def _swap_study(args: argparse.Namespace):
+    """The swap study's settings from the flags (``--quick``: the smallest that still runs every stage)."""
+    from ..experiments.swap_study import SwapStudy
 
-    from ..experiments.run_folder import check_output_folder
-    from ..experiments.swap_study import SwapStudy, format_swap_table, run_swap_study, write_swap_report
-
-    check_output_folder(out)  # before anything trains
     study = SwapStudy(corpus=args.corpus, dataset=args.dataset)
     if args.quick:
         study.norms, study.max_chars, study.calib_batches, study.bn_impl = ("l1", "linf"), 300_000, 2, "eager"
@@ -185,15 +267,19 @@ def _swap(args: argparse.Namespace, out: Path, t0: float) -> tuple[Path, str]:
         study.lm_steps, study.lm_finetune_steps, study.cnn_steps, study.cnn_finetune_steps = 60, 20, 40, 20
         study.finetune_points = (0, 5, 10, 20)
     if args.seeds:
-        if len(args.seeds) > 1:
-            raise SystemExit(f"reproduce swap: one seed (the trained model's), got --seeds {args.seeds}")
         study.seed = args.seeds[0]
     if args.norms:
         study.norms = tuple(args.norms)
-    try:
-        study.check()  # bad settings: one line, before anything trains
-    except ValueError as e:
-        raise SystemExit(f"reproduce {e}") from None
+    return study
+
+
+def _swap(args: argparse.Namespace, out: Path, t0: float) -> tuple[Path, str]:
+    import shlex
+    import sys
+
+    from ..experiments.swap_study import format_swap_table, run_swap_study, write_swap_report
+
+    study = _swap_study(args)  # its settings were checked with the flags (check)
     result = run_swap_study(study)
     command = "normmatters " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else None
     report = write_swap_report(study, result, out, command, time.perf_counter() - t0)

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .checks import int_in, real
+
 #: flag → config key for the options that map one-to-one (None defaults mean "not given")
 _FLAGS: dict[str, tuple[type, str]] = {
     "model": (str, "resnet20|resnet32|resnet56|resnet8|vgg11|vgg16|mlp|lstm"),
@@ -56,10 +58,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (config from OUT)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     defaults = _config_defaults()
+    # a flag's type says what it parses (one line naming flag and value otherwise); TrainConfig.validate then
+    # checks the ranges once for flags and config files alike (ConfigError: "config: lr must be ...")
+    types = {int: int_in(), float: real, str: str}
     for key, (typ, help_) in _FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None,
-                       help=f"{help_} (default: {defaults[key]})")
-    p.add_argument("--milestones", type=int, nargs="+", default=None,
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=types[typ],
+                       default=None, help=f"{help_} (default: {defaults[key]})")
+    p.add_argument("--milestones", type=int_in(), nargs="+", default=None,
                    help="epochs of schedule=multistep (default: none)")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                    help=f"Nesterov momentum (default: {defaults['nesterov']})")
@@ -82,7 +87,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="norm layer option, e.g. k=5, ghost_batch_size=32 (repeatable; default: none)",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every setting before any work: the flags (and --config) form a valid TrainConfig.
+
+    A resumed run's config comes from OUT/config.yaml and is checked when it is read, and --out when the trainer
+    starts (:func:`~normmatters.experiments.run_folder.check_output_folder`), both before any training (run)."""
+    from ..experiments.config import TrainConfig, load_config
+
+    overrides = _overrides(args)
+    if not args.resume:
+        base = load_config(args.config) if args.config else {}
+        TrainConfig.from_dict({**base, **overrides}, source=str(args.config) if args.config else "flags")
 
 
 def _config_defaults() -> dict[str, Any]:

@@ -21,6 +21,13 @@ Formats:
   grayscale; all must share one size.
 
 Bad data raises :class:`DataError` naming the file and what was expected vs found.
+
+Bounded reading: an IDX file is inflated only up to the size its own header declares (plus
+:data:`IDX_TRAILING_MARGIN` bytes to tell "trailing data" apart), never whole, so a small gzip that inflates to
+gigabytes is refused after reading a few more bytes than it claims; a header that claims more than the memory at
+hand (:func:`available_memory`, after the float32 copy a loader makes) is refused before anything is inflated. An
+image folder's images are measured from their headers before any is decoded, and a folder whose total pixels
+would not fit in the memory at hand is refused naming the image at which the total passes it.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +60,8 @@ __all__ = [
     "load_image_folder",
     "IDX_FILES",
     "IMAGE_SUFFIXES",
+    "IDX_TRAILING_MARGIN",
+    "available_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +76,43 @@ IDX_FILES = {
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _SPLIT_SEED = 0
 _TEST_FRACTION = 0.2
+#: bytes read past an IDX file's declared data to tell whether it holds more (it must not)
+IDX_TRAILING_MARGIN = 1 << 16
+#: bytes of memory per stored byte (uint8) while a loader builds its float32 tensors: the uint8 array, the
+#: float32 copy, the tensor and a split's indexed copy
+_BYTES_PER_VALUE = 13
+
+
+def available_memory() -> int | None:
+    """Bytes of memory at hand (Linux ``MemAvailable``, else free physical pages), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def _check_fits(path: Path, values: int, what: str) -> None:
+    """Raise DataError naming ``path`` when ``values`` stored bytes would not fit in the memory at hand."""
+    avail = available_memory()
+    if avail is not None and values * _BYTES_PER_VALUE > avail:
+        raise DataError(
+            f"{path}: {what} ({values} values, about {_size(values * _BYTES_PER_VALUE)} once loaded as float32) "
+            f"would not fit in the {_size(avail)} of memory available; refused"
+        )
 
 
 class DataError(ValueError):
@@ -161,35 +210,55 @@ def _find_idx(folder: Path, base: str) -> Path:
 
 
 def read_idx(path: Path, expected_dims: int) -> np.ndarray:
-    """Read one uint8 IDX file (raw or gzip) into an array of ``expected_dims`` dims."""
+    """Read one uint8 IDX file (raw or gzip) into an array of ``expected_dims`` dims.
+
+    A gzip is inflated as a stream and only up to the size its header declares (plus
+    :data:`IDX_TRAILING_MARGIN`), so a small file that inflates to gigabytes costs no more than it claims."""
     path = Path(path)
+    gz = path.suffix == ".gz"
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        with gzip.open(path, "rb") if gz else path.open("rb") as f:
+            return _read_idx_stream(path, f, expected_dims, None if gz else path.stat().st_size)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read IDX file ({e})") from e
-    if len(raw) < 4:
-        raise DataError(f"{path}: truncated IDX file: {len(raw)} bytes, expected at least a 4-byte header")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+
+
+def _read_idx_stream(path: Path, f: Any, expected_dims: int, file_size: int | None) -> np.ndarray:
+    head = f.read(4)
+    if len(head) < 4:
+        raise DataError(f"{path}: truncated IDX file: {len(head)} bytes, expected at least a 4-byte header")
+    zero, dtype_code, ndim = struct.unpack(">HBB", head)
     expected_magic = 0x0800 + expected_dims
     magic = (dtype_code << 8) | ndim
     if zero != 0 or magic != expected_magic:
         raise DataError(
-            f"{path}: wrong magic number 0x{int.from_bytes(raw[:4], 'big'):08x}, expected "
+            f"{path}: wrong magic number 0x{int.from_bytes(head, 'big'):08x}, expected "
             f"0x{expected_magic:08x} (uint8, {expected_dims} dims)"
         )
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX file: {len(raw)} bytes, header needs {header}")
-    shape = struct.unpack(">" + "I" * ndim, raw[4:header])
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{path}: truncated IDX file: {4 + len(dims)} bytes, header needs {header}")
+    shape = struct.unpack(">" + "I" * ndim, dims)
     need = math.prod(shape)  # Python ints: a crafted header cannot overflow the size check
-    have = len(raw) - header
-    if have < need:
-        raise DataError(f"{path}: truncated IDX file: shape {shape} needs {need} data bytes, found {have}")
-    if have > need:
-        raise DataError(f"{path}: IDX file has {have - need} unexpected trailing bytes after shape {shape}")
+    if file_size is not None:  # a raw file: its size says whether the data is all there
+        have = file_size - header
+        if have < need:
+            raise DataError(f"{path}: truncated IDX file: shape {shape} needs {need} data bytes, found {have}")
+        if have > need:
+            raise DataError(f"{path}: IDX file has {have - need} unexpected trailing bytes after shape {shape}")
     if shape[0] == 0 or need == 0:
         raise DataError(f"{path}: IDX file holds no data (shape {shape})")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    _check_fits(path, need, f"its header declares shape {shape}")
+    data = f.read(need)  # a gzip stream inflates at most this much
+    if len(data) < need:
+        raise DataError(f"{path}: truncated IDX file: shape {shape} needs {need} data bytes, found {len(data)}")
+    extra = len(f.read(IDX_TRAILING_MARGIN))
+    if extra:
+        more = "more than " if extra == IDX_TRAILING_MARGIN else ""
+        raise DataError(f"{path}: IDX file has {more}{extra} unexpected trailing bytes after shape {shape} "
+                        f"(it inflates beyond the {header + need} bytes its header declares; the rest was not read)")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _idx_split(folder: Path, split: str) -> ArrayDataset:
@@ -312,6 +381,34 @@ def _read_class_folders(
     return files, labels, found
 
 
+def _measure_images(files: list[Path]) -> None:
+    """Raise DataError naming the first image at which the folder's total pixels (read from the images' headers,
+    nothing decoded) would no longer fit in the memory at hand."""
+    from PIL import Image, UnidentifiedImageError
+
+    avail = available_memory()
+    if avail is None:
+        return
+    total = 0
+    for f in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:  # reads the header only
+                    w, h = im.size
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise DataError(f"{f}: refused as a possible decompression bomb ({e})") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataError(f"{f}: cannot read image ({e})") from e
+        total += w * h * 3  # RGB at most
+        if total * _BYTES_PER_VALUE > avail:
+            raise DataError(
+                f"{f}: the images of the folder up to this one ({w}×{h}) hold {total} values, about "
+                f"{_size(total * _BYTES_PER_VALUE)} once loaded as float32: more than the "
+                f"{_size(avail)} of memory available; refused before decoding any"
+            )
+
+
 def _read_images(files: list[Path], mode: str | None = None) -> tuple[Tensor, str]:
     from PIL import Image, UnidentifiedImageError
 
@@ -352,6 +449,7 @@ def load_image_folder(root: str | Path) -> DataSplit:
     if (root / "train").is_dir() and test_dir is not None:
         files, labels, classes = _read_class_folders(root / "train")
         tfiles, tlabels, _ = _read_class_folders(test_dir, classes)
+        _measure_images(files + tfiles)
         x, mode = _read_images(files)
         tx, _ = _read_images(tfiles, mode)
         if tx.shape[1:] != x.shape[1:]:
@@ -365,6 +463,7 @@ def load_image_folder(root: str | Path) -> DataSplit:
             ArrayDataset(tx, torch.tensor(tlabels), classes),
         )
     files, labels, classes = _read_class_folders(root)
+    _measure_images(files)
     x, _ = _read_images(files)
     return _fixed_split(x, torch.tensor(labels), classes, f"folder:{root.name}")
 

@@ -31,6 +31,7 @@ __all__ = [
     "DistInfo",
     "SINGLE",
     "init_from_env",
+    "env_int",
     "current",
     "wrap_model",
     "unwrap",
@@ -66,13 +67,28 @@ SINGLE = DistInfo()
 def current() -> DistInfo:
     """The running process group's info, or :data:`SINGLE`."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), env_int("LOCAL_RANK", 0))
     return SINGLE
+
+
+def env_int(name: str, default: int, lo: int = 0) -> int:
+    """The int in environment variable ``name`` (``default`` when unset or empty); a ValueError naming the
+    variable, its value and what is expected otherwise."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = lo - 1
+    if value < lo:
+        raise ValueError(f"environment variable {name} must be an int ≥ {lo}, got {text!r}")
+    return value
 
 
 def init_from_env(device: str = "cpu") -> DistInfo:
     """Join the process group described by torchrun's environment variables (no-op when absent)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1, lo=1)
     if world <= 1:
         return current()
     if not dist.is_initialized():

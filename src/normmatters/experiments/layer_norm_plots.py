@@ -18,6 +18,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..atomic_write import atomic_open, atomic_savefig
+
 log = logging.getLogger(__name__)
 
 __all__ = ["write_curves_csv", "read_curves_csv", "curve_bands", "plot_curves"]
@@ -25,7 +27,7 @@ __all__ = ["write_curves_csv", "read_curves_csv", "curve_bands", "plot_curves"]
 
 def write_curves_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     """One line per (variant, seed, step): variant, seed, step, val_bpc."""
-    with open(path, "w", newline="") as fh:
+    with atomic_open(path) as fh:
         w = csv.writer(fh)
         w.writerow(["variant", "seed", "step", "val_bpc"])
         for r in rows:
@@ -94,7 +96,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                    f"native {'layer norm' if kind == 'layer' else 'RMS norm'}: mean, min–max band over seeds")
         fig.tight_layout()
         written.append(out / "curves-native.png")
-        fig.savefig(written[-1], dpi=110)
+        atomic_savefig(fig, written[-1], dpi=110)
         plt.close(fig)
     emulated_bases = list(dict.fromkeys(_base(r) for r in rows if r["precision"] != "native"))
     for base in emulated_bases:
@@ -103,7 +105,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         _panel(ax, rows, variants, f"{base}: forward emulated per precision (xS: input scaled by S)")
         fig.tight_layout()
         written.append(out / f"curves-{re.sub(r'[^A-Za-z0-9]+', '-', base).strip('-')}.png")
-        fig.savefig(written[-1], dpi=110)
+        atomic_savefig(fig, written[-1], dpi=110)
         plt.close(fig)
     log.info("layer-norm study: wrote %d plots to %s", len(written), out)
     return written

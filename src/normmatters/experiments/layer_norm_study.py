@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic_write import atomic_open, atomic_write
 from ..nn.layernorm import LpLayerNorm, LpRMSNorm
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,7 @@ def write_layer_norm_report(study: LayerNormStudy, rows: list[dict[str, Any]], o
     from .layer_norm_plots import plot_curves, write_curves_csv
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as fh:
+    with atomic_open(out / "results.csv") as fh:
         w = csv.writer(fh)
         w.writerow(["variant", "kind", "norm", "precision", "scale", "seed", "val_bpc", "train_loss", "step_ms",
                     "act_rms", "act_max"])
@@ -381,5 +382,5 @@ def write_layer_norm_report(study: LayerNormStudy, rows: list[dict[str, Any]], o
              "", "The Lp layers here run on the plain PyTorch reference path (no fused kernels), so their step "
              "time includes that; `LpLayerNorm l2` is numerically `nn.LayerNorm`.", ""]
     text += ["Validation curves (mean over seeds, min–max band):", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    (out / "report.md").write_text("\n".join(text) + "\n")
+    atomic_write(out / "report.md", "\n".join(text) + "\n")
     return out / "report.md"

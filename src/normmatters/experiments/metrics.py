@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..atomic_write import atomic_write
+from ..atomic_write import append_text, atomic_write
 
 __all__ = ["MetricsWriter", "read_jsonl", "MetricsFileError", "METRICS_FILES"]
 
@@ -76,16 +76,16 @@ class MetricsWriter:
         return self.folder / f"{kind}s.csv"
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append ``record`` to ``metrics.jsonl`` and its CSV, each with one write that follows no symbolic link
+        (:func:`~normmatters.atomic_write.append_text`)."""
+        append_text(self.jsonl, json.dumps(record) + "\n")
         path = self._csv(record["kind"])
-        fields = [k for k in record if k != "kind"]
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(record)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=[k for k in record if k != "kind"], extrasaction="ignore")
+        if not path.exists() and not path.is_symlink():
+            w.writeheader()
+        w.writerow(record)
+        append_text(path, buf.getvalue())
 
     def truncate_after(self, global_step: int) -> int:
         """Keep only records whose ``global_step`` is at most ``global_step``; every file is rewritten atomically

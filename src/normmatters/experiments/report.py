@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic_write import atomic_write
+from ..atomic_write import atomic_savefig, atomic_write
 from .compare import BASELINE, RunResult
 from .metrics import read_jsonl
 
@@ -123,7 +123,7 @@ def plot_curves(results: list[RunResult], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / fname
-        fig.savefig(path)
+        atomic_savefig(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -207,6 +207,6 @@ def plot_run(out_dir: Path) -> Path | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path = Path(out_dir) / "curves.png"
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..atomic_write import atomic_write
+from ..atomic_write import atomic_savefig
 
 if TYPE_CHECKING:
     from .swap_study import SwapResult
@@ -80,7 +80,7 @@ def plot_swap(result: SwapResult, path: Path) -> Path:
         if ax_ft.lines:
             ax_ft.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
     log.info("swap study: wrote %s", path)
     return path

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..atomic_write import atomic_open, atomic_savefig, atomic_write
 from .weight_decay import MODES, TWIN_LR_FACTOR, WeightDecayStudy
 
 __all__ = ["RESULT_COLUMNS", "summarize_weight_decay", "format_weight_decay_table", "write_weight_decay_report"]
@@ -87,14 +88,14 @@ def _write_csvs(results: list[dict[str, Any]], out: Path) -> None:
     import json
 
     keep = [{k: v for k, v in r.items() if k != "trajectory"} for r in results]
-    (out / "results.json").write_text(json.dumps(keep))  # everything measured, to rebuild the report
-    with open(out / "results.csv", "w", newline="") as fh:
+    atomic_write(out / "results.json", json.dumps(keep))  # everything measured, to rebuild the report
+    with atomic_open(out / "results.csv") as fh:
         w = csv.writer(fh)
         w.writerow(RESULT_COLUMNS)
         for r in results:
             w.writerow([r["mode"], r["seed"], f"{r['test_acc']:.6f}", f"{r['angle_final']:.4f}",
                         f"{r['angle_floor']:.4f}", f"{r['elr_ratio_median']:.6f}", f"{r['elr_ratio_iqr']:.6f}"])
-    with open(out / "angular_update.csv", "w", newline="") as fh:
+    with atomic_open(out / "angular_update.csv") as fh:
         w = csv.writer(fh)
         w.writerow(["mode", "seed", "phase", "lr", "first_step", "end_step", "measured_deg", "equilibrium_deg"])
         for r in results:
@@ -127,7 +128,7 @@ def _plot(study: WeightDecayStudy, results: list[dict[str, Any]], out: Path) -> 
                 title="angular update per step (20-step mean); dashed: √(2ηλ/(1+μ))")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "effective_lr.png", dpi=110)
+    atomic_savefig(fig, out / "effective_lr.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode in MODES[1:]:
@@ -138,7 +139,7 @@ def _plot(study: WeightDecayStudy, results: list[dict[str, Any]], out: Path) -> 
     ax.set(xlabel="epoch", ylabel="degrees", title="angle to the weight-decay run (wd-twin: the chaos floor)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "angles.png", dpi=110)
+    atomic_savefig(fig, out / "angles.png", dpi=110)
     plt.close(fig)
 
 
@@ -178,5 +179,5 @@ def write_weight_decay_report(study: WeightDecayStudy, results: list[dict[str, A
         "![angles](angles.png)",
         "",
     ]
-    (out / "report.md").write_text("\n".join(text))
+    atomic_write(out / "report.md", "\n".join(text))
     return out / "report.md"

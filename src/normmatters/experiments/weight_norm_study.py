@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic_write import atomic_open, atomic_savefig, atomic_write
 from .config import TrainConfig
 from .data import DataSplit, load_dataset
 from .trainer import Trainer
@@ -129,7 +130,7 @@ def write_weight_norm_report(study: WeightNormStudy, results: list[dict[str, Any
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as fh:
+    with atomic_open(out / "results.csv") as fh:
         w = csv.writer(fh)
         w.writerow(["experiment", "variant", "seed", "test_acc", "train_loss"])
         for r in results:
@@ -145,7 +146,7 @@ def write_weight_norm_report(study: WeightNormStudy, results: list[dict[str, Any
         ax.set(xlabel="epoch", ylabel="test accuracy", title=f"weight-norm study: {exp}")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / f"{exp}.png", dpi=110)
+        atomic_savefig(fig, out / f"{exp}.png", dpi=110)
         plt.close(fig)
         images.append(f"![{exp}]({exp}.png)")
     text = ["# Batch norm vs weight norm vs bounded weight norm", "",
@@ -155,5 +156,5 @@ def write_weight_norm_report(study: WeightNormStudy, results: list[dict[str, Any
             f"{study.lstm_epochs} epochs (Adam 0.01), small/correlated batches with resnet8 for "
             f"{study.batch_epochs} epochs. Weight-normed nets: mean-only batch norm (scale frozen, bias learned) "
             "and data-dependent init.", "", format_weight_norm_tables(results), *images, ""]
-    (out / "report.md").write_text("\n".join(text))
+    atomic_write(out / "report.md", "\n".join(text))
     return out / "report.md"

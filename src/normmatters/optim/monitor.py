@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..atomic_write import atomic_savefig
 from .effective_step import norm_power
 from .trajectory import channel_norms
 
@@ -128,6 +129,6 @@ class EffectiveLRMonitor:
             axes[0].legend(fontsize=7)
         if title:
             fig.suptitle(title)
-        fig.savefig(path, dpi=110)
+        atomic_savefig(fig, path, dpi=110)
         plt.close(fig)
         return path

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..atomic_write import atomic_open, atomic_savefig
 from ..estimators import get_estimator
 from ..progress import progress_bar
 from .emulate import Precision, emulate_norms, get_precision
@@ -184,8 +185,7 @@ def range_table(records: Sequence[SweepRecord], metric: str = "err_out", thresho
 
 def write_csv(records: Sequence[SweepRecord], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    with atomic_open(path) as fh:
         w = csv.DictWriter(fh, fieldnames=list(asdict(records[0])))
         w.writeheader()
         for r in records:
@@ -232,7 +232,7 @@ def plot_heatmaps(records: Sequence[SweepRecord], outdir: str | Path, metric: st
         fig.colorbar(im, ax=axes[0].tolist(), label=f"log10 {metric} (worst of distributions)")
         fig.suptitle(f"{f}: relative error vs float64 (red: {threshold:.0%})")
         p = outdir / f"precision_{f}.png"
-        fig.savefig(p, dpi=110)
+        atomic_savefig(fig, p, dpi=110)
         plt.close(fig)
         paths.append(p)
     return paths
