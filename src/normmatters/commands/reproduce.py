@@ -11,6 +11,7 @@ from .checks import (
     UsageError,
     check_out_folder,
     dataset,
+    estimator_norms,
     increasing,
     int_in,
     names_in,
