@@ -8,6 +8,7 @@ and reads them back to the host in one transfer. ``history`` keeps the last ``ma
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -23,6 +24,8 @@ from .scale_invariance import gradient_scale_invariant
 from .trajectory import channel_norms
 
 __all__ = ["EffectiveLRMonitor", "METRICS", "QUANTILES"]
+
+log = logging.getLogger(__name__)
 
 #: the per-layer metrics, metric first: ``<metric>/<parameter name>``
 METRICS = ("effective_lr", "angular_update", "norm")
@@ -60,7 +63,7 @@ class EffectiveLRMonitor:
     the per-channel lists (``channel_effective_lr/<name>``, ``channel_angular_update/<name>``,
     ``channel_norm/<name>``) to the rows (not to ``writer``).
 
-    ``detect=True`` treats ``named_params`` as candidates and keeps, on the first logging step, those whose
+    ``detect=True`` treats ``named_params`` as candidates and keeps, after the first logging step, those whose
     gradient passes :func:`~normmatters.optim.gradient_scale_invariant` (useful where no example input is at
     hand to run :func:`~normmatters.optim.scale_invariant_parameters`).
 
@@ -126,16 +129,20 @@ class EffectiveLRMonitor:
         if not self.logs_next_step():
             self._before = None
             return
-        if self.detect:
-            self._select()
         self._before = [p.detach().clone() for _, p in self.named_params]
 
-    def _select(self) -> None:
-        """Keep the candidates whose gradient says they are scale-invariant (one host read)."""
-        keep = gradient_scale_invariant([p for _, p in self.named_params])
+    def _select(self, before: list[Tensor]) -> list[Tensor]:
+        """Keep the candidates whose gradient (still there after the step; taken at ``before``) says they are
+        scale-invariant (one host read). After the step, not before it: a training loop may compute the
+        gradient inside ``optimizer.step(closure)``, after the pre-hooks."""
+        keep = gradient_scale_invariant([p for _, p in self.named_params], weights=before)
         self.named_params = [np_ for np_, k in zip(self.named_params, keep) if k]
         self._group_index = [g for g, k in zip(self._group_index, keep) if k]
         self.detect = False
+        if not self.named_params:
+            log.warning("EffectiveLRMonitor: no candidate weight is scale-invariant; nothing to monitor")
+            self.remove()
+        return [b for b, k in zip(before, keep) if k]
 
     @torch.no_grad()
     def _record(self, *_: Any) -> None:
@@ -143,6 +150,10 @@ class EffectiveLRMonitor:
         before, self._before = self._before, None
         if before is None:
             return
+        if self.detect:
+            before = self._select(before)
+            if not before:
+                return
         row = self.measure(before)
         self.history.append(row)
         if self.sink is not None:

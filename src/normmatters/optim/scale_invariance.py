@@ -84,7 +84,8 @@ def _probe(model: nn.Module, probe: nn.Module, inputs: Any, tol: float, seed: in
 
 
 @torch.no_grad()
-def gradient_scale_invariant(params: list[Tensor], tol: float = 1e-2) -> list[bool]:
+def gradient_scale_invariant(params: list[Tensor], tol: float = 1e-2,
+                             weights: list[Tensor] | None = None) -> list[bool]:
     """Per parameter, whether its current gradient says it is scale-invariant per output channel.
 
     If the loss L is unchanged by w_c → s·w_c for every channel c (dim 0), then d/ds L(s·w_c) at s = 1 is 0,
@@ -92,15 +93,19 @@ def gradient_scale_invariant(params: list[Tensor], tol: float = 1e-2) -> list[bo
     |cos(w_c, ∇_{w_c} L)| ≤ ``tol`` for every channel with a non-zero gradient and at least one channel has one
     (1-D parameters, and parameters without a gradient, fail). A necessary condition checked on one batch's
     gradient, with tolerance for normalization's eps; :func:`scale_invariant_parameters` is the direct test
-    when an example input is at hand. One host read for all parameters together.
+    when an example input is at hand. ``weights``: the values the gradient was taken at, where the parameters
+    have moved since (default: the parameters themselves). One host read for all parameters together.
     """
+    if weights is not None and len(weights) != len(params):
+        raise ValueError(f"gradient_scale_invariant: {len(weights)} weights for {len(params)} parameters")
     flags: list[Tensor] = []
-    for p in params:
+    for i, p in enumerate(params):
         g = p.grad
         if g is None or p.dim() < 2:
             flags.append(torch.zeros((), dtype=torch.bool, device=p.device))
             continue
-        w, g = p.detach().flatten(1).double(), g.detach().flatten(1).double()
+        at = p if weights is None else weights[i]
+        w, g = at.detach().flatten(1).double(), g.detach().flatten(1).double()
         dot = (w * g).sum(1).abs()
         scale = torch.linalg.vector_norm(w, dim=1) * torch.linalg.vector_norm(g, dim=1)
         live = scale > 0
