@@ -104,7 +104,7 @@ class WeightDecayMimic:
         self._group_index = [self._group_of(p) for p in self.params]
         decays = {float(g.get("weight_decay", 0.0)) for g in self._groups}
         if group_decay == "cancel" and weight_decay is None and reference is None:
-            if len(decays) != 1 or not decays.pop() > 0:
+            if len(decays) != 1 or not min(decays) > 0:
                 raise ValueError(f"WeightDecayMimic: group_decay='cancel' without weight_decay takes λ from the "
                                  f"parameters' groups, which must share one λ > 0; found {sorted(decays)}")
             weight_decay = float(self._groups[0]["weight_decay"])
