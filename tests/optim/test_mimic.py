@@ -238,10 +238,11 @@ def test_cancel_takes_the_groups_decay_out(adamw, rule):
     for decay in (True, False):
         net = _net().train()
         lam = ADAM_LAM if adamw else LAM
-        groups = [{"params": list(net.parameters()), "weight_decay": lam if decay else 0.0}]
-        opt = torch.optim.AdamW(groups, lr=ADAM_LR) if adamw else torch.optim.SGD(groups, lr=LR, momentum=0.9)
         si = [net[0].weight, net[3].weight]
-        # λ from the group when cancelling; the other parameters keep (or lack) their decay alike
+        rest = [p for p in net.parameters() if all(p is not q for q in si)]
+        groups = [{"params": si, "weight_decay": lam if decay else 0.0}, {"params": rest, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=ADAM_LR) if adamw else torch.optim.SGD(groups, lr=LR, momentum=0.9)
+        # λ from the group when cancelling
         mimic = (WeightDecayMimic(opt, si, rule=rule, group_decay="cancel") if decay
                  else WeightDecayMimic(opt, si, weight_decay=lam, rule=rule))
         assert mimic.weight_decay == lam
