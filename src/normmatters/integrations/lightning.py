@@ -71,10 +71,13 @@ class EffectiveLRMonitor(pl.Callback):
         self.monitors: list[CoreMonitor] = []
         self._trainer: pl.Trainer | None = None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.monitors, self._trainer = [], None
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         # set up at the first batch, after any callback's on_train_start: the hooks then run after a mimic's
-        if self.monitors or self._trainer is trainer:
+        if self._trainer is not None:
             return
         self._trainer = trainer
         every = self.every_n_steps or max(1, int(trainer.log_every_n_steps))
@@ -99,10 +102,8 @@ class EffectiveLRMonitor(pl.Callback):
             logger.log_metrics(metrics, step=step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for m in self.monitors:
+        for m in self.monitors:  # kept, with their history, until the next fit
             m.remove()
-        self.monitors = []
-        self._trainer = None
 
 
 class WeightDecayMimicCallback(pl.Callback):
