@@ -67,13 +67,28 @@ def main() -> None:
             if mon is not None:
                 assert len(mon.history) == (1 if every == 1 else 0)
                 mon.remove()
+    # the logging step's own work alone (snapshot before the step, measure after it), timed on its own: on a
+    # shared machine the step-time ratios carry the machine's noise, this does not
+    mon = EffectiveLRMonitor(opt, named, every_n_steps=10**9)
+    work = []
+    for _ in range(args.rounds):
+        sync()
+        t0 = time.perf_counter()
+        before = [p.detach().clone() for _, p in named]
+        mon.measure(before)
+        sync()
+        work.append(time.perf_counter() - t0)
+    mon.remove()
     base = statistics.median(times["plain"])
     print(f"ResNet-20, batch {args.batch}, {len(named)} scale-invariant weights, device {dev}, "
           f"threads {torch.get_num_threads()}, {args.rounds} rounds")
-    print(f"{'variant':32s} {'median step (ms)':>17s} {'× plain':>8s}")
+    print(f"{'variant':32s} {'median step (ms)':>17s} {'× plain':>8s} {'median of per-round ratios':>27s}")
     for name in names:
         med = statistics.median(times[name])
-        print(f"{name:32s} {1e3 * med:17.2f} {med / base:8.3f}")
+        paired = statistics.median(t / p for t, p in zip(times[name], times["plain"]))
+        print(f"{name:32s} {1e3 * med:17.2f} {med / base:8.3f} {paired:27.3f}")
+    w = statistics.median(work)
+    print(f"{'logging work alone':32s} {1e3 * w:17.2f} {1 + w / base:8.3f}   (1 + its time / the plain step)")
 
 
 if __name__ == "__main__":
