@@ -7,7 +7,8 @@ def test_reproduce_weight_decay_quick(tmp_path, capsys):
     assert "| mimic-ref | 1 |" in out and "report:" in out
     assert (tmp_path / "wd" / "report.md").exists()
     header = (tmp_path / "wd" / "results.csv").read_text().splitlines()[0]
-    assert header == "mode,seed,test_acc,angle_final,angle_floor,elr_ratio_median,elr_ratio_iqr"
+    assert header.startswith("mode,seed,test_acc,angle_final,angle_floor,elr_ratio_median,elr_ratio_iqr,"
+                             "angular_update_ratio_phase1_median,angular_update_ratio_phase1_iqr")
 
 
 def test_reproduce_weight_decay_adamw(tmp_path, capsys):

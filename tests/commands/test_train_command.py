@@ -209,3 +209,34 @@ def test_full_disk_while_saving_says_so(finished, tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert err.startswith("train: ") and "no space left while writing" in err and "checkpoint.pt is intact" in err
     assert (run / "checkpoint.pt").read_bytes() == good and not list(run.glob(".*.tmp"))
+
+
+def test_tensorboard_writes_scalar_events_beside_the_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert main(["train", "--model", "resnet8", "--epochs", "1", "--batch-size", "256", "--log-every", "2",
+                 "--threads", "1", "--quiet", "--tensorboard", "--out", str(out)]) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "lr", "train_loss", "test_acc", "effective_lr/conv1.weight", "angular_update/conv1.weight",
+            "angular_update/equilibrium"} <= tags
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    events = acc.Scalars("effective_lr/conv1.weight")
+    assert [e.step for e in events] == [r["global_step"] for r in steps]  # the JSONL's values, at its steps
+    assert [e.value for e in events] == pytest.approx([r["effective_lr/conv1.weight"] for r in steps], rel=1e-6)
+
+
+def test_wd_mimic_replay_with_adamw(tmp_path):
+    out = tmp_path / "m"
+    assert main(["train", "--model", "resnet8", "--epochs", "1", "--batch-size", "256", "--log-every", "2",
+                 "--threads", "1", "--quiet", "--optimizer", "adamw", "--lr", "0.003", "--wd-normalized", "0.1",
+                 "--wd-mimic", "replay", "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["mimic_weight_decay"] == "online" and saved["mimic_rule"] == "replay"
+    step = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"][-1]
+    assert step["effective_lr/conv1.weight"] > 0
+    # the rescale rule's online form models SGD only: the config says which rule to use
+    assert main(["train", "--model", "resnet8", "--epochs", "1", "--optimizer", "adamw", "--wd-mimic", "online",
+                 "--out", str(tmp_path / "x")]) == 2

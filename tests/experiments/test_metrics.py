@@ -105,3 +105,23 @@ def test_appends_never_follow_a_symlink(tmp_path):
     with pytest.raises(SymlinkError, match="steps.csv is a symbolic link"):
         w.write({"kind": "step", "global_step": 1, "loss": 1.0})
     assert (outside / "kept.jsonl").read_text() == "keep me" and not (outside / "never-created").exists()
+
+
+def test_tensorboard_scalars_and_resume_purge(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from normmatters.experiments.metrics import TENSORBOARD_DIR, MetricsWriter
+
+    w = MetricsWriter(tmp_path, tensorboard=True)
+    for step in (1, 2, 3, 4):
+        w.write({"kind": "step", "global_step": step, "epoch": 0, "loss": float(step), "effective_lr/c": 0.5})
+    w.write({"kind": "epoch", "global_step": 4, "epoch": 1, "train_loss": 2.0, "lr": 0.1, "test_acc": 0.5})
+    w.flush()
+    resumed = MetricsWriter(tmp_path, tensorboard=True)  # a run resumed from its checkpoint at step 2
+    resumed.truncate_after(2)
+    resumed.write({"kind": "step", "global_step": 3, "epoch": 0, "loss": 30.0, "effective_lr/c": 0.5})
+    resumed.flush()
+    acc = EventAccumulator(str(tmp_path / TENSORBOARD_DIR))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"loss", "effective_lr/c", "train_loss", "test_acc"}  # no kind, epoch, lr
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]

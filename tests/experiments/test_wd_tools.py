@@ -22,7 +22,8 @@ def test_monitor_and_recorded_norms(tiny, tmp_path):
     traj = NormTrajectory.load(tmp_path / "norms.npz")
     assert len(traj) == t.global_step == 6 and len(traj.shapes) == len(names)
     step = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "step"][-1]
-    assert step["elr/conv1.weight/effective_lr"] > 0 and "elr/conv1.weight/angle_deg" in step
+    assert step["effective_lr/conv1.weight"] > 0 and step["angular_update/conv1.weight"] > 0
+    assert step["angular_update/equilibrium"] > 0  # SGD with decay: the spherical-motion prediction beside it
     assert (tmp_path / "effective_lr.png").stat().st_size > 1000
 
 
@@ -67,6 +68,11 @@ def test_config_errors():
         _cfg(norm_schedule=True, schedule="cosine")
     with pytest.raises(ConfigError, match="'online' models SGD, got optimizer='adam'"):
         _cfg(mimic_weight_decay="online", optimizer="adam")
+    with pytest.raises(ConfigError, match="mimic_rule='replay' \\(--wd-mimic replay\\) models AdamW too"):
+        _cfg(mimic_weight_decay="online", optimizer="adamw")
+    assert _cfg(mimic_weight_decay="online", optimizer="adamw", mimic_rule="replay").mimic_rule == "replay"
+    with pytest.raises(ConfigError, match="mimic_rule must be one of"):
+        _cfg(mimic_rule="scale")
 
 
 def test_no_scale_invariant_weights(tiny):

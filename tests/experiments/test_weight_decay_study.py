@@ -7,6 +7,7 @@ from normmatters.experiments.weight_decay import MODES, WeightDecayStudy, run_we
 from normmatters.experiments.weight_decay_report import (
     RESULT_COLUMNS,
     format_weight_decay_table,
+    result_columns,
     write_weight_decay_report,
 )
 from normmatters.optim import equilibrium_angular_update
@@ -49,6 +50,10 @@ def test_every_mode_is_measured_against_the_decay_run(study_results):
             assert abs(math.log(by[m]["elr_ratio_median"])) < abs(math.log(by["none"]["elr_ratio_median"]))
         # the norm schedule reproduces the rate schedule's effective steps
         assert by["norm-schedule"]["elr_ratio_median"] == pytest.approx(by["none"]["elr_ratio_median"], rel=1e-3)
+        # the angular-update ratio: the decay run against itself is 1; mimic-ref's is measured, not set
+        assert all(p["ratio_median"] == 1.0 and p["ratio_iqr"] == 0.0 for p in by["wd"]["angular_update"])
+        assert all(p["ratio_median"] > 0 for p in by["mimic-ref"]["angular_update"])
+        assert by["mimic-ref"]["angular_update"][0]["ratio_median"] != 1.0
         phases = by["wd"]["angular_update"]
         assert [p["lr"] for p in phases] == pytest.approx([0.005, 0.0005, 0.00005])
         assert phases[0]["equilibrium_deg"] == pytest.approx(math.degrees(equilibrium_angular_update(0.005, 0.1, 0.9)))
@@ -60,8 +65,10 @@ def test_results_csv_schema_and_report(study_results, tmp_path):
     report = write_weight_decay_report(study, results, tmp_path, command="normmatters reproduce weight-decay")
     with open(tmp_path / "results.csv") as fh:
         rows = list(csv.reader(fh))
-    assert tuple(rows[0]) == RESULT_COLUMNS == ("mode", "seed", "test_acc", "angle_final", "angle_floor",
-                                                "elr_ratio_median", "elr_ratio_iqr")
+    assert tuple(rows[0]) == result_columns(3)
+    assert tuple(rows[0][:7]) == RESULT_COLUMNS == ("mode", "seed", "test_acc", "angle_final", "angle_floor",
+                                                    "elr_ratio_median", "elr_ratio_iqr")
+    assert rows[0][7:9] == ["angular_update_ratio_phase1_median", "angular_update_ratio_phase1_iqr"]
     assert len(rows) == 1 + len(results)
     for row, r in zip(rows[1:], results):
         assert row[0] == r["mode"] and int(row[1]) == r["seed"]

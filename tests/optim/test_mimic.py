@@ -229,3 +229,37 @@ def test_zero_channel():
     online = WeightDecayMimic(torch.optim.SGD([p], lr=0.1), [p], weight_decay=0.1, rule="replay")
     with pytest.raises(FloatingPointError, match="a channel has zero norm"):
         online.step()
+
+
+@pytest.mark.parametrize("adamw,rule", [(False, "rescale"), (True, "replay")])
+def test_cancel_takes_the_groups_decay_out(adamw, rule):
+    """group_decay='cancel' on an optimizer with decay gives the steps of the same mimic on a decay-free one."""
+    nets, mimics = [], []
+    for decay in (True, False):
+        net = _net().train()
+        lam = ADAM_LAM if adamw else LAM
+        si = [net[0].weight, net[3].weight]
+        rest = [p for p in net.parameters() if all(p is not q for q in si)]
+        groups = [{"params": si, "weight_decay": lam if decay else 0.0}, {"params": rest, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=ADAM_LR) if adamw else torch.optim.SGD(groups, lr=LR, momentum=0.9)
+        # λ from the group when cancelling
+        mimic = (WeightDecayMimic(opt, si, rule=rule, group_decay="cancel") if decay
+                 else WeightDecayMimic(opt, si, weight_decay=lam, rule=rule))
+        assert mimic.weight_decay == lam
+        for idx in BATCHES[:5]:
+            loss = nn.functional.cross_entropy(net(X[idx]), Y[idx])
+            opt.zero_grad()
+            loss.backward()
+            grads = [p.grad.clone() for p in si]
+            mimic.step()
+            for p, g in zip(si, grads):
+                torch.testing.assert_close(p.grad, g)  # handed back as the loss gave them
+        nets.append(net)
+        mimics.append(mimic)
+    for i in (0, 3):
+        torch.testing.assert_close(nets[0][i].weight, nets[1][i].weight, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="group_decay must be one of"):
+        WeightDecayMimic(mimics[0].optimizer, mimics[0].params, weight_decay=LAM, group_decay="ignore")
+    no_decay = torch.optim.SGD([nn.Parameter(torch.randn(3, 2))], lr=0.1)
+    with pytest.raises(ValueError, match="share one λ > 0; found \\[0.0\\]"):
+        WeightDecayMimic(no_decay, no_decay.param_groups[0]["params"], group_decay="cancel")

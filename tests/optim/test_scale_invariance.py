@@ -1,8 +1,9 @@
+import pytest
 import torch
 from torch import nn
 
 import normmatters as nm
-from normmatters.optim import scale_invariant_parameters
+from normmatters.optim import gradient_scale_invariant, scale_invariant_parameters
 
 
 def test_finds_weights_before_normalization_only():
@@ -27,3 +28,20 @@ def test_mean_only_norm_is_not_scale_invariant_but_range_norm_is():
     assert scale_invariant_parameters(mean_only, x) == []
     ranged = nn.Sequential(nn.Linear(4, 6), nm.RangeBatchNorm1d(6))
     assert [n for n, _ in scale_invariant_parameters(ranged, x)] == ["0.weight"]
+
+
+def test_gradient_test_agrees_with_the_probe():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(8, 3, 6, 6)
+    probe = [n for n, _ in scale_invariant_parameters(model, x)]
+    nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,))).backward()
+    params = [p for _, p in model.named_parameters()]
+    flags = gradient_scale_invariant(params)
+    assert [n for (n, _), f in zip(model.named_parameters(), flags) if f] == probe == ["0.weight"]
+    # at other weights than the gradient's, the conv weight's orthogonality is gone
+    moved = [p.detach() + torch.randn_like(p) for p in params]
+    assert not gradient_scale_invariant(params, weights=moved)[0]
+    with pytest.raises(ValueError, match="2 weights for 5 parameters"):
+        gradient_scale_invariant(params, weights=moved[:2])

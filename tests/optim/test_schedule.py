@@ -38,7 +38,7 @@ def test_norm_schedule_equals_rate_schedule(momentum):
         assert pb.norm().item() == pytest.approx(pa.norm().item() * 10, rel=1e-4)  # √10 · √10
     for ra, rb in zip(ma.history, mb.history):
         for key in ra:
-            if key.endswith("effective_lr"):
+            if key.startswith("effective_lr/"):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4)
 
 

@@ -6,6 +6,7 @@ from normmatters.optim import (
     ChannelStepLog,
     NormTrajectory,
     WeightDecayMimic,
+    angular_update_ratio,
     effective_step_ratio,
 )
 
@@ -108,3 +109,26 @@ def test_errors():
     adam_log = ChannelStepLog(torch.optim.Adam([p]), [p])
     with pytest.raises(ValueError, match="differ in kind"):
         effective_step_ratio(log, adam_log)
+
+
+def _turns(lr, steps=6):
+    """A plain SGD run (no momentum) of one 5-channel weight on fixed gradients, logged."""
+    w = nn.Parameter(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)))
+    opt = torch.optim.SGD([w], lr=lr)
+    log = ChannelStepLog(opt, [w])
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        w.grad = torch.randn(5, 4, generator=g)
+        opt.step()
+    return log
+
+
+def test_angular_update_ratio_measures_what_the_runs_did():
+    ref = _turns(1e-3)
+    assert angular_update_ratio(ref, ref) == {"median": 1.0, "iqr": 0.0}
+    # half the rate turns half as far at the first step (small steps: the angle is about η‖g_⊥‖/‖w‖)
+    first = angular_update_ratio(_turns(5e-4), ref, 0, 1)
+    assert first["median"] == pytest.approx(0.5, rel=1e-3) and first["iqr"] < 1e-3
+    fast = angular_update_ratio(_turns(2e-3), ref, 3)  # the window [3, end)
+    assert fast["median"] == pytest.approx(2.0, rel=1e-2)
+    assert angular_update_ratio(ref, ref, 10)["median"] != angular_update_ratio(ref, ref, 10)["median"]  # NaN

@@ -76,10 +76,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mimic-weight-decay", dest="mimic_weight_decay", metavar="FILE|online", default=None,
                    help="weight decay off on scale-invariant weights, reproduced from a recorded trajectory "
                         "or online (λ = --wd-normalized, else --weight-decay; default: off)")
+    p.add_argument("--wd-mimic", dest="wd_mimic", choices=("online", "replay"), default=None,
+                   help="weight decay off on scale-invariant weights, reproduced online by the rescale rule "
+                        "(online: SGD) or the replay rule (replay: SGD and AdamW); with --mimic-weight-decay FILE, "
+                        "the rule used with that trajectory (default: off)")
     p.add_argument("--norm-schedule", dest="norm_schedule", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the scale-invariant weights' norm instead of the learning rate (default: False)")
     p.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=None,
                    help="effective learning rate of scale-invariant weights (default: True)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write the metrics as TensorBoard scalars into OUT/tensorboard (default: False)")
     p.add_argument(
         "--norm-option",
         action="append",
@@ -122,8 +128,11 @@ def _parse_value(text: str) -> Any:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = [*_FLAGS, "milestones", "nesterov", "hflip", "record_norms", "mimic_weight_decay", "norm_schedule",
-            "monitor"]
+            "monitor", "tensorboard"]
     out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.wd_mimic is not None:
+        out["mimic_rule"] = "replay" if args.wd_mimic == "replay" else "rescale"
+        out.setdefault("mimic_weight_decay", "online")
     if args.norm_option:
         opts = {}
         for item in args.norm_option:

@@ -23,6 +23,8 @@ SYNC_NORM = ("none", "torch", "lp", "auto")
 WEIGHT_NORMS = ("none", "wn", "bwn")
 NO_WEIGHT_NORM, _, BOUNDED_WEIGHT_NORM = WEIGHT_NORMS
 BATCH_ORDERS = ("shuffle", "class_sorted")
+#: the weight-decay mimic's rules (normmatters.optim.MIMIC_RULES; this module imports no torch)
+MIMIC_RULES = ("rescale", "replay")
 
 
 class ConfigError(ValueError):
@@ -119,7 +121,9 @@ class TrainConfig:
     batch_order: str = "shuffle"
     record_norms: str | None = None
     mimic_weight_decay: str | None = None
+    mimic_rule: str = "rescale"
     norm_schedule: bool = False
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -138,6 +142,7 @@ class TrainConfig:
             ("sync_norm", SYNC_NORM),
             ("weight_norm", WEIGHT_NORMS),
             ("batch_order", BATCH_ORDERS),
+            ("mimic_rule", MIMIC_RULES),
         ):
             if getattr(self, key) not in choices:
                 raise bad(key, f"one of {choices}")
@@ -175,9 +180,13 @@ class TrainConfig:
         if self.norm_schedule and self.schedule not in ("step", "multistep"):
             raise ConfigError(f"config: norm_schedule replaces a step/multistep rate schedule, got schedule="
                               f"{self.schedule!r}")
-        if self.mimic_weight_decay == "online" and self.optimizer != "sgd":
-            raise ConfigError(f"config: mimic_weight_decay='online' models SGD, got optimizer={self.optimizer!r}; "
-                              "record a trajectory (record_norms) of the decay run and pass its file instead")
+        if self.mimic_weight_decay == "online" and self.optimizer != "sgd" and not (
+                self.optimizer == "adamw" and self.mimic_rule == "replay"):
+            hint = ("mimic_rule='replay' (--wd-mimic replay) models AdamW too" if self.optimizer == "adamw" else
+                    "Adam's coupled decay is not modelled online; use adamw with mimic_rule='replay'")
+            raise ConfigError(f"config: mimic_weight_decay='online' models SGD, got optimizer={self.optimizer!r} "
+                              f"with mimic_rule={self.mimic_rule!r}; {hint}, or record a trajectory (record_norms) "
+                              "of the decay run and pass its file instead")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

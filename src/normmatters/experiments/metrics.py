@@ -13,12 +13,13 @@ import csv
 import io
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic_write import append_text, atomic_write
+from ..atomic_write import SymlinkError, append_text, atomic_write
 
-__all__ = ["MetricsWriter", "read_jsonl", "MetricsFileError", "METRICS_FILES"]
+__all__ = ["MetricsWriter", "read_jsonl", "MetricsFileError", "METRICS_FILES", "TENSORBOARD_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,53 @@ def _csv_text(records: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-class MetricsWriter:
-    """Append records to ``metrics.jsonl`` and ``<kind>s.csv`` in ``folder``."""
+#: the subfolder of a run folder that holds TensorBoard's event files
+TENSORBOARD_DIR = "tensorboard"
+#: record keys that are not metrics (never written to TensorBoard)
+_NOT_SCALARS = ("kind", "global_step", "epoch")
 
-    def __init__(self, folder: str | Path) -> None:
+
+class MetricsWriter:
+    """Append records to ``metrics.jsonl`` and ``<kind>s.csv`` in ``folder``; with ``tensorboard=True`` also
+    their numbers as TensorBoard scalars (tag = the record's key, step = its ``global_step``) in
+    ``folder/tensorboard`` (needs the ``tensorboard`` package: ``pip install normmatters[tensorboard]``)."""
+
+    def __init__(self, folder: str | Path, tensorboard: bool = False) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.folder / "metrics.jsonl"
+        self.tensorboard = tensorboard
+        self._tb: Any = None
+        self._purge: int | None = None  # events from this step on, of an earlier run, are dropped
+
+    def _summary_writer(self) -> Any:
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError(f"tensorboard=True needs the tensorboard package (pip install "
+                                  f"normmatters[tensorboard]): {e}") from None
+            events = self.folder / TENSORBOARD_DIR
+            if events.is_symlink():  # event files stay inside the run folder, as every other file of a run
+                raise SymlinkError(f"{events} is a symbolic link ({os.readlink(events)}); a run writes its "
+                                   "TensorBoard events only inside its folder: remove the link and run again")
+            self._tb = SummaryWriter(str(events), purge_step=self._purge)
+        return self._tb
+
+    def _write_scalars(self, record: dict[str, Any]) -> None:
+        tb, step = self._summary_writer(), int(record.get("global_step", 0))
+        for k, v in record.items():
+            if k in _NOT_SCALARS or (k == "lr" and record.get("kind") == "epoch"):  # lr: the step records'
+                continue
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                tb.add_scalar(k, v, step)
+        if record.get("kind") == "epoch":
+            tb.flush()
+
+    def flush(self) -> None:
+        """Write TensorBoard's pending events to disk (the JSONL and CSV files are written as they come)."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def _csv(self, kind: str) -> Path:
         return self.folder / f"{kind}s.csv"
@@ -86,10 +127,14 @@ class MetricsWriter:
             w.writeheader()
         w.writerow(record)
         append_text(path, buf.getvalue())
+        if self.tensorboard:
+            self._write_scalars(record)
 
     def truncate_after(self, global_step: int) -> int:
         """Keep only records whose ``global_step`` is at most ``global_step``; every file is rewritten atomically
         from ``metrics.jsonl`` (the CSVs are derived from it). Returns how many records were dropped."""
+        if self.tensorboard:  # TensorBoard drops an earlier run's events from the next one's first step on
+            self._purge = global_step + 1
         records = read_jsonl(self.jsonl)
         kept = [r for r in records if r.get("global_step", 0) <= global_step]
         kinds: dict[str, list[dict[str, Any]]] = {}

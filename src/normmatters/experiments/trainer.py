@@ -168,7 +168,8 @@ class Trainer(TrainerState):
         self.step_times: list[float] = []
         self._acc = {"loss": 0.0, "correct": 0, "count": 0}
         self._stop: str | None = None
-        self._writer = MetricsWriter(self.out) if self.out is not None and self.info.is_main else None
+        self._writer = (MetricsWriter(self.out, tensorboard=config.tensorboard)
+                        if self.out is not None and self.info.is_main else None)
 
     # ------------------------------------------------------------------------------------------ state
     def request_stop(self, reason: str = "stopped") -> None:
@@ -223,7 +224,7 @@ class Trainer(TrainerState):
         self.global_step += 1
         if self._writer is not None and self.global_step % self.cfg.log_every == 0:
             self._writer.write({"kind": "step", "global_step": self.global_step, "epoch": self.epoch, "loss": lv,
-                                "lr": self.optimizer.param_groups[0]["lr"], **self.wd_tools.metrics()})
+                                "lr": self.optimizer.param_groups[0]["lr"], **self.wd_tools.metrics(self.global_step)})
 
     def _sync(self) -> None:
         """Wait for the device (CUDA runs kernels asynchronously: a step timed without it is its launches)."""
@@ -345,6 +346,8 @@ class Trainer(TrainerState):
                     break
         if self.info.is_main:
             self.wd_tools.finish(self.out, self.cfg.record_norms)
+        if self._writer is not None:
+            self._writer.flush()
         if (
             status == "stopped"
             and self.checkpoint_path is not None

@@ -1,10 +1,12 @@
 """The weight-decay tools of :mod:`normmatters.optim`, attached to a :class:`Trainer` from its config.
 
-``monitor`` (default on): :class:`~normmatters.optim.EffectiveLRMonitor` over the scale-invariant weights;
-its latest values go into the step metrics and ``effective_lr.png`` is written at the end.
+``monitor`` (default on): :class:`~normmatters.optim.EffectiveLRMonitor` over the scale-invariant weights, on
+the steps whose metrics are written (every ``log_every``-th); its values go into those step records
+(``effective_lr/<weight>``, ``angular_update/<weight>``, …) and ``effective_lr.png`` is written at the end.
 ``record_norms``: a :class:`~normmatters.optim.NormTrajectory` recorded before every step, saved to that path.
 ``mimic_weight_decay``: ``"online"`` or a trajectory file — weight decay off on the scale-invariant weights
-and :class:`~normmatters.optim.WeightDecayMimic` with λ = ``wd_normalized`` (else ``weight_decay``) instead.
+and :class:`~normmatters.optim.WeightDecayMimic` (rule ``mimic_rule``: rescale or replay) with
+λ = ``wd_normalized`` (else ``weight_decay``) instead.
 ``norm_schedule``: the step/multi-step rate schedule's decays become :class:`~normmatters.optim.NormSchedule`
 rescalings of the scale-invariant weights (the rate stays constant for every parameter).
 
@@ -69,10 +71,10 @@ class WeightDecayTools:
             opt.register_step_pre_hook(lambda *_: traj.append(params))
         if cfg.mimic_weight_decay:
             lam = cfg.weight_decay if cfg.wd_normalized is None else cfg.wd_normalized
-            if cfg.mimic_weight_decay == "online":
-                self.mimic = WeightDecayMimic(opt, params, weight_decay=lam)
-            else:
-                self.mimic = WeightDecayMimic(opt, params, reference=NormTrajectory.load(cfg.mimic_weight_decay))
+            ref = None if cfg.mimic_weight_decay == "online" else NormTrajectory.load(cfg.mimic_weight_decay)
+            online = ref is None or cfg.mimic_rule == "replay"  # replay needs λ with a trajectory too
+            self.mimic = WeightDecayMimic(opt, params, reference=ref, weight_decay=lam if online else None,
+                                          rule=cfg.mimic_rule)
             self.mimic.attach()
         if cfg.norm_schedule:
             steps = norm_schedule_steps(cfg, trainer.steps_per_epoch)
@@ -80,12 +82,20 @@ class WeightDecayTools:
                                          adaptive=cfg.optimizer != "sgd")
             sched = self.schedule
             opt.register_step_post_hook(lambda *_: sched.step())
-        if cfg.monitor:
-            self.monitor = EffectiveLRMonitor(opt, self.named)
+        if cfg.monitor:  # measures only the steps whose metrics are written (every log_every-th)
+            mimic = self.mimic
+            self.monitor = EffectiveLRMonitor(
+                opt, self.named, every_n_steps=cfg.log_every,
+                factors=(lambda: mimic.last_factors) if mimic is not None else None,
+                weight_decay=mimic.weight_decay if mimic is not None else None)
 
-    def metrics(self) -> dict[str, Any]:
-        """The monitor's latest per-layer values, prefixed ``elr/``."""
-        return {f"elr/{k}": v for k, v in self.monitor.latest().items() if k != "step"} if self.monitor else {}
+    def metrics(self, global_step: int | None = None) -> dict[str, Any]:
+        """The monitor's per-layer values of the last measured step (of ``global_step`` when given), metric
+        first: ``effective_lr/<weight>``, ``angular_update/<weight>`` (degrees), ``norm/<weight>``."""
+        row = self.monitor.latest() if self.monitor else {}
+        if not row or (global_step is not None and row["step"] != global_step):
+            return {}
+        return {k: v for k, v in row.items() if k != "step"}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -95,11 +105,15 @@ class WeightDecayTools:
             state["schedule"] = self.schedule.state_dict()
         if self.trajectory is not None:
             state["trajectory"] = [[a.tolist() for a in step] for step in self.trajectory._steps]
+        if self.monitor is not None:
+            state["monitor_count"] = self.monitor.count
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.mimic is not None and "mimic" in state:
             self.mimic.load_state_dict(state["mimic"])
+        if self.monitor is not None and "monitor_count" in state:
+            self.monitor.count = int(state["monitor_count"])
         if self.schedule is not None and "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
         if self.trajectory is not None and "trajectory" in state:

@@ -12,10 +12,18 @@ from typing import Any
 from ..atomic_write import atomic_open, atomic_savefig, atomic_write
 from .weight_decay import MODES, TWIN_LR_FACTOR, WeightDecayStudy
 
-__all__ = ["RESULT_COLUMNS", "summarize_weight_decay", "format_weight_decay_table", "write_weight_decay_report"]
+__all__ = ["RESULT_COLUMNS", "result_columns", "summarize_weight_decay", "format_weight_decay_table",
+           "write_weight_decay_report"]
 
-#: the columns of results.csv, in order (public: readers depend on them)
+#: the leading columns of results.csv, in order (public: readers depend on them); per rate phase i (from 1)
+#: ``angular_update_ratio_phase<i>_median`` and ``…_iqr`` follow (:func:`result_columns`)
 RESULT_COLUMNS = ("mode", "seed", "test_acc", "angle_final", "angle_floor", "elr_ratio_median", "elr_ratio_iqr")
+
+
+def result_columns(phases: int) -> tuple[str, ...]:
+    """Every column of results.csv for a study of ``phases`` rate phases."""
+    return RESULT_COLUMNS + tuple(f"angular_update_ratio_phase{i}_{q}" for i in range(1, phases + 1)
+                                  for q in ("median", "iqr"))
 
 
 def _mean(xs: list[float]) -> float:
@@ -50,7 +58,9 @@ def summarize_weight_decay(results: list[dict[str, Any]]) -> list[dict[str, Any]
             "elr_median": _mean([r["elr_ratio_median"] for r in rs]),
             "elr_iqr": _mean([r["elr_ratio_iqr"] for r in rs]),
             "phases": [{"measured_deg": _mean([a[i]["measured_deg"] for a in au]),
-                        "equilibrium_deg": au[0][i]["equilibrium_deg"], "lr": au[0][i]["lr"]}
+                        "equilibrium_deg": au[0][i]["equilibrium_deg"], "lr": au[0][i]["lr"],
+                        "ratio_median": _mean([a[i].get("ratio_median", math.nan) for a in au]),
+                        "ratio_iqr": _mean([a[i].get("ratio_iqr", math.nan) for a in au])}
                        for i in range(len(au[0]))],
         })
     return rows
@@ -66,21 +76,26 @@ def format_weight_decay_table(results: list[dict[str, Any]]) -> str:
     phases = rows[0]["phases"] if rows else []
     head = ("| mode | seeds | test acc (mean ± std) | angle to wd ÷ floor, epoch 1 | angle to wd, final | ÷ floor "
             "| effective-step ratio, median (IQR) | "
-            + " | ".join(f"angular update/step, phase {i + 1} (η {p['lr']:.2g})" for i, p in enumerate(phases)) + " |")
-    lines = [head, "|" + "---|" * (7 + len(phases))]
+            + " | ".join(f"angular update/step, phase {i + 1} (η {p['lr']:.2g})" for i, p in enumerate(phases))
+            + "".join(f" | angular update ÷ wd's, phase {i + 1}, median (IQR)" for i in range(len(phases))) + " |")
+    lines = [head, "|" + "---|" * (7 + 2 * len(phases))]
 
     def num(x: float) -> str:
         return "—" if math.isnan(x) else f"{x:.2f}"
+
+    def num3(x: float) -> str:
+        return "—" if math.isnan(x) else f"{x:.3f}"
 
     for r in rows:
         ratio = r["angle_final"] / r["angle_floor"] if r["angle_floor"] > 0 else float("nan")
         lines.append(f"| {r['mode']} | {r['seeds']} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} % | "
                      f"{num(r['early_ratio'])} | {_deg(r['angle_final'])} | {num(ratio)} | "
                      f"{r['elr_median']:.3f} ({r['elr_iqr']:.3f}) | "
-                     + " | ".join(f"{p['measured_deg']:.3f}°" for p in r["phases"]) + " |")
+                     + " | ".join(f"{p['measured_deg']:.3f}°" for p in r["phases"])
+                     + "".join(f" | {num3(p['ratio_median'])} ({num3(p['ratio_iqr'])})" for p in r["phases"]) + " |")
     if phases and not math.isnan(phases[0]["equilibrium_deg"]):
         lines.append("| equilibrium √(2ηλ/(1+μ)) | | | | | | | "
-                     + " | ".join(f"{p['equilibrium_deg']:.3f}°" for p in phases) + " |")
+                     + " | ".join(f"{p['equilibrium_deg']:.3f}°" for p in phases) + " |" + " |" * len(phases))
     return "\n".join(lines)
 
 
@@ -89,19 +104,24 @@ def _write_csvs(results: list[dict[str, Any]], out: Path) -> None:
 
     keep = [{k: v for k, v in r.items() if k != "trajectory"} for r in results]
     atomic_write(out / "results.json", json.dumps(keep))  # everything measured, to rebuild the report
+    phases = len(results[0]["angular_update"]) if results else 0
     with atomic_open(out / "results.csv") as fh:
         w = csv.writer(fh)
-        w.writerow(RESULT_COLUMNS)
+        w.writerow(result_columns(phases))
         for r in results:
+            ratios = [f"{a.get(k, math.nan):.6f}" for a in r["angular_update"] for k in ("ratio_median", "ratio_iqr")]
             w.writerow([r["mode"], r["seed"], f"{r['test_acc']:.6f}", f"{r['angle_final']:.4f}",
-                        f"{r['angle_floor']:.4f}", f"{r['elr_ratio_median']:.6f}", f"{r['elr_ratio_iqr']:.6f}"])
+                        f"{r['angle_floor']:.4f}", f"{r['elr_ratio_median']:.6f}", f"{r['elr_ratio_iqr']:.6f}",
+                        *ratios])
     with atomic_open(out / "angular_update.csv") as fh:
         w = csv.writer(fh)
-        w.writerow(["mode", "seed", "phase", "lr", "first_step", "end_step", "measured_deg", "equilibrium_deg"])
+        w.writerow(["mode", "seed", "phase", "lr", "first_step", "end_step", "measured_deg", "equilibrium_deg",
+                    "ratio_median", "ratio_iqr"])
         for r in results:
             for a in r["angular_update"]:
                 w.writerow([r["mode"], r["seed"], a["phase"], f"{a['lr']:.6g}", a["first_step"], a["end_step"],
-                            f"{a['measured_deg']:.6f}", f"{a['equilibrium_deg']:.6f}"])
+                            f"{a['measured_deg']:.6f}", f"{a['equilibrium_deg']:.6f}",
+                            f"{a.get('ratio_median', math.nan):.6f}", f"{a.get('ratio_iqr', math.nan):.6f}"])
 
 
 def _plot(study: WeightDecayStudy, results: list[dict[str, Any]], out: Path) -> None:
@@ -172,6 +192,12 @@ def write_weight_decay_report(study: WeightDecayStudy, results: list[dict[str, A
         "at the same step; median and interquartile range over channels and steps, mean over seeds.",
         "* angular update per step: mean over channels and over the second half of each rate phase "
         "(`angular_update.csv`), against the decay run's spherical-motion equilibrium.",
+        "* angular update ÷ wd's: per channel, the run's own mean angular update per step over the `wd` run's, over "
+        "the second half of each phase; median (IQR) over channels, mean over seeds. Unlike the effective-step "
+        "ratio (1 by construction for `mimic-ref`, whose factor comes from the recorded norms) it measures what "
+        "the run did: `mimic-ref` applies the decay run's norms open-loop, so a run that settles where its "
+        "gradient is small turns slower by that factor (its norms cannot answer its gradient as the decay run's "
+        "do); see `normmatters.experiments.weight_decay`.",
         "* `norm-schedule` keeps the rate of the other parameters constant, while the rate schedule lowers it for "
         "every parameter.",
         "",

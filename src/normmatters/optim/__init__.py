@@ -9,11 +9,12 @@ from .effective_step import effective_step, norm_power
 from .equilibrium import equilibrium_angular_update, equilibrium_norm
 from .mimic import MIMIC_RULES, WeightDecayMimic
 from .monitor import EffectiveLRMonitor
-from .scale_invariance import scale_invariant_parameters
+from .scale_invariance import gradient_scale_invariant, scale_invariant_parameters
 from .schedule import NormSchedule
-from .step_log import ChannelStepLog, effective_step_ratio
+from .step_log import ChannelStepLog, angular_update_ratio, effective_step_ratio
 from .trajectory import NormTrajectory, channel_norms
 
-__all__ = ["scale_invariant_parameters", "EffectiveLRMonitor", "NormTrajectory", "channel_norms",
-           "WeightDecayMimic", "MIMIC_RULES", "NormSchedule", "effective_step", "norm_power",
-           "ChannelStepLog", "effective_step_ratio", "equilibrium_angular_update", "equilibrium_norm"]
+__all__ = ["scale_invariant_parameters", "gradient_scale_invariant", "EffectiveLRMonitor", "NormTrajectory",
+           "channel_norms", "WeightDecayMimic", "MIMIC_RULES", "NormSchedule", "effective_step", "norm_power",
+           "ChannelStepLog", "effective_step_ratio", "angular_update_ratio", "equilibrium_angular_update",
+           "equilibrium_norm"]

@@ -60,9 +60,11 @@ from torch import Tensor
 from .effective_step import ADAPTIVE_OPTIMIZERS, norm_power
 from .trajectory import NormTrajectory, channel_norms
 
-__all__ = ["WeightDecayMimic", "MIMIC_RULES"]
+__all__ = ["WeightDecayMimic", "MIMIC_RULES", "GROUP_DECAY"]
 
 MIMIC_RULES = ("rescale", "replay")
+#: what the mimic does with weight decay the wrapped optimizer's groups apply to ``params``
+GROUP_DECAY = ("error", "cancel")
 
 
 def _view(c: Tensor, like: Tensor) -> Tensor:
@@ -86,14 +88,26 @@ class WeightDecayMimic:
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[Tensor],
                  reference: NormTrajectory | None = None, weight_decay: float | None = None,
-                 rule: str = "rescale") -> None:
+                 rule: str = "rescale", group_decay: str = "error") -> None:
         self.optimizer = optimizer
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("WeightDecayMimic: got no parameters")
         if rule not in MIMIC_RULES:
             raise ValueError(f"WeightDecayMimic: rule must be one of {MIMIC_RULES}, got {rule!r}")
+        if group_decay not in GROUP_DECAY:
+            raise ValueError(f"WeightDecayMimic: group_decay must be one of {GROUP_DECAY}, got {group_decay!r}")
         self.rule = rule
+        self.group_decay = group_decay
+        # group indices, not the dicts: optimizer.load_state_dict replaces the dicts (and a scheduler then
+        # updates the new ones)
+        self._group_index = [self._group_of(p) for p in self.params]
+        decays = {float(g.get("weight_decay", 0.0)) for g in self._groups}
+        if group_decay == "cancel" and weight_decay is None and reference is None:
+            if len(decays) != 1 or not min(decays) > 0:
+                raise ValueError(f"WeightDecayMimic: group_decay='cancel' without weight_decay takes λ from the "
+                                 f"parameters' groups, which must share one λ > 0; found {sorted(decays)}")
+            weight_decay = float(self._groups[0]["weight_decay"])
         if rule == "rescale" and (reference is None) == (weight_decay is None):
             raise ValueError("WeightDecayMimic: give exactly one of reference (a NormTrajectory) or "
                              "weight_decay (online mode)")
@@ -102,13 +116,11 @@ class WeightDecayMimic:
         self.reference = reference
         self.weight_decay = weight_decay
         self.power = norm_power(optimizer)
-        # group indices, not the dicts: optimizer.load_state_dict replaces the dicts (and a scheduler then
-        # updates the new ones)
-        self._group_index = [self._group_of(p) for p in self.params]
         for i, g in enumerate(self._groups):
-            if g.get("weight_decay", 0.0):
+            if g.get("weight_decay", 0.0) and group_decay == "error":
                 raise ValueError(f"WeightDecayMimic: parameter {i} sits in a param group with weight_decay="
-                                 f"{g['weight_decay']}; the wrapped optimizer must run without weight decay")
+                                 f"{g['weight_decay']}; the wrapped optimizer must run without weight decay "
+                                 f"(or pass group_decay='cancel')")
         if weight_decay is not None and weight_decay < 0:
             raise ValueError(f"WeightDecayMimic: weight_decay must be >= 0, got {weight_decay}")
         if rule == "replay" and not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
@@ -179,15 +191,41 @@ class WeightDecayMimic:
         dirs = [b / _view(n, b).to(b.dtype) for b, n in zip(before, norms)]
         self.last_factors = [(n / r).pow(self.power) for n, r in zip(norms, ref)]
         grads = None
+        coupled = self._coupled_decays()
+        if self.rule == "replay" or any(coupled):
+            grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
         if self.rule == "replay":
             # the decay run's gradient at ω = ρ·û is this one times N/ρ (scale invariance)
-            grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
             for p, n, r in zip(self.params, norms, ref):
                 if p.grad is not None:
                     p.grad.mul_(_view(n / r, p).to(p.dtype))
         elif self.reference is None:
             self._evolve_rho(norms, dirs)  # uses the gradients before the wrapped step
+        for p, lam in zip(self.params, coupled):  # the group adds λ·w to the gradient: take it out beforehand
+            if lam and p.grad is not None:
+                p.grad.add_(p.detach(), alpha=-lam)
         self._pending = (ref, before, norms, dirs, grads)
+
+    def _decoupled(self) -> bool:
+        return isinstance(self.optimizer, torch.optim.AdamW) or bool(
+            self.optimizer.defaults.get("decoupled_weight_decay", False))
+
+    def _coupled_decays(self) -> list[float]:
+        """Per parameter, the coupled decay λ_g its group adds to the gradient that ``group_decay='cancel'``
+        takes out (0 where none, or where the decay is decoupled)."""
+        if self.group_decay != "cancel" or self._decoupled():
+            return [0.0] * len(self.params)
+        return [float(g.get("weight_decay", 0.0)) for g in self._groups]
+
+    @torch.no_grad()
+    def _undo_decoupled_decay(self, before: list[Tensor]) -> None:
+        """AdamW shrank w to (1 − ηλ_g)·w before its update: add ηλ_g·w back (``group_decay='cancel'``)."""
+        if self.group_decay != "cancel" or not self._decoupled():
+            return
+        for p, b, g in zip(self.params, before, self._groups):
+            lam = float(g.get("weight_decay", 0.0))
+            if lam and p.grad is not None:
+                p.add_(b * (g["lr"] * lam))
 
     @torch.no_grad()
     def _replayed(self, i: int, p: Tensor, before: Tensor, rho: Tensor, norm: Tensor, u: Tensor) -> Tensor:
@@ -218,6 +256,7 @@ class WeightDecayMimic:
     def _after_step(self) -> None:
         ref, before, norms, dirs, grads = self._pending
         self._pending = None
+        self._undo_decoupled_decay(before)
         saved = (None if self.reference is not None else [r.clone() for r in self.rho],
                  [None if b is None else b.clone() for b in self._buffers]) if self.rule == "replay" else None
         news = []
@@ -236,6 +275,7 @@ class WeightDecayMimic:
                     for q, gq in zip(self.params, grads):
                         if gq is not None:
                             q.grad.copy_(gq)
+                if saved is not None:
                     if saved[0] is not None:
                         self.rho = saved[0]
                     self._buffers = saved[1]

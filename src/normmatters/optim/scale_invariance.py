@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["scale_invariant_parameters"]
+__all__ = ["scale_invariant_parameters", "gradient_scale_invariant"]
 
 
 def _to_double(x: Any) -> Any:
@@ -81,3 +81,36 @@ def _probe(model: nn.Module, probe: nn.Module, inputs: Any, tol: float, seed: in
         if moved > 1e-9 and scaled <= tol * moved:
             found.append((name, own[name]))
     return found
+
+
+@torch.no_grad()
+def gradient_scale_invariant(params: list[Tensor], tol: float = 1e-2,
+                             weights: list[Tensor] | None = None) -> list[bool]:
+    """Per parameter, whether its current gradient says it is scale-invariant per output channel.
+
+    If the loss L is unchanged by w_c → s·w_c for every channel c (dim 0), then d/ds L(s·w_c) at s = 1 is 0,
+    i.e. ⟨w_c, ∇_{w_c} L⟩ = 0 (Euler's theorem for a 0-homogeneous function). A parameter passes when
+    |cos(w_c, ∇_{w_c} L)| ≤ ``tol`` for every channel with a non-zero gradient and at least one channel has one
+    (1-D parameters, and parameters without a gradient, fail). A necessary condition checked on one batch's
+    gradient, with tolerance for normalization's eps; :func:`scale_invariant_parameters` is the direct test
+    when an example input is at hand. ``weights``: the values the gradient was taken at, where the parameters
+    have moved since (default: the parameters themselves). One host read for all parameters together.
+    """
+    if weights is not None and len(weights) != len(params):
+        raise ValueError(f"gradient_scale_invariant: {len(weights)} weights for {len(params)} parameters")
+    flags: list[Tensor] = []
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None or p.dim() < 2:
+            flags.append(torch.zeros((), dtype=torch.bool, device=p.device))
+            continue
+        at = p if weights is None else weights[i]
+        w, g = at.detach().flatten(1).double(), g.detach().flatten(1).double()
+        dot = (w * g).sum(1).abs()
+        scale = torch.linalg.vector_norm(w, dim=1) * torch.linalg.vector_norm(g, dim=1)
+        live = scale > 0
+        flags.append(live.any() & (dot <= tol * scale).all())
+    if not flags:
+        return []
+    dev = flags[0].device
+    return torch.stack([f.to(dev) for f in flags]).tolist()

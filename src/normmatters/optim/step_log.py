@@ -18,7 +18,7 @@ from torch import Tensor
 from .effective_step import effective_step, norm_power
 from .trajectory import channel_norms
 
-__all__ = ["ChannelStepLog", "effective_step_ratio"]
+__all__ = ["ChannelStepLog", "effective_step_ratio", "angular_update_ratio"]
 
 
 class ChannelStepLog:
@@ -121,5 +121,31 @@ def effective_step_ratio(run: ChannelStepLog, reference: ChannelStepLog) -> dict
     pa, pb = {s: i for i, s in enumerate(run.steps)}, {s: i for i, s in enumerate(reference.steps)}
     ia, ib = torch.tensor([pa[s] for s in common]), torch.tensor([pb[s] for s in common])
     ratio = (a[ia] / b[ib]).flatten()
+    q = torch.quantile(ratio, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return {"median": float(q[1]), "iqr": float(q[2] - q[0])}
+
+
+def angular_update_ratio(run: ChannelStepLog, reference: ChannelStepLog, first_step: int = 0,
+                         end_step: int | None = None) -> dict[str, float]:
+    """Per channel c, the run's mean angular update per step over the steps k in [first_step, end_step) that both
+    logs hold, over the reference's: r_c = mean_k θ_c(k) / mean_k θ_c^ref(k); median and interquartile range
+    (q75 − q25) over the channels (channels the reference did not turn are left out; NaN if none is left).
+
+    Unlike :func:`effective_step_ratio`, this compares what the runs did, not what their rules set: a run whose
+    effective step equals the reference's by construction still turns slower where its own gradient is smaller
+    (the angular update per step is about η·G/‖w‖² with G the gradient's size at unit norm)."""
+    common = [s for s in sorted(set(run.steps) & set(reference.steps))
+              if s >= first_step and (end_step is None or s < end_step)]
+    if not common:
+        return {"median": float("nan"), "iqr": float("nan")}
+    a, b = run.angles(), reference.angles()
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"angular_update_ratio: the runs log {a.shape[1]} and {b.shape[1]} channels")
+    pa, pb = {s: i for i, s in enumerate(run.steps)}, {s: i for i, s in enumerate(reference.steps)}
+    ia, ib = torch.tensor([pa[s] for s in common]), torch.tensor([pb[s] for s in common])
+    num, den = a[ia].mean(0), b[ib].mean(0)
+    ratio = num[den > 0] / den[den > 0]
+    if ratio.numel() == 0:
+        return {"median": float("nan"), "iqr": float("nan")}
     q = torch.quantile(ratio, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
     return {"median": float(q[1]), "iqr": float(q[2] - q[0])}
