@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .estimators import get_estimator, norms_with_option
-from .functional import inv_std
+from ._batch_stats import inv_std
 from .kernels.row_norm import rows
 from .precision.emulate import Precision
 from .precision.layer import _StraightThrough

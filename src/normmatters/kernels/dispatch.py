@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import (
+from .._batch_stats import (
     BatchNormTensors,
     acc_dtype,
     call_momentum,
@@ -155,12 +155,12 @@ def replay(plans: dict, input: Tensor, params: dict, buffers: dict | None) -> Te
 
 
 def _plan(input: Tensor, tensors: BatchNormTensors, opts: NormOptions, momentum: float | Tensor, where: str,
-          plans: dict | None, impl: str) -> Tensor | None:
+          plans: dict | None, impl: str, skipped: Tensor | None) -> Tensor | None:
     """The common native training step as one :class:`NativePlan` (kept in ``plans`` for :func:`replay` when
     given and the momentum is a number); None where the plan does not apply."""
     if opts.chunks is not None or opts.ghost_batch_size is not None or torch.compiler.is_compiling():
         return None
-    plan = NativePlan.build(input, tensors, opts, momentum, where, impl)
+    plan = NativePlan.build(input, tensors, opts, momentum, where, impl, skipped)
     if plan is None:
         return None
     # an explicit impl ignores the environment; else the value $NORMMATTERS_KERNEL had (compared on each replay)
@@ -185,10 +185,12 @@ def _eval_inplace(input: Tensor, tensors: BatchNormTensors, eps: float, divides:
 
 
 def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, training: bool,
-               momentum: float | Tensor, where: str, plans: dict | None = None) -> Tensor:
+               momentum: float | Tensor, where: str, plans: dict | None = None,
+               skipped: Tensor | None = None) -> Tensor:
     """Run one Lp batch-norm call on the path :func:`path` names; arguments as
-    :func:`normmatters.functional.reference_batch_norm` (``momentum`` this step's mixing factor), plus
-    ``plans``: a layer's ``__dict__``, where the native step's plan is kept for :func:`replay`."""
+    :func:`normmatters._batch_stats.reference_batch_norm` (``momentum`` this step's mixing factor), plus
+    ``plans``: a layer's ``__dict__``, where the native step's plan is kept for :func:`replay`, and
+    ``skipped``: the layer's 0-dim counter of skipped batches (added to on the device)."""
     opts = options
     impl = resolve_impl(opts.impl, where)
     if impl != "reference" and no_values(input):
@@ -203,9 +205,9 @@ def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, t
         if input.numel() == 0:
             return empty_batch_norm(input, weight, bias, num_batches_tracked)
         if opts.precision is not None:
-            return emulated_batch_norm(input, tensors, opts, True, momentum, where)
+            return emulated_batch_norm(input, tensors, opts, True, momentum, where, skipped)
         if impl in ("auto", "native"):
-            y = _plan(input, tensors, opts, momentum, where, plans, impl)
+            y = _plan(input, tensors, opts, momentum, where, plans, impl, skipped)
             if y is not None:
                 return y
     est = get_estimator(norm)
@@ -219,13 +221,13 @@ def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, t
         check_inplace_weight(weight, where)
     if impl == "reference":
         src = input.clone() if training and inplace and torch.is_grad_enabled() else input
-        y = reference_batch_norm(src, tensors, opts, training, momentum, where)
+        y = reference_batch_norm(src, tensors, opts, training, momentum, where, skipped)
         return input.copy_(y) if training and inplace else y
-    return _lean_training(input, tensors, opts, momentum, where, impl)
+    return _lean_training(input, tensors, opts, momentum, where, impl, skipped)
 
 
 def _lean_training(input: Tensor, tensors: BatchNormTensors, opts: NormOptions, momentum: float | Tensor,
-                   where: str, impl: str) -> Tensor:
+                   where: str, impl: str, skipped: Tensor | None) -> Tensor:
     """Training on the lean autograd Functions (eager or compiled formulas) or the native kernels with a
     separate running-statistics update (no affine parameters, buffers of another dtype, traced)."""
     weight, bias, running_mean, running_var, num_batches_tracked = tensors
@@ -277,7 +279,7 @@ def _lean_training(input: Tensor, tensors: BatchNormTensors, opts: NormOptions, 
             return y  # traced: no report (report_nonfinite is eager-only)
         ok = kernel("update_running", norm, "eager" if chosen == "eager" else "compiled", input.device)(
             mean, raw, c, running_mean, rv, num_batches_tracked, momentum, n, est.divides)
-    report_nonfinite(ok, opts.nonfinite, where,
+    report_nonfinite(ok, opts.nonfinite, where, skipped=skipped,
                      tracked=not (running_mean is None and running_var is None and num_batches_tracked is None))
     return y
 
@@ -297,7 +299,7 @@ def lean_batch_norm(
     ghost_batch_size: int | None = None,
     *,
     num_batches_tracked: Tensor | None = None,
-    nonfinite: str = "raise",
+    nonfinite: str = "skip",
     where: str = "lean_batch_norm",
     impl: str | None = None,
     inplace: bool = False,

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import acc_dtype, inv_std, update_running_stats
+from .._batch_stats import acc_dtype, inv_std, update_running_stats
 
 DIMS = (1, 2, 4)
 

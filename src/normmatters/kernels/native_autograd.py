@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import (
+from .._batch_stats import (
     NONFINITE_MODES,
     STORED,
     check_channel_vectors,
@@ -115,11 +115,12 @@ class NativePlan:
     which dispatch compares before each reuse (so the switch takes effect on the next step).
     """
 
-    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "layouts", "env", "tracked")
+    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "layouts", "env", "tracked",
+                 "skipped")
 
     @staticmethod
     def build(input: Tensor, tensors: tuple, options, momentum: float | Tensor, where: str,
-              impl: str) -> NativePlan | None:
+              impl: str, skipped: Tensor | None = None) -> NativePlan | None:
         """The plan of this call, or None where the native kernels do not take it. ``tensors`` (weight, bias,
         running_mean, running_var, num_batches_tracked); ``options`` a :class:`~normmatters.options.NormOptions`
         (norm, k, eps, nonfinite, inplace); ``impl`` resolved by :mod:`.dispatch` ("auto" or "native")."""
@@ -151,6 +152,7 @@ class NativePlan:
         plan.tracked = not (running_mean is None and running_var is None and num_batches_tracked is None)
         plan.layouts = tuple((t, t.shape, t.stride(), t.dtype) for t in plan.tensors if t is not None)
         plan.env = (True, None)
+        plan.skipped = skipped  # the layer's counter of skipped batches (None: not counted)
         return plan
 
     def __call__(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -178,5 +180,6 @@ class NativePlan:
         else:
             y, ok = NativeBatchNormFunction.apply(input, weight, bias, self.launch, self.running)
         if ok != STORED and self.nonfinite != "ignore":  # 0 non-finite, 2 running_var unrepresentable
-            report_nonfinite(ok, self.nonfinite, self.where, stacklevel, tracked=self.tracked)
+            report_nonfinite(ok, self.nonfinite, self.where, stacklevel, tracked=self.tracked,
+                             skipped=self.skipped)
         return y

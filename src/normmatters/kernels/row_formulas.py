@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import acc_dtype, inv_std
+from .._batch_stats import acc_dtype, inv_std
 
 __all__ = ["forward", "backward", "to_lean", "from_lean"]
 

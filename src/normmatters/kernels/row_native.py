@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..estimators import get_estimator
-from ..functional import acc_dtype
+from .._batch_stats import acc_dtype
 from . import native_build
 
 __all__ = ["ensure", "ready", "fwd"]

@@ -16,6 +16,7 @@ The modules hold state (weight, bias, running statistics) and choose training vs
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..estimators import get_estimator
-from ..functional import BatchNormTensors, LayerName, call_momentum, check_input
+from .._batch_stats import BatchNormTensors, LayerName, call_momentum, check_input
 from ..kernels import dispatch
 from ..kernels.native_autograd import NativePlan
 from ..options import OPTION_NAMES, NormOptions, check_option
@@ -66,6 +67,8 @@ def _check_option(layer: LpBatchNorm, name: str, value: Any) -> None:
 
 
 _OPTION_SET = frozenset(OPTION_NAMES)
+#: whether torch's batch-norm base class takes ``bias=`` (torch >= 2.10)
+_BASE_TAKES_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 
 class LpBatchNorm(_NormBase):
@@ -83,7 +86,11 @@ class LpBatchNorm(_NormBase):
         k: how many of the largest |x − μ| ``norm="topk"`` averages.
         chunks: ``norm="range"`` only — average the ranges of this many equal chunks of the batch.
         ghost_batch_size: normalize each group of this many samples with its own statistics.
-        nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
+        nonfinite: what a training batch with NaN/Inf statistics (or a running variance its buffer's dtype
+            cannot hold) does: "skip" (default) leaves every running buffer unchanged by a device-side select, with
+            no host synchronisation, and counts the batch (:attr:`skipped_batches`); "ignore" the same, not
+            counted; "raise" reads the status back to the host after every training step (a device
+            synchronisation per layer and step) and raises ``NonFiniteBatchError``.
         impl: kernel — None (default: $NORMMATTERS_KERNEL or "auto"), "auto", "native", "compiled", "eager"
             or "reference" (see :mod:`normmatters.kernels.dispatch`).
         bias: keyword-only, as ``nn.BatchNorm*d`` (torch ≥ 2.10): ``bias=False`` with ``affine=True`` keeps the
@@ -117,7 +124,7 @@ class LpBatchNorm(_NormBase):
 
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
-                 chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
+                 chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "skip",
                  device: Any = None, dtype: Any = None, impl: str | None = None,
                  precision: Any = None, inplace: bool = False, *, bias: bool = True,
                  options: NormOptions | None = None) -> None:
@@ -139,8 +146,23 @@ class LpBatchNorm(_NormBase):
         self.impl = impl
         self.precision = precision
         self.inplace = inplace
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                         bias=bias)
+        if _BASE_TAKES_BIAS:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                             bias=bias)
+        else:  # torch < 2.10: the base class always makes a bias when affine
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+            if affine and not bias:
+                self.register_parameter("bias", None)
+        # batches skipped as non-finite (nonfinite="skip"), counted on the device; outside the state_dict
+        self.register_buffer("_skipped", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+
+    @property
+    def skipped_batches(self) -> int:
+        """How many training batches this layer has skipped (non-finite statistics, or a running variance the
+        buffer's dtype cannot hold: every running buffer left unchanged) since construction; reading it
+        synchronises with the device (it is kept there). Not saved in the state_dict."""
+        counter = self._buffers.get("_skipped")
+        return 0 if counter is None else int(counter)
 
     @property
     def options(self) -> NormOptions:
@@ -217,7 +239,8 @@ class LpBatchNorm(_NormBase):
             and tensors.bias is self._parameters.get("bias")
         where = self._describe() if compiling else self._where()  # (nothing warns compiled)
         return dispatch.batch_norm(input, tensors, self.options, bn_training, call_momentum(self.momentum, nbt),
-                                   where, self.__dict__ if keep else None)
+                                   where, self.__dict__ if keep else None, self._buffers.get("_skipped") if track
+                                   else None)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, norm={self.norm!r}"
@@ -231,7 +254,7 @@ class LpBatchNorm(_NormBase):
         if self.affine and self.bias is None:
             s += "bias=False, "
         s += f"track_running_stats={self.track_running_stats}"
-        if self.nonfinite != "raise":
+        if self.nonfinite != "skip":
             s += f", nonfinite={self.nonfinite!r}"
         if self.precision is not None:
             s += f", precision={self.precision!r}"
