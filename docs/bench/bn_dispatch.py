@@ -116,8 +116,8 @@ def main(argv=None) -> None:
     for norm in ("l2", "l1", "range"):
         xs = torch.randn(8, 16, 4, 4, requires_grad=True)
         ours, stock = nm.LpBatchNorm2d(16, norm=norm), torch.nn.BatchNorm2d(16)
-        r = median_ratio(lambda: [ours(xs).sum().backward() for _ in range(50)],
-                         lambda: [stock(xs).sum().backward() for _ in range(50)], args.rounds)
+        r = median_ratio(lambda ours=ours, xs=xs: [ours(xs).sum().backward() for _ in range(50)],
+                         lambda stock=stock, xs=xs: [stock(xs).sum().backward() for _ in range(50)], args.rounds)
         print(f"  {norm:6s} {r:.2f}")
     torch.set_num_threads(threads)
 
@@ -133,7 +133,7 @@ def main(argv=None) -> None:
         bn = torch.nn.BatchNorm2d(64)
         for norm in ("l1", "range", "linf"):
             ours = nm.LpBatchNorm2d(64, norm=norm)
-            r = median_ratio(lambda: ours(xl).sum().backward(), lambda: bn(xl).sum().backward(),
+            r = median_ratio(lambda ours=ours: ours(xl).sum().backward(), lambda: bn(xl).sum().backward(),
                              max(3, args.rounds // 2))
             print(f"  {norm:6s} {r:.2f}")
 

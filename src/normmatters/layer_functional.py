@@ -32,8 +32,8 @@ import math
 import torch
 from torch import Tensor
 
-from .estimators import get_estimator, norms_with_option
 from ._batch_stats import inv_std
+from .estimators import get_estimator, norms_with_option
 from .kernels.row_norm import rows
 from .precision.emulate import Precision
 from .precision.layer import _StraightThrough

@@ -9,7 +9,7 @@ Every layer and functional call ends here (:func:`batch_norm`; the functional en
 * ``"native"`` — CPU, where :func:`.native.eligible` and (for ``impl="auto"``) :func:`.native.auto_prefers`:
   the C++/OpenMP ``normmatters::`` operators (:mod:`.native`), built on first use; the common step (affine, one
   group, buffers the kernel updates) as one :class:`.native_autograd.NativePlan`, which a layer keeps across
-  steps (:func:`replay`). Inside torch.compile / torch.export the functional operator goes into the graph;
+  steps (:meth:`LayerKernels.replay`). Inside torch.compile / torch.export the functional operator goes into the graph;
 * ``"compiled"`` — every other training call off the meta device: :mod:`.formulas` compiled by Inductor (C++ on
   CPU, Triton on CUDA: no native CUDA kernel exists, so ``impl="native"`` on CUDA runs this), eager fallback;
 * ``"eager"`` — ``impl="eager"``, meta / fake tensors (no memory for a kernel to read) and the in-place eval
@@ -26,7 +26,6 @@ import os
 import torch
 from torch import Tensor
 
-from ..estimators import get_estimator
 from .._batch_stats import (
     BatchNormTensors,
     acc_dtype,
@@ -43,6 +42,7 @@ from .._batch_stats import (
     report_nonfinite,
     training_groups,
 )
+from ..estimators import get_estimator
 from ..options import IMPLS, NormOptions
 from ..precision.layer import emulated_batch_norm
 from . import native, native_ops
@@ -56,14 +56,13 @@ from .lean import (
 )
 from .native_autograd import NativeBatchNormFunction, NativePlan
 
-__all__ = ["ENV", "IMPLS", "PATHS", "resolve_impl", "path", "batch_norm", "replay", "lean_batch_norm", "NativePlan",
+__all__ = ["ENV", "IMPLS", "PATHS", "resolve_impl", "path", "batch_norm", "LayerKernels", "lean_batch_norm",
+           "NativePlan",
            "check_inplace_weight"]
 
 ENV = "NORMMATTERS_KERNEL"
 #: what a call can run on
 PATHS = ("reference", "eager", "compiled", "native", "emulated")
-#: the key of a layer's plan in the ``plans`` mapping it passes (its ``__dict__``)
-PLAN_KEY = "_plan"
 
 
 def resolve_impl(impl: str | None, where: str = "lean_batch_norm") -> str:
@@ -132,41 +131,68 @@ def path(input: Tensor, options: NormOptions, training: bool, weight: Tensor | N
     return _training_path(impl, input, w, b, options, groups)
 
 
-def replay(plans: dict, input: Tensor, params: dict, buffers: dict | None) -> Tensor | None:
-    """The training step a layer made last time (its :class:`.native_autograd.NativePlan` in ``plans``, the
-    layer's ``__dict__``), or None where it does not apply (the plan is then dropped). ``params`` and
-    ``buffers`` the layer's ``_parameters`` and ``_buffers`` (None: no running statistics tracked). None of the
-    checks of :func:`batch_norm`, which cost ~0.1 ms per layer on the caches the previous kernel leaves. Eager
-    mode only: the caller keeps it out of torch.compile (which traces :func:`batch_norm` instead)."""
-    plan = plans.get(PLAN_KEY)
-    if plan is None:
-        return None
-    if plan.env[0] or os.environ.get(ENV) == plan.env[1]:
+class LayerKernels:
+    """What a layer decides once and keeps (it owns one, :attr:`normmatters.nn.LpBatchNorm` ``._kernels``): its
+    options as one :class:`~normmatters.options.NormOptions` (``options``), the kernel choice with
+    ``$NORMMATTERS_KERNEL`` resolved (``impl``, at the first call), the native training step of the last call
+    (``plan``, a :class:`.native_autograd.NativePlan`: valid for the input's device, dtype, shape and strides and
+    the very tensors it was built with, which it checks on every call) and the once-per-layer warnings given
+    (``warned``). :meth:`clear` forgets all but the warnings (the layer calls it when an option is assigned).
+    Never pickled or copied: a copy starts empty (operator handles and tensor identities are this process's)."""
+
+    __slots__ = ("options", "impl", "plan", "warned")
+
+    def __init__(self) -> None:
+        self.options: NormOptions | None = None
+        self.impl: str | None = None
+        self.plan: NativePlan | None = None
+        self.warned: set = set()
+
+    def clear(self) -> None:
+        self.options = self.impl = self.plan = None
+
+    def resolve(self, impl: str | None, where: str) -> str:
+        """``impl`` with $NORMMATTERS_KERNEL resolved, once (:func:`resolve_impl`)."""
+        chosen = self.impl
+        if chosen is None:
+            chosen = self.impl = resolve_impl(impl, where)
+        return chosen
+
+    def replay(self, input: Tensor, params: dict, buffers: dict | None) -> Tensor | None:
+        """The native training step this layer made last time, or None where it does not apply (the plan is then
+        dropped). ``params`` and ``buffers`` the layer's ``_parameters`` and ``_buffers`` (None: no running
+        statistics tracked). None of the checks of :func:`batch_norm`, which cost ~0.1 ms per layer on the caches
+        the previous kernel leaves. Eager mode only: the caller keeps it out of torch.compile (which traces
+        :func:`batch_norm` instead)."""
+        plan = self.plan
         # .get: a parametrization or `del` may have removed an entry
         if buffers is not None:
+            if buffers.get("_skipped") is not plan.skipped:  # (.to() made a new counter)
+                self.plan = None
+                return None
             y = plan(input, params.get("weight"), params.get("bias"), buffers.get("running_mean"),
                      buffers.get("running_var"), buffers.get("num_batches_tracked"))
         else:
             y = plan(input, params.get("weight"), params.get("bias"), None, None, None)
-        if y is not None:
-            return y
-    plans.pop(PLAN_KEY, None)  # (another thread may have dropped it already)
-    return None
+        if y is None:
+            self.plan = None
+        return y
+
+    def __reduce__(self) -> tuple:  # pickle and deepcopy: an empty one
+        return (LayerKernels, ())
 
 
 def _plan(input: Tensor, tensors: BatchNormTensors, opts: NormOptions, momentum: float | Tensor, where: str,
-          plans: dict | None, impl: str, skipped: Tensor | None) -> Tensor | None:
-    """The common native training step as one :class:`NativePlan` (kept in ``plans`` for :func:`replay` when
-    given and the momentum is a number); None where the plan does not apply."""
+          kernels: LayerKernels | None, impl: str, skipped: Tensor | None) -> Tensor | None:
+    """The common native training step as one :class:`NativePlan` (kept in ``kernels`` for
+    :meth:`LayerKernels.replay` when given and the momentum is a number); None where the plan does not apply."""
     if opts.chunks is not None or opts.ghost_batch_size is not None or torch.compiler.is_compiling():
         return None
     plan = NativePlan.build(input, tensors, opts, momentum, where, impl, skipped)
     if plan is None:
         return None
-    # an explicit impl ignores the environment; else the value $NORMMATTERS_KERNEL had (compared on each replay)
-    plan.env = (True, None) if opts.impl is not None else (False, os.environ.get(ENV))
-    if plans is not None and type(momentum) in (float, int):
-        plans[PLAN_KEY] = plan
+    if kernels is not None and type(momentum) in (float, int):
+        kernels.plan = plan
     return plan.run(input, tensors.weight, tensors.bias, stacklevel=4)
 
 
@@ -185,14 +211,15 @@ def _eval_inplace(input: Tensor, tensors: BatchNormTensors, eps: float, divides:
 
 
 def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, training: bool,
-               momentum: float | Tensor, where: str, plans: dict | None = None,
+               momentum: float | Tensor, where: str, kernels: LayerKernels | None = None,
                skipped: Tensor | None = None) -> Tensor:
     """Run one Lp batch-norm call on the path :func:`path` names; arguments as
     :func:`normmatters._batch_stats.reference_batch_norm` (``momentum`` this step's mixing factor), plus
-    ``plans``: a layer's ``__dict__``, where the native step's plan is kept for :func:`replay`, and
+    ``kernels``: a layer's :class:`LayerKernels` (the kernel choice made once, the native step's plan kept for
+    :meth:`LayerKernels.replay`; None: a function call, decided afresh), and
     ``skipped``: the layer's 0-dim counter of skipped batches (added to on the device)."""
     opts = options
-    impl = resolve_impl(opts.impl, where)
+    impl = kernels.resolve(opts.impl, where) if kernels is not None else resolve_impl(opts.impl, where)
     if impl != "reference" and no_values(input):
         impl = "eager"  # meta / fake tensors: no memory for a native or Inductor kernel to read
     weight, bias, running_mean, running_var, num_batches_tracked = tensors
@@ -207,7 +234,7 @@ def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, t
         if opts.precision is not None:
             return emulated_batch_norm(input, tensors, opts, True, momentum, where, skipped)
         if impl in ("auto", "native"):
-            y = _plan(input, tensors, opts, momentum, where, plans, impl, skipped)
+            y = _plan(input, tensors, opts, momentum, where, kernels, impl, skipped)
             if y is not None:
                 return y
     est = get_estimator(norm)

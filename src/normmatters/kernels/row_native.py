@@ -22,8 +22,8 @@ import threading
 import torch
 from torch import Tensor
 
-from ..estimators import get_estimator
 from .._batch_stats import acc_dtype
+from ..estimators import get_estimator
 from . import native_build
 
 __all__ = ["ensure", "ready", "fwd"]

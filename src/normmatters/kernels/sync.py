@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..estimators import get_estimator
 from .._batch_stats import (
     acc_dtype,
     check_input,
@@ -51,6 +50,7 @@ from .._batch_stats import (
     report_nonfinite,
     update_running_stats,
 )
+from ..estimators import get_estimator
 
 __all__ = ["sync_lp_batch_norm", "group_size", "count_traffic"]
 
