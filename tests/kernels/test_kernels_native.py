@@ -263,10 +263,11 @@ def test_fused_update_is_masked_and_reported_like_the_reference(norm):
     bad = x.clone()
     bad[1, 2, 0, 0] = float("inf")
     with pytest.raises(nm.NonFiniteBatchError):
-        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native")
+        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native",
+                        nonfinite="raise")
     assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C)) and nbt.item() == 2
     with pytest.raises(nm.NonFiniteBatchError):
-        lean_batch_norm(bad, None, None, training=True, norm=norm, impl="native")
+        lean_batch_norm(bad, None, None, training=True, norm=norm, impl="native", nonfinite="raise")
     ref = (torch.zeros(C), torch.ones(C), torch.tensor(2))
     for mom in (0.3, torch.tensor(0.25)):
         lean_batch_norm(x, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, momentum=mom,
@@ -286,7 +287,8 @@ def test_rows_kernels_report_nonfinite_batches(norm, value):
     bad[1, 2, 0, 0] = value
     rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(2)
     with pytest.raises(nm.NonFiniteBatchError):
-        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native")
+        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native",
+                        nonfinite="raise")
     assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C)) and nbt.item() == 2
 
 

@@ -315,7 +315,7 @@ def test_nonfinite_message_without_buffers(impl):
     x = torch.randn(2, 4, 3, 3)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(nm.NonFiniteBatchError) as err:
-        LpBatchNorm2d(4, track_running_stats=False, impl=impl)(x)
+        LpBatchNorm2d(4, track_running_stats=False, impl=impl, nonfinite="raise")(x)
     assert "track_running_stats=False" in str(err.value) and "running_mean" not in str(err.value)
     with pytest.raises(nm.NonFiniteBatchError, match="running_mean, running_var and num_batches_tracked were left"):
-        LpBatchNorm2d(4, impl=impl)(x)
+        LpBatchNorm2d(4, impl=impl, nonfinite="raise")(x)
