@@ -1,6 +1,13 @@
-"""The one choice of how an Lp batch-norm call runs, per device, and the per-layer plan cache.
+"""The one choice of how an Lp batch-norm call runs, per device, and what a layer decides once.
 
-Every layer and functional call ends here (:func:`batch_norm`; the functional entry :func:`lean_batch_norm`):
+A call flows: ``LpBatchNorm.forward`` (state) or :func:`normmatters.functional.lp_batch_norm` (validation) →
+:func:`batch_norm` (this module: the path) → one kernel (native C++ on the CPU, Inductor/Triton, the eager
+formulas, the reference) → the running-statistics update, fused or separate, guarded on the device. A layer owns a
+:class:`LayerKernels`: its options object, ``impl`` with ``$NORMMATTERS_KERNEL`` resolved at its first call, and the
+native step's plan (replayed while input and tensors are the ones it was built for); assigning an option clears it.
+The GPU kernel goes in one place: the CUDA branch of :func:`_training_path` (today: "compiled", Inductor's Triton).
+
+Every layer and functional call ends here (:func:`batch_norm`; the kernels-level entry :func:`lean_batch_norm`):
 
 * ``"emulated"`` — ``precision=`` set, in training: :func:`normmatters.precision.layer.emulated_batch_norm`
   (every intermediate rounded, straight-through backward);
@@ -15,8 +22,13 @@ Every layer and functional call ends here (:func:`batch_norm`; the functional en
 * ``"eager"`` — ``impl="eager"``, meta / fake tensors (no memory for a kernel to read) and the in-place eval
   (``input·scale + shift``): the formulas op by op.
 
-``impl`` (a layer's option) None means ``$NORMMATTERS_KERNEL`` (:data:`ENV`), else "auto"; this module is the
-only reader of that variable. :func:`path` names the choice without running it.
+``impl`` (a layer's option) None means ``$NORMMATTERS_KERNEL`` (:data:`ENV`), else "auto" — read once per layer
+(at its first call, again after an option is assigned) and on every function call; this module is the only reader
+of that variable. :func:`path` names the choice without running it.
+
+Non-finite batches: every path leaves the running buffers unchanged on the device and, by default
+(``nonfinite="skip"``), adds to the layer's counter on the device; only ``nonfinite="raise"`` reads a status back
+to the host (:func:`normmatters._batch_stats.report_nonfinite`).
 """
 
 from __future__ import annotations
@@ -101,6 +113,8 @@ def _training_path(impl: str, x: Tensor, w: Tensor, b: Tensor, opts: NormOptions
     m = opts.chunks or 1
     if torch.compiler.is_compiling():
         return "native" if _traced_native(impl, x, w, b, opts.norm, groups, m, opts.k) else "eager"
+    # >>> THE GPU KERNEL'S PLACE: a CUDA tensor takes "compiled" (Inductor's Triton) below; the hand-written Triton
+    # kernels (impl="triton", and "auto" on CUDA) are to be returned here, as one branch. <<<
     return "native" if _use_native(impl, x, w, b, opts.norm, groups, m, opts.k) else "compiled"
 
 

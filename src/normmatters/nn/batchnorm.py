@@ -108,8 +108,9 @@ class LpBatchNorm(_NormBase):
             synchronisation per layer and step) and raises ``NonFiniteBatchError``.
         impl: kernel — None (default: $NORMMATTERS_KERNEL or "auto"), "auto", "native", "compiled", "eager"
             or "reference" (see :mod:`normmatters.kernels.dispatch`).
-        bias: keyword-only, as ``nn.BatchNorm*d`` (torch ≥ 2.10): ``bias=False`` with ``affine=True`` keeps the
-            weight and registers no bias (state_dict without ``bias``).
+        bias: keyword-only, as ``nn.BatchNorm*d`` of recent torch: ``bias=False`` with ``affine=True`` keeps the
+            weight and registers no bias (state_dict without ``bias``); on a torch whose base class lacks the
+            argument (2.11), the layer drops the bias itself.
         options: keyword-only, a :class:`~normmatters.options.NormOptions` giving every option above at once
             (norm, k, chunks, ghost_batch_size, eps, momentum, nonfinite, impl, inplace, precision); an option
             passed as well must agree with it. ``layer.options`` is the layer's current options.
