@@ -176,7 +176,7 @@ class LpBatchNorm(_NormBase):
         if _BASE_TAKES_BIAS:
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
                              bias=bias)
-        else:  # torch < 2.10: the base class always makes a bias when affine
+        else:  # torch 2.11 (checked): the base class always makes a bias when affine
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
             if affine and not bias:
                 self.register_parameter("bias", None)
