@@ -1,13 +1,23 @@
+import re
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import normmatters as nm
 from normmatters.estimators import get_estimator
-from normmatters.functional import NonFiniteBatchError, lp_batch_norm
+from normmatters.functional import NonFiniteBatchError
+from normmatters.functional import lp_batch_norm as _public
 
 NORMS = ["l2", "l1", "linf", "topk", "range", "mean"]
+
+
+def lp_batch_norm(*args, **kwargs):
+    """The math of this module's tests, on the plain reference path (each fast path is checked against it in
+    tests/kernels; the default path of the public function below)."""
+    return _public(*args, impl="reference", **kwargs)
+
 
 
 def _buffers(c, dtype=torch.float64):
@@ -119,22 +129,56 @@ def test_nonfinite_batch_raises_and_keeps_buffers(bad):
     rm, rv, nbt = torch.randn(4), torch.rand(4) + 0.5, torch.tensor(7)
     before = rm.clone(), rv.clone(), nbt.clone()
     with pytest.raises(NonFiniteBatchError, match="lp_batch_norm.*non-finite.*unchanged"):
-        lp_batch_norm(x, rm, rv, training=True, norm="l1", num_batches_tracked=nbt)
+        lp_batch_norm(x, rm, rv, training=True, norm="l1", num_batches_tracked=nbt, nonfinite="raise")
     for a, e in zip((rm, rv, nbt), before):
         assert torch.equal(a, e)
 
 
-def test_nonfinite_skip_warns_and_ignore_is_silent():
-    x = torch.randn(8, 4, 3)
-    x[0, 0, 0] = float("nan")
-    rm, rv = torch.zeros(4), torch.ones(4)
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        lp_batch_norm(x, rm, rv, training=True, norm="range", nonfinite="skip")
-    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
+@pytest.mark.parametrize("impl", [None, "reference"])
+def test_nonfinite_default_skips_silently_and_keeps_buffers(impl):
+    """The default ("skip") and "ignore" leave every buffer as it was, without a warning or an error."""
+    x = torch.randn(8, 4, 3, 3)
+    x[0, 0, 0, 1] = float("nan")
+    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.tensor(3)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        lp_batch_norm(x, rm, rv, training=True, norm="range", nonfinite="ignore")
-    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
+        warnings.simplefilter("error", RuntimeWarning)
+        _public(x, rm, rv, training=True, norm="range", num_batches_tracked=nbt, impl=impl)
+        _public(x, rm, rv, training=True, norm="range", nonfinite="ignore", impl=impl)
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4)) and int(nbt) == 3
+
+
+@pytest.mark.parametrize("norm", ["l2", "range"])
+def test_public_function_runs_the_layers_fast_path(norm):
+    """nm.lp_batch_norm on its default path gives the reference's output, gradients and buffers, and the
+    layer's (the same dispatch)."""
+    x = torch.randn(8, 4, 5, 5, dtype=torch.float64) * 2 + 1
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    b = torch.randn(4, dtype=torch.float64)
+    outs = []
+    for impl in (None, "reference"):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        rm, rv = _buffers(4)
+        y = _public(xi, rm, rv, wi, bi, training=True, norm=norm, impl=impl)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).reshape(y.shape))
+        outs.append((y.detach(), xi.grad, wi.grad, bi.grad, rm, rv))
+    for a, e in zip(*outs):
+        torch.testing.assert_close(a, e)
+    layer = nm.LpBatchNorm2d(4, norm=norm, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(w), layer.bias.copy_(b)
+    torch.testing.assert_close(layer(x), outs[0][0])
+    torch.testing.assert_close(layer.running_var, outs[0][5])
+
+
+@pytest.mark.parametrize("name,kwargs,found", [
+    ("weight", {"weight": torch.ones(5)}, "(5,)"), ("bias", {"bias": torch.ones(2, 2)}, "(2, 2)"),
+    ("running_mean", {"running_mean": torch.zeros(3)}, "(3,)"), ("running_var", {"running_var": torch.ones(1)}, "(1,)"),
+])
+def test_wrong_sized_vectors_name_the_argument(name, kwargs, found):
+    args = {"running_mean": torch.zeros(4), "running_var": torch.ones(4), **kwargs}
+    with pytest.raises(ValueError, match=rf"lp_batch_norm: expected {name} of shape \(4,\).*got {re.escape(found)}"):
+        _public(torch.randn(8, 4, 3), args["running_mean"], args["running_var"], args.get("weight"),
+                args.get("bias"), training=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

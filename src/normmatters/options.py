@@ -14,7 +14,7 @@ field                     default    meaning
 ``ghost_batch_size``      ``None``   normalize each group of this many samples with its own statistics
 ``eps``                   ``1e-5``   y = weight · (x − μ) / sqrt(σ̂² + eps) + bias (> 0 to train, ≥ 0 in eval)
 ``momentum``              ``0.1``    running ← running + momentum · (batch − running); None: cumulative
-``nonfinite``             ``"raise"`` what a batch with NaN/Inf statistics does: "raise", "skip", "ignore"
+``nonfinite``             ``"skip"``  NaN/Inf statistics: "skip" (on the device, counted), "ignore", "raise" (syncs)
 ``impl``                  ``None``   kernel: None ($NORMMATTERS_KERNEL, else "auto") or one of :data:`IMPLS`
 ``inplace``               ``False``  In-Place ABN: the training output overwrites the input
 ``precision``             ``None``   emulated low-precision forward (a preset name or a ``Precision``)
@@ -132,7 +132,7 @@ class NormOptions:
     ghost_batch_size: int | None = None
     eps: float = 1e-5
     momentum: float | Tensor | None = 0.1
-    nonfinite: str = "raise"
+    nonfinite: str = "skip"
     impl: str | None = None
     inplace: bool = False
     precision: Any = None

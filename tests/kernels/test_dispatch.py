@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import normmatters as nm
 from normmatters.functional import BatchNormTensors
@@ -148,7 +149,7 @@ def test_plan_is_cached_per_layer_and_replayed():
 ], ids=["k", "inplace", "ghost", "precision", "param", "buffer", "track"])
 def test_plan_and_options_dropped_on_change(change):
     """Each change makes the next step run what a fresh layer in that state runs, on a new plan or none (an
-    assignment drops the plan at once; register_buffer, which bypasses __setattr__, on the next call)."""
+    option's assignment drops the plan at once; a new tensor is seen by the plan's check on the next call)."""
     m = nm.LpBatchNorm2d(4, norm="l1")
     x = _x(8, 4, 16, 16)
     _step(m, x)
@@ -168,13 +169,53 @@ def test_plan_and_options_dropped_on_change(change):
 @need_native
 def test_no_plan_kept_for_functional_calls_or_eval():
     x = _x(8, 4, 16, 16)
-    plans: dict = {}
+    kernels = dispatch.LayerKernels()
     nbt = torch.zeros((), dtype=torch.long)
     t = BatchNormTensors(torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4), nbt)
-    dispatch.batch_norm(x, t, NormOptions(), True, 0.1, "f", plans)
-    assert isinstance(plans.get(dispatch.PLAN_KEY), dispatch.NativePlan)
-    dispatch.batch_norm(x, t, NormOptions(), True, torch.tensor(0.1), "f", (tensor_plans := {}))
-    assert not tensor_plans  # a tensor momentum is read afresh: no plan kept
+    dispatch.batch_norm(x, t, NormOptions(), True, 0.1, "f")  # a function call keeps nothing
+    dispatch.batch_norm(x, t, NormOptions(), True, 0.1, "f", kernels)
+    assert isinstance(kernels.plan, dispatch.NativePlan) and kernels.impl == "auto"
+    dispatch.batch_norm(x, t, NormOptions(), True, torch.tensor(0.1), "f", (tensor_kernels := dispatch.LayerKernels()))
+    assert tensor_kernels.plan is None  # a tensor momentum is read afresh: no plan kept
     m = nm.LpBatchNorm2d(4).eval()
     m(x)
     assert m._plan is None
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (a device synchronisation on a GPU)."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default)
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl,norm", [(None, "l1"), (None, "range"), ("eager", "l2"), ("eager", "topk"),
+                                       ("compiled", "l1"), ("native", "linf")])
+@pytest.mark.parametrize("cls", [nm.LpBatchNorm2d, nm.SyncLpBatchNorm2d])
+def test_a_training_step_with_default_options_reads_nothing_back(cls, impl, norm, monkeypatch):
+    """No host read in a warm training step (fwd+bwd) with default options — a NaN batch included, which is
+    skipped on the device and counted; "raise" still raises (it reads the status to do so)."""
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    layer = cls(8, norm=norm, **({"impl": impl} if impl else {}))
+    x = torch.randn(16, 8, 6, 6, requires_grad=True)
+    layer(x).sum().backward()  # warm-up: builds, compiles, caches
+    bad = x.detach().clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with _HostReads() as h:
+        layer(x).sum().backward()
+        layer(bad)
+    assert h.reads == []
+    assert layer.skipped_batches == 1 and int(layer.num_batches_tracked) == 2
+    layer.nonfinite = "raise"
+    with pytest.raises(nm.NonFiniteBatchError):
+        layer(bad)
+    assert layer.skipped_batches == 2 and int(layer.num_batches_tracked) == 2

@@ -206,7 +206,7 @@ def test_gradcheck_native_inplace_float64(norm, opts, layout):
 
 @pytest.mark.cpu_only  # the native kernels are CPU operators
 def test_native_inplace_nonfinite_batch_raises_and_keeps_buffers():
-    layer = nm.LpBatchNorm2d(3, norm="range", inplace=True, impl="native")
+    layer = nm.LpBatchNorm2d(3, norm="range", inplace=True, impl="native", nonfinite="raise")
     x = torch.randn(4, 3, 5, 5)
     x[1, 2, 0, 0] = float("nan")
     with pytest.raises(nm.NonFiniteBatchError):

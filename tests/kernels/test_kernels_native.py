@@ -263,10 +263,11 @@ def test_fused_update_is_masked_and_reported_like_the_reference(norm):
     bad = x.clone()
     bad[1, 2, 0, 0] = float("inf")
     with pytest.raises(nm.NonFiniteBatchError):
-        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native")
+        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native",
+                        nonfinite="raise")
     assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C)) and nbt.item() == 2
     with pytest.raises(nm.NonFiniteBatchError):
-        lean_batch_norm(bad, None, None, training=True, norm=norm, impl="native")
+        lean_batch_norm(bad, None, None, training=True, norm=norm, impl="native", nonfinite="raise")
     ref = (torch.zeros(C), torch.ones(C), torch.tensor(2))
     for mom in (0.3, torch.tensor(0.25)):
         lean_batch_norm(x, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, momentum=mom,
@@ -286,7 +287,8 @@ def test_rows_kernels_report_nonfinite_batches(norm, value):
     bad[1, 2, 0, 0] = value
     rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(2)
     with pytest.raises(nm.NonFiniteBatchError):
-        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native")
+        lean_batch_norm(bad, rm, rv, training=True, norm=norm, num_batches_tracked=nbt, impl="native",
+                        nonfinite="raise")
     assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C)) and nbt.item() == 2
 
 
@@ -372,3 +374,21 @@ def test_auto_takes_native_for_small_inputs_in_eager_mode_only():
     assert seen == [False]
     _compare(x * 2 + 1, "l1", impl="auto")
 
+
+
+@pytest.mark.parametrize("layout", [None, torch.channels_last])
+@pytest.mark.parametrize("norm", ["l2", "l1", "linf", "topk", "range"])
+def test_float64_batches_near_the_formats_limit_normalize_right(norm, layout):
+    """A finite float64 batch of magnitude 1e200 (σ̂² overflows double): the channel and rows kernels give the
+    reference's output on the same batch — 1/hypot(σ̂, √eps), never σ̂², and l2's Σd² summed rescaled — and the
+    running variance it cannot hold leaves every buffer unchanged."""
+    kw = {"k": 5} if norm == "topk" else {}
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 1e200
+    if layout is not None:
+        x = x.contiguous(memory_format=layout)
+    m = nm.LpBatchNorm2d(3, norm=norm, dtype=torch.float64, impl="native", **kw)
+    y = m(x)
+    ref = nm.LpBatchNorm2d(3, norm=norm, dtype=torch.float64, impl="reference", **kw)(x)
+    assert type(y.grad_fn).__name__ == "NativeBatchNormFunctionBackward"
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert m.skipped_batches == 1 and int(m.num_batches_tracked) == 0 and torch.equal(m.running_var, torch.ones(3))

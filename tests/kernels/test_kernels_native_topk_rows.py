@@ -85,7 +85,8 @@ def test_rows_topk_nonfinite_channel_raises_and_keeps_buffers(value):
     bad[4, 9] = value
     rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(3)
     with pytest.raises(nm.NonFiniteBatchError):
-        lean_batch_norm(bad, rm, rv, training=True, norm="topk", k=10, num_batches_tracked=nbt, impl="native")
+        lean_batch_norm(bad, rm, rv, training=True, norm="topk", k=10, num_batches_tracked=nbt, impl="native",
+                        nonfinite="raise")
     assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C)) and nbt.item() == 3
 
 

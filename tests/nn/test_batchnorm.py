@@ -1,6 +1,7 @@
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -182,11 +183,13 @@ def test_nan_batch_leaves_every_buffer_unchanged(norm):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.randn(8, 6, 5, 5)
     x[3, 2, 1, 1] = float("nan")
-    with pytest.raises(nm.NonFiniteBatchError, match="LpBatchNorm2d"):
-        m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        m(x)  # the default ("skip"): silent, on the device, counted
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-    m.nonfinite = "skip"
-    with pytest.warns(RuntimeWarning):
+    assert m.skipped_batches == 1 and "_skipped" not in m.state_dict()
+    m.nonfinite = "raise"
+    with pytest.raises(nm.NonFiniteBatchError, match="LpBatchNorm2d"):
         m(x)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     m(torch.randn(8, 6, 5, 5))  # a good batch still updates

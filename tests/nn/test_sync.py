@@ -126,7 +126,7 @@ def _gradcheck(norm, group):
 
 def _nonfinite(rank, world):
     """Rank 0 holds a NaN: every rank raises NonFiniteBatchError, buffers unchanged; then a clean batch works."""
-    syn = nm.SyncLpBatchNorm2d(3, norm="l1").double()
+    syn = nm.SyncLpBatchNorm2d(3, norm="l1", nonfinite="raise").double()
     x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
     if rank == 0:
         x[0, 1, 0, 0] = float("nan")

@@ -87,10 +87,13 @@ def test_fp16_l2_fails_at_scale_300_while_l1_and_range_hold(seed):
         assert ev.total("overflow") == 0 and ev.total("nan") == 0
 
 
-def test_l2_raises_by_default_when_emulated_statistics_overflow():
+def test_l2_raises_when_emulated_statistics_overflow():
     x = torch.randn(8, 8, 4, 4) * 300
     with pytest.raises(nm.NonFiniteBatchError, match="square: overflow"):
-        nm.LpBatchNorm2d(8, norm="l2", precision="fp16")(x)
+        nm.LpBatchNorm2d(8, norm="l2", precision="fp16", nonfinite="raise")(x)
+    layer = nm.LpBatchNorm2d(8, norm="l2", precision="fp16")  # the default: skipped, counted
+    layer(x)
+    assert layer.skipped_batches == 1 and int(layer.num_batches_tracked) == 0
 
 
 def test_fp16_at_small_scale_underflows_the_input():

@@ -35,7 +35,7 @@ def test_fp32_emulation_matches_the_reference_and_gradients_are_the_references(n
 def test_fp16_overflow_of_the_l2_statistic_is_reported_with_its_step():
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1)) * 1e3
     with pytest.raises(NonFiniteBatchError, match="emulated fp16 statistics are non-finite \\(square: overflow"):
-        emulated_lp_batch_norm(x, None, None, training=True, norm="l2", precision="fp16")
+        emulated_lp_batch_norm(x, None, None, training=True, norm="l2", precision="fp16", nonfinite="raise")
     # l1 has no square: the same batch stays finite in fp16
     y = emulated_lp_batch_norm(x, None, None, training=True, norm="l1", precision="fp16")
     assert torch.isfinite(y).all()

@@ -1,6 +1,14 @@
-"""The one choice of how an Lp batch-norm call runs, per device, and the per-layer plan cache.
+"""The one choice of how an Lp batch-norm call runs, per device, and what a layer decides once.
 
-Every layer and functional call ends here (:func:`batch_norm`; the functional entry :func:`lean_batch_norm`):
+A call flows: ``LpBatchNorm.forward`` (state) or :func:`normmatters.functional.lp_batch_norm` (validation) →
+:func:`batch_norm` (this module: the path) → one kernel (native C++ on the CPU, Inductor/Triton, the eager
+formulas, the reference) → the running-statistics update, fused or separate, guarded on the device. A layer owns a
+:class:`LayerKernels`: its options object, ``impl`` with ``$NORMMATTERS_KERNEL`` resolved at its first call, and the
+native step's plan (replayed while input and tensors are the ones it was built for); assigning an option clears it.
+On CUDA (``impl="auto"``) and for ``impl="triton"`` the hand-written Triton kernels (:mod:`.triton`) run; what they
+do not cover takes Inductor's generated Triton ("compiled").
+
+Every layer and functional call ends here (:func:`batch_norm`; the kernels-level entry :func:`lean_batch_norm`):
 
 * ``"emulated"`` — ``precision=`` set, in training: :func:`normmatters.precision.layer.emulated_batch_norm`
   (every intermediate rounded, straight-through backward);
@@ -9,14 +17,19 @@ Every layer and functional call ends here (:func:`batch_norm`; the functional en
 * ``"native"`` — CPU, where :func:`.native.eligible` and (for ``impl="auto"``) :func:`.native.auto_prefers`:
   the C++/OpenMP ``normmatters::`` operators (:mod:`.native`), built on first use; the common step (affine, one
   group, buffers the kernel updates) as one :class:`.native_autograd.NativePlan`, which a layer keeps across
-  steps (:func:`replay`). Inside torch.compile / torch.export the functional operator goes into the graph;
+  steps (:meth:`LayerKernels.replay`). Inside torch.compile / torch.export the functional operator goes into the graph;
 * ``"compiled"`` — every other training call off the meta device: :mod:`.formulas` compiled by Inductor (C++ on
   CPU, Triton on CUDA: no native CUDA kernel exists, so ``impl="native"`` on CUDA runs this), eager fallback;
 * ``"eager"`` — ``impl="eager"``, meta / fake tensors (no memory for a kernel to read) and the in-place eval
   (``input·scale + shift``): the formulas op by op.
 
-``impl`` (a layer's option) None means ``$NORMMATTERS_KERNEL`` (:data:`ENV`), else "auto"; this module is the
-only reader of that variable. :func:`path` names the choice without running it.
+``impl`` (a layer's option) None means ``$NORMMATTERS_KERNEL`` (:data:`ENV`), else "auto" — read once per layer
+(at its first call, again after an option is assigned) and on every function call; this module is the only reader
+of that variable. :func:`path` names the choice without running it.
+
+Non-finite batches: every path leaves the running buffers unchanged on the device and, by default
+(``nonfinite="skip"``), adds to the layer's counter on the device; only ``nonfinite="raise"`` reads a status back
+to the host (:func:`normmatters._batch_stats.report_nonfinite`).
 """
 
 from __future__ import annotations
@@ -26,8 +39,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..estimators import get_estimator
-from ..functional import (
+from .._batch_stats import (
     BatchNormTensors,
     acc_dtype,
     call_momentum,
@@ -43,6 +55,7 @@ from ..functional import (
     report_nonfinite,
     training_groups,
 )
+from ..estimators import get_estimator
 from ..options import IMPLS, NormOptions
 from ..precision.layer import emulated_batch_norm
 from . import native, native_ops
@@ -56,14 +69,13 @@ from .lean import (
 )
 from .native_autograd import NativeBatchNormFunction, NativePlan
 
-__all__ = ["ENV", "IMPLS", "PATHS", "resolve_impl", "path", "batch_norm", "replay", "lean_batch_norm", "NativePlan",
+__all__ = ["ENV", "IMPLS", "PATHS", "resolve_impl", "path", "batch_norm", "LayerKernels", "lean_batch_norm",
+           "NativePlan",
            "check_inplace_weight"]
 
 ENV = "NORMMATTERS_KERNEL"
 #: what a call can run on
 PATHS = ("reference", "eager", "compiled", "native", "emulated", "triton")
-#: the key of a layer's plan in the ``plans`` mapping it passes (its ``__dict__``)
-PLAN_KEY = "_plan"
 
 
 def resolve_impl(impl: str | None, where: str = "lean_batch_norm") -> str:
@@ -102,6 +114,8 @@ def _training_path(impl: str, x: Tensor, w: Tensor, b: Tensor, opts: NormOptions
     m = opts.chunks or 1
     if torch.compiler.is_compiling():
         return "native" if _traced_native(impl, x, w, b, opts.norm, groups, m, opts.k) else "eager"
+    # the hand-written Triton kernels (impl="triton", and "auto" on CUDA) are taken before this, in batch_norm and
+    # path; a CUDA call they do not cover (top-k past their k, in-place) comes here: "compiled" (Inductor's Triton)
     return "native" if _use_native(impl, x, w, b, opts.norm, groups, m, opts.k) else "compiled"
 
 
@@ -138,41 +152,68 @@ def path(input: Tensor, options: NormOptions, training: bool, weight: Tensor | N
     return _training_path(impl, input, w, b, options, groups)
 
 
-def replay(plans: dict, input: Tensor, params: dict, buffers: dict | None) -> Tensor | None:
-    """The training step a layer made last time (its :class:`.native_autograd.NativePlan` in ``plans``, the
-    layer's ``__dict__``), or None where it does not apply (the plan is then dropped). ``params`` and
-    ``buffers`` the layer's ``_parameters`` and ``_buffers`` (None: no running statistics tracked). None of the
-    checks of :func:`batch_norm`, which cost ~0.1 ms per layer on the caches the previous kernel leaves. Eager
-    mode only: the caller keeps it out of torch.compile (which traces :func:`batch_norm` instead)."""
-    plan = plans.get(PLAN_KEY)
-    if plan is None:
-        return None
-    if plan.env[0] or os.environ.get(ENV) == plan.env[1]:
+class LayerKernels:
+    """What a layer decides once and keeps (it owns one, :attr:`normmatters.nn.LpBatchNorm` ``._kernels``): its
+    options as one :class:`~normmatters.options.NormOptions` (``options``), the kernel choice with
+    ``$NORMMATTERS_KERNEL`` resolved (``impl``, at the first call), the native training step of the last call
+    (``plan``, a :class:`.native_autograd.NativePlan`: valid for the input's device, dtype, shape and strides and
+    the very tensors it was built with, which it checks on every call) and the once-per-layer warnings given
+    (``warned``). :meth:`clear` forgets all but the warnings (the layer calls it when an option is assigned).
+    Never pickled or copied: a copy starts empty (operator handles and tensor identities are this process's)."""
+
+    __slots__ = ("options", "impl", "plan", "warned")
+
+    def __init__(self) -> None:
+        self.options: NormOptions | None = None
+        self.impl: str | None = None
+        self.plan: NativePlan | None = None
+        self.warned: set = set()
+
+    def clear(self) -> None:
+        self.options = self.impl = self.plan = None
+
+    def resolve(self, impl: str | None, where: str) -> str:
+        """``impl`` with $NORMMATTERS_KERNEL resolved, once (:func:`resolve_impl`)."""
+        chosen = self.impl
+        if chosen is None:
+            chosen = self.impl = resolve_impl(impl, where)
+        return chosen
+
+    def replay(self, input: Tensor, params: dict, buffers: dict | None) -> Tensor | None:
+        """The native training step this layer made last time, or None where it does not apply (the plan is then
+        dropped). ``params`` and ``buffers`` the layer's ``_parameters`` and ``_buffers`` (None: no running
+        statistics tracked). None of the checks of :func:`batch_norm`, which cost ~0.1 ms per layer on the caches
+        the previous kernel leaves. Eager mode only: the caller keeps it out of torch.compile (which traces
+        :func:`batch_norm` instead)."""
+        plan = self.plan
         # .get: a parametrization or `del` may have removed an entry
         if buffers is not None:
+            if buffers.get("_skipped") is not plan.skipped:  # (.to() made a new counter)
+                self.plan = None
+                return None
             y = plan(input, params.get("weight"), params.get("bias"), buffers.get("running_mean"),
                      buffers.get("running_var"), buffers.get("num_batches_tracked"))
         else:
             y = plan(input, params.get("weight"), params.get("bias"), None, None, None)
-        if y is not None:
-            return y
-    plans.pop(PLAN_KEY, None)  # (another thread may have dropped it already)
-    return None
+        if y is None:
+            self.plan = None
+        return y
+
+    def __reduce__(self) -> tuple:  # pickle and deepcopy: an empty one
+        return (LayerKernels, ())
 
 
 def _plan(input: Tensor, tensors: BatchNormTensors, opts: NormOptions, momentum: float | Tensor, where: str,
-          plans: dict | None, impl: str) -> Tensor | None:
-    """The common native training step as one :class:`NativePlan` (kept in ``plans`` for :func:`replay` when
-    given and the momentum is a number); None where the plan does not apply."""
+          kernels: LayerKernels | None, impl: str, skipped: Tensor | None) -> Tensor | None:
+    """The common native training step as one :class:`NativePlan` (kept in ``kernels`` for
+    :meth:`LayerKernels.replay` when given and the momentum is a number); None where the plan does not apply."""
     if opts.chunks is not None or opts.ghost_batch_size is not None or torch.compiler.is_compiling():
         return None
-    plan = NativePlan.build(input, tensors, opts, momentum, where, impl)
+    plan = NativePlan.build(input, tensors, opts, momentum, where, impl, skipped)
     if plan is None:
         return None
-    # an explicit impl ignores the environment; else the value $NORMMATTERS_KERNEL had (compared on each replay)
-    plan.env = (True, None) if opts.impl is not None else (False, os.environ.get(ENV))
-    if plans is not None and type(momentum) in (float, int):
-        plans[PLAN_KEY] = plan
+    if kernels is not None and type(momentum) in (float, int):
+        kernels.plan = plan
     return plan.run(input, tensors.weight, tensors.bias, stacklevel=4)
 
 
@@ -191,12 +232,15 @@ def _eval_inplace(input: Tensor, tensors: BatchNormTensors, eps: float, divides:
 
 
 def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, training: bool,
-               momentum: float | Tensor, where: str, plans: dict | None = None) -> Tensor:
+               momentum: float | Tensor, where: str, kernels: LayerKernels | None = None,
+               skipped: Tensor | None = None) -> Tensor:
     """Run one Lp batch-norm call on the path :func:`path` names; arguments as
-    :func:`normmatters.functional.reference_batch_norm` (``momentum`` this step's mixing factor), plus
-    ``plans``: a layer's ``__dict__``, where the native step's plan is kept for :func:`replay`."""
+    :func:`normmatters._batch_stats.reference_batch_norm` (``momentum`` this step's mixing factor), plus
+    ``kernels``: a layer's :class:`LayerKernels` (the kernel choice made once, the native step's plan kept for
+    :meth:`LayerKernels.replay`; None: a function call, decided afresh), and
+    ``skipped``: the layer's 0-dim counter of skipped batches (added to on the device)."""
     opts = options
-    impl = resolve_impl(opts.impl, where)
+    impl = kernels.resolve(opts.impl, where) if kernels is not None else resolve_impl(opts.impl, where)
     if impl != "reference" and no_values(input):
         impl = "eager"  # meta / fake tensors: no memory for a native or Inductor kernel to read
     weight, bias, running_mean, running_var, num_batches_tracked = tensors
@@ -209,16 +253,17 @@ def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, t
         if input.numel() == 0:
             return empty_batch_norm(input, weight, bias, num_batches_tracked)
         if opts.precision is not None:
-            return emulated_batch_norm(input, tensors, opts, True, momentum, where)
+            return emulated_batch_norm(input, tensors, opts, True, momentum, where, skipped)
         if impl == "triton" or (impl == "auto" and input.device.type == "cuda"):  # the Triton kernels
             from . import triton as triton_kernels
             out = triton_kernels.batch_norm_training(input, tensors, opts, momentum, where, explicit=impl == "triton")
             if out is not None:
-                report_nonfinite(out[1], opts.nonfinite, where, tracked=any(t is not None for t in tensors[2:]))
+                report_nonfinite(out[1], opts.nonfinite, where, tracked=any(t is not None for t in tensors[2:]),
+                                 skipped=skipped)
                 return out[0]
             impl = "auto" if impl == "auto" else "eager"  # not covered (kernels.triton): the composite path
         if impl in ("auto", "native"):
-            y = _plan(input, tensors, opts, momentum, where, plans, impl)
+            y = _plan(input, tensors, opts, momentum, where, kernels, impl, skipped)
             if y is not None:
                 return y
     est = get_estimator(norm)
@@ -232,13 +277,13 @@ def batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, t
         check_inplace_weight(weight, where)
     if impl == "reference":
         src = input.clone() if training and inplace and torch.is_grad_enabled() else input
-        y = reference_batch_norm(src, tensors, opts, training, momentum, where)
+        y = reference_batch_norm(src, tensors, opts, training, momentum, where, skipped)
         return input.copy_(y) if training and inplace else y
-    return _lean_training(input, tensors, opts, momentum, where, impl)
+    return _lean_training(input, tensors, opts, momentum, where, impl, skipped)
 
 
 def _lean_training(input: Tensor, tensors: BatchNormTensors, opts: NormOptions, momentum: float | Tensor,
-                   where: str, impl: str) -> Tensor:
+                   where: str, impl: str, skipped: Tensor | None) -> Tensor:
     """Training on the lean autograd Functions (eager or compiled formulas) or the native kernels with a
     separate running-statistics update (no affine parameters, buffers of another dtype, traced)."""
     weight, bias, running_mean, running_var, num_batches_tracked = tensors
@@ -290,7 +335,7 @@ def _lean_training(input: Tensor, tensors: BatchNormTensors, opts: NormOptions, 
             return y  # traced: no report (report_nonfinite is eager-only)
         ok = kernel("update_running", norm, "eager" if chosen == "eager" else "compiled", input.device)(
             mean, raw, c, running_mean, rv, num_batches_tracked, momentum, n, est.divides)
-    report_nonfinite(ok, opts.nonfinite, where,
+    report_nonfinite(ok, opts.nonfinite, where, skipped=skipped,
                      tracked=not (running_mean is None and running_var is None and num_batches_tracked is None))
     return y
 
@@ -310,7 +355,7 @@ def lean_batch_norm(
     ghost_batch_size: int | None = None,
     *,
     num_batches_tracked: Tensor | None = None,
-    nonfinite: str = "raise",
+    nonfinite: str = "skip",
     where: str = "lean_batch_norm",
     impl: str | None = None,
     inplace: bool = False,

@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._batch_stats import acc_dtype, inv_std, update_running_stats
 from ..estimators import get_estimator
-from ..functional import acc_dtype, inv_std, update_running_stats
 
 DIMS = (1, 2, 4)
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..estimators import get_estimator
-from ..functional import (
+from .._batch_stats import (
     NONFINITE_MODES,
     STORED,
     check_channel_vectors,
@@ -21,6 +20,7 @@ from ..functional import (
     report_nonfinite,
     training_groups,
 )
+from ..estimators import get_estimator
 from . import native
 from .saved import save_stats, saved_stats
 
@@ -109,17 +109,17 @@ class NativePlan:
     shape, strides and dtype (on the CPU) and the very tensors it was built with (weight, bias, running
     buffers: the same objects, each still with the shape, strides and dtype it had, on the CPU — the kernel
     reads their addresses afresh every call — so ``module.to()``, ``load_state_dict(assign=True)`` or a
-    ``.data`` of another layout make a new one); the caller keeps it out of ``torch.compile`` and drops it
-    when any option is reassigned (:class:`normmatters.nn.LpBatchNorm` does both, and on ``.train()`` /
-    ``.eval()``). ``env`` is :mod:`.dispatch`'s: the value of ``$NORMMATTERS_KERNEL`` the plan was chosen under,
-    which dispatch compares before each reuse (so the switch takes effect on the next step).
+    ``.data`` of another layout make a new one); the caller keeps it out of ``torch.compile`` and eval mode, and
+    drops it when any option is reassigned (:class:`normmatters.nn.LpBatchNorm` does all three, through its
+    :class:`.dispatch.LayerKernels`). ``skipped``: the layer's counter of skipped batches it adds to.
     """
 
-    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "layouts", "env", "tracked")
+    __slots__ = ("launch", "where", "nonfinite", "inplace", "running", "tensors", "layouts", "tracked",
+                 "skipped")
 
     @staticmethod
     def build(input: Tensor, tensors: tuple, options, momentum: float | Tensor, where: str,
-              impl: str) -> NativePlan | None:
+              impl: str, skipped: Tensor | None = None) -> NativePlan | None:
         """The plan of this call, or None where the native kernels do not take it. ``tensors`` (weight, bias,
         running_mean, running_var, num_batches_tracked); ``options`` a :class:`~normmatters.options.NormOptions`
         (norm, k, eps, nonfinite, inplace); ``impl`` resolved by :mod:`.dispatch` ("auto" or "native")."""
@@ -150,7 +150,7 @@ class NativePlan:
         plan.tensors = (weight, bias, running_mean, running_var, num_batches_tracked)
         plan.tracked = not (running_mean is None and running_var is None and num_batches_tracked is None)
         plan.layouts = tuple((t, t.shape, t.stride(), t.dtype) for t in plan.tensors if t is not None)
-        plan.env = (True, None)
+        plan.skipped = skipped  # the layer's counter of skipped batches (None: not counted)
         return plan
 
     def __call__(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -178,5 +178,6 @@ class NativePlan:
         else:
             y, ok = NativeBatchNormFunction.apply(input, weight, bias, self.launch, self.running)
         if ok != STORED and self.nonfinite != "ignore":  # 0 non-finite, 2 running_var unrepresentable
-            report_nonfinite(ok, self.nonfinite, self.where, stacklevel, tracked=self.tracked)
+            report_nonfinite(ok, self.nonfinite, self.where, stacklevel, tracked=self.tracked,
+                             skipped=self.skipped)
         return y

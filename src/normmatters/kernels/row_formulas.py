@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._batch_stats import acc_dtype, inv_std
 from ..estimators import get_estimator
-from ..functional import acc_dtype, inv_std
 
 __all__ = ["forward", "backward", "reference", "to_lean", "from_lean"]
 

@@ -31,8 +31,8 @@ import threading
 import torch
 from torch import Tensor
 
+from .._batch_stats import acc_dtype
 from ..estimators import get_estimator
-from ..functional import acc_dtype
 from . import native_build, row_formulas
 
 __all__ = ["ensure", "ready", "fwd", "native", "SCHEMAS"]

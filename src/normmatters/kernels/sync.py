@@ -28,7 +28,7 @@ The reductions the backward needs besides Σg·w and Σg·w·d are the estimator
 (:meth:`~normmatters.estimators.Estimator.lean_dstat`) with the union batch's thresholds, counts and n, so the
 extreme elements of linf / topk / range, which live on some rank, get their gradient there, and ties across ranks
 share it evenly as in one process. Every rank sees the same reduced statistics, so every rank raises
-(``nonfinite="raise"``), warns or updates its buffers alike. Ranks must agree on whether anything requires grad
+(``nonfinite="raise"``), skips or updates its buffers alike. Ranks must agree on whether anything requires grad
 (each runs the backward all-reduce), as with ``nn.SyncBatchNorm``.
 
 Not supported with sync (``ValueError``): ``chunks`` (range), ``ghost_batch_size``, ``precision``,
@@ -43,14 +43,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..estimators import get_estimator
-from ..functional import (
+from .._batch_stats import (
     acc_dtype,
     check_input,
     inv_std,
     report_nonfinite,
     update_running_stats,
 )
+from ..estimators import get_estimator
 
 __all__ = ["sync_lp_batch_norm", "group_size", "count_traffic"]
 
@@ -164,11 +164,13 @@ class _SyncLpBatchNormFunction(torch.autograd.Function):
 def sync_lp_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                        weight: Tensor | None, bias: Tensor | None, momentum: float | Tensor, eps: float,
                        norm: str, k: int = 10, *, num_batches_tracked: Tensor | None = None,
-                       nonfinite: str = "raise", where: str = "sync_lp_batch_norm",
-                       group: dist.ProcessGroup | None = None) -> Tensor:
+                       nonfinite: str = "skip", where: str = "sync_lp_batch_norm",
+                       group: dist.ProcessGroup | None = None, skipped: Tensor | None = None) -> Tensor:
     """Training-mode Lp batch norm of ``input`` (N, C, *) with the statistics of the union of the batches of
     every rank of ``group`` (see the module docstring). Every rank must call it, in the same order as its other
-    collectives, even with N = 0. Returns the rank's rows, shaped and typed like ``input``."""
+    collectives, even with N = 0. Returns the rank's rows, shaped and typed like ``input``. ``skipped``: the
+    layer's counter of skipped batches (:func:`normmatters._batch_stats.report_nonfinite`). Reads the union
+    batch's size back to the host once per call (it is validated as every path does)."""
     est = get_estimator(norm)
     check_input(input, where=where)
     N, C = input.shape[0], input.shape[1]
@@ -216,6 +218,6 @@ def sync_lp_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: 
     with torch.no_grad():
         status = update_running_stats(mu[None], None if sigma is None else sigma[None],
                                       running_mean, running_var, num_batches_tracked, momentum, n)
-    report_nonfinite(status, nonfinite, where,
+    report_nonfinite(status, nonfinite, where, skipped=skipped,
                      tracked=not (running_mean is None and running_var is None and num_batches_tracked is None))
     return y

@@ -16,14 +16,15 @@ The modules hold state (weight, bias, running statistics) and choose training vs
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
+from .._batch_stats import BatchNormTensors, LayerName, call_momentum, check_input
 from ..estimators import get_estimator
-from ..functional import BatchNormTensors, LayerName, call_momentum, check_input
 from ..kernels import dispatch
 from ..kernels.native_autograd import NativePlan
 from ..options import OPTION_NAMES, NormOptions, check_option
@@ -39,17 +40,6 @@ __all__ = [
 ]
 
 
-#: what the native plan (:class:`normmatters.kernels.native_autograd.NativePlan`) depends on: setting any of these
-#: attributes drops it (the tensors are also checked by identity and address on every call)
-_PLAN_INPUTS = frozenset({
-    *OPTION_NAMES, "training", "track_running_stats", "num_features", "affine", "weight", "bias", "running_mean",
-    "running_var", "num_batches_tracked", "_parameters", "_buffers",
-})
-#: what a layer caches per instance and never pickles or copies: the plan (operator handles), the options object
-#: (a copy of a tensor momentum would not be the copy's own), the once-per-layer warning state
-_CACHES = ("_plan", "_options", "_warned")
-
-
 def _check_positive_int(where: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
@@ -60,12 +50,40 @@ def _check_option(layer: LpBatchNorm, name: str, value: Any) -> None:
     has); errors name the layer's class, as the option may be what is being set. A precision preset's name is
     resolved here too (:func:`normmatters.precision.emulate.get_precision`)."""
     where = type(layer).__name__
-    check_option(name, value, where, layer.__dict__)
+    check_option(name, value, where, layer.__dict__)  # (the options already set, by name)
     if name == "precision" and value is not None:
         get_precision(value, where)
 
 
-_OPTION_SET = frozenset(OPTION_NAMES)
+def _option(name: str, doc: str) -> property:
+    """The layer option ``name``: stored in the instance's ``__dict__`` under its own name (as modules pickled
+    before the options were properties have it), validated on assignment (:func:`_check_option`, naming the
+    layer), and assigning one makes the layer decide its kernel afresh (:meth:`LayerKernels.clear`)."""
+    late = _LATE_DEFAULTS.get(name, _MISSING)
+
+    def fget(self: LpBatchNorm) -> Any:
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            if late is not _MISSING:  # an option newer than a pickled module
+                return late
+            raise AttributeError(f"{type(self).__name__} has no option {name!r} set yet") from None
+
+    def fset(self: LpBatchNorm, value: Any) -> None:
+        _check_option(self, name, value)
+        self.__dict__[name] = value
+        kernels = self.__dict__.get("_kernels")
+        if kernels is not None:
+            kernels.clear()
+
+    return property(fget, fset, doc=doc)
+
+
+_MISSING = object()
+#: options a module pickled before they existed lacks
+_LATE_DEFAULTS = {"inplace": False, "precision": None}
+#: whether torch's batch-norm base class takes ``bias=`` (torch >= 2.10)
+_BASE_TAKES_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 
 class LpBatchNorm(_NormBase):
@@ -87,11 +105,16 @@ class LpBatchNorm(_NormBase):
         k: how many of the largest |x − μ| ``norm="topk"`` averages.
         chunks: ``norm="range"`` only — average the ranges of this many equal chunks of the batch.
         ghost_batch_size: normalize each group of this many samples with its own statistics.
-        nonfinite: "raise" (default), "skip" or "ignore" — what a batch with NaN/Inf statistics does.
+        nonfinite: what a training batch with NaN/Inf statistics (or a running variance its buffer's dtype
+            cannot hold) does: "skip" (default) leaves every running buffer unchanged by a device-side select, with
+            no host synchronisation, and counts the batch (:attr:`skipped_batches`); "ignore" the same, not
+            counted; "raise" reads the status back to the host after every training step (a device
+            synchronisation per layer and step) and raises ``NonFiniteBatchError``.
         impl: kernel — None (default: $NORMMATTERS_KERNEL or "auto"), "auto", "native", "compiled", "eager"
             or "reference" (see :mod:`normmatters.kernels.dispatch`).
-        bias: keyword-only, as ``nn.BatchNorm*d`` (torch ≥ 2.10): ``bias=False`` with ``affine=True`` keeps the
-            weight and registers no bias (state_dict without ``bias``).
+        bias: keyword-only, as ``nn.BatchNorm*d`` of recent torch: ``bias=False`` with ``affine=True`` keeps the
+            weight and registers no bias (state_dict without ``bias``); on a torch whose base class lacks the
+            argument (2.11), the layer drops the bias itself.
         options: keyword-only, a :class:`~normmatters.options.NormOptions` giving every option above at once
             (norm, k, chunks, ghost_batch_size, eps, momentum, nonfinite, impl, inplace, precision); an option
             passed as well must agree with it. ``layer.options`` is the layer's current options.
@@ -115,13 +138,23 @@ class LpBatchNorm(_NormBase):
     """
 
     _expected_dim: tuple[int, ...] | None = None
-    inplace: bool = False  # class default: modules pickled before the option existed keep working
-    _plan: NativePlan | None = None  # the native training step of the last call (instance attribute)
-    _options: NormOptions | None = None  # cache of .options (instance attribute)
+    norm = _option("norm", "the dispersion estimator σ̂")
+    k = _option("k", "top-k: how many of the largest |x − μ| are averaged")
+    chunks = _option("chunks", "range: mean range of this many equal chunks of the batch (None: one)")
+    ghost_batch_size = _option("ghost_batch_size", "normalize each group of this many samples on its own")
+    eps = _option("eps", "added to σ̂² (> 0 to train, >= 0 in eval)")
+    momentum = _option("momentum", "running ← running + momentum·(batch − running); None: cumulative")
+    nonfinite = _option("nonfinite", '"skip", "ignore" or "raise" (syncs every step): see the class docstring')
+    impl = _option("impl", "the kernel: None ($NORMMATTERS_KERNEL at the first call, else auto) or one of IMPLS")
+    inplace = _option("inplace", "In-Place ABN: the training output overwrites the input")
+    precision = _option("precision", "emulated low-precision training forward (None: off)")
+    #: what the layer decides once (options object, kernel choice, native plan, warnings given); made in
+    #: __init__ (None: a module pickled before it existed, made on first use)
+    _kernels: dispatch.LayerKernels | None = None
 
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
-                 chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
+                 chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "skip",
                  device: Any = None, dtype: Any = None, impl: str | None = None,
                  precision: Any = None, inplace: bool = False, *, bias: bool = True,
                  options: NormOptions | None = None) -> None:
@@ -134,7 +167,8 @@ class LpBatchNorm(_NormBase):
             norm, eps, momentum, k, chunks = options.norm, options.eps, options.momentum, options.k, options.chunks
             ghost_batch_size, nonfinite, impl = options.ghost_batch_size, options.nonfinite, options.impl
             precision, inplace = options.precision, options.inplace
-        # each assignment is validated (__setattr__ → check_option), before any state exists
+        self._kernels = dispatch.LayerKernels()
+        # each assignment is validated (the option properties → check_option), before any state exists
         self.norm = norm
         self.k = k
         self.chunks = chunks
@@ -143,28 +177,51 @@ class LpBatchNorm(_NormBase):
         self.impl = impl
         self.precision = precision
         self.inplace = inplace
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                         bias=bias)
+        if _BASE_TAKES_BIAS:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                             bias=bias)
+        else:  # torch 2.11 (checked): the base class always makes a bias when affine
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+            if affine and not bias:
+                self.register_parameter("bias", None)
+        # batches skipped as non-finite (nonfinite="skip"), counted on the device; outside the state_dict
+        self.register_buffer("_skipped", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+
+    @property
+    def skipped_batches(self) -> int:
+        """How many training batches this layer has skipped (non-finite statistics, or a running variance the
+        buffer's dtype cannot hold: every running buffer left unchanged) since construction; reading it
+        synchronises with the device (it is kept there). Not saved in the state_dict."""
+        counter = self._buffers.get("_skipped")
+        return 0 if counter is None else int(counter)
 
     @property
     def options(self) -> NormOptions:
         """The layer's current options as one :class:`~normmatters.options.NormOptions` (cached until one is
         assigned; each was validated when assigned)."""
-        opts = self.__dict__.get("_options")
+        kernels = self._own_kernels()
+        opts = kernels.options
         if opts is None:
-            opts = self.__dict__["_options"] = NormOptions.trusted(
-                {name: getattr(self, name) for name in OPTION_NAMES})
+            opts = kernels.options = NormOptions.trusted({name: getattr(self, name) for name in OPTION_NAMES})
         return opts
+
+    def _own_kernels(self) -> dispatch.LayerKernels:
+        kernels = self._kernels
+        if kernels is None:  # a module pickled before layers kept one
+            kernels = self._kernels = dispatch.LayerKernels()
+        return kernels
+
+    @property
+    def _plan(self) -> NativePlan | None:
+        """The native training step of the last call, kept for the next (None: none)."""
+        return self._own_kernels().plan
 
     def _describe(self) -> str:
         return f"{type(self).__name__}({self.num_features}, norm={self.norm!r})"
 
     def _where(self) -> LayerName:
         """The layer's description for messages, carrying its once-per-layer warning state."""
-        warned = self.__dict__.get("_warned")
-        if warned is None:
-            warned = self.__dict__["_warned"] = set()
-        return LayerName(self._describe(), warned)
+        return LayerName(self._describe(), self._own_kernels().warned)
 
     def __prepare_scriptable__(self):  # torch.jit.script calls this on every submodule first
         raise RuntimeError(f"{self._describe()}: torch.jit.script is not supported by normmatters layers; use "
@@ -175,36 +232,11 @@ class LpBatchNorm(_NormBase):
         check_input(input, where=self._describe(), num_features=self.num_features,
                     expected_dim=self._expected_dim)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _PLAN_INPUTS:  # an option (validated) or a tensor the native plan was built with
-            if name in _OPTION_SET:
-                _check_option(self, name, value)
-                self.__dict__.pop("_options", None)
-            self.__dict__.pop("_plan", None)
-        super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        if name in _PLAN_INPUTS:
-            self.__dict__.pop("_plan", None)
-            self.__dict__.pop("_options", None)
-        super().__delattr__(name)
-
-    def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(), ...: new tensors or new data
-        self.__dict__.pop("_plan", None)
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        # _plan holds operator handles (rebuilt on the first training step); a copy warns afresh (_warned)
-        if any(key in state for key in _CACHES):
-            state = {key: value for key, value in state.items() if key not in _CACHES}
-        return state
-
     def forward(self, input: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
-        if not compiling and "_plan" in self.__dict__:  # the native step this layer made last time, if it applies
-            y = dispatch.replay(self.__dict__, input, self._parameters,
-                                self._buffers if self.track_running_stats else None)
+        kernels = self._kernels or self._own_kernels()
+        if not compiling and self.training and kernels.plan is not None:  # the native step made last time
+            y = kernels.replay(input, self._parameters, self._buffers if self.track_running_stats else None)
             if y is not None:
                 return y
         self._check_input_dim(input)
@@ -221,7 +253,8 @@ class LpBatchNorm(_NormBase):
             and tensors.bias is self._parameters.get("bias")
         where = self._describe() if compiling else self._where()  # (nothing warns compiled)
         return dispatch.batch_norm(input, tensors, self.options, bn_training, call_momentum(self.momentum, nbt),
-                                   where, self.__dict__ if keep else None)
+                                   where, kernels if keep else None, self._buffers.get("_skipped") if track
+                                   else None)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, norm={self.norm!r}"
@@ -235,7 +268,7 @@ class LpBatchNorm(_NormBase):
         if self.affine and self.bias is None:
             s += "bias=False, "
         s += f"track_running_stats={self.track_running_stats}"
-        if self.nonfinite != "raise":
+        if self.nonfinite != "skip":
             s += f", nonfinite={self.nonfinite!r}"
         if self.precision is not None:
             s += f", precision={self.precision!r}"

@@ -32,7 +32,7 @@ class SyncLpBatchNorm(LpBatchNorm):
 
     def __init__(self, num_features: int, norm: str = "l1", eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, k: int = 10,
-                 chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "raise",
+                 chunks: int | None = None, ghost_batch_size: int | None = None, nonfinite: str = "skip",
                  device: Any = None, dtype: Any = None, impl: str | None = None, precision: Any = None,
                  inplace: bool = False, *, bias: bool = True, process_group: Any = None,
                  options: NormOptions | None = None) -> None:
@@ -65,7 +65,7 @@ class SyncLpBatchNorm(LpBatchNorm):
             input, self.running_mean if track else None, self.running_var if track else None,
             self.weight, self.bias, momentum, self.eps, self.norm, self.k,
             num_batches_tracked=self.num_batches_tracked if track else None, nonfinite=self.nonfinite,
-            where=self._where(), group=self.process_group)
+            where=self._where(), group=self.process_group, skipped=self._buffers.get("_skipped") if track else None)
 
 
 class SyncLpBatchNorm1d(SyncLpBatchNorm):

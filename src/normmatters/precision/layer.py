@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import (
+from .._batch_stats import (
     NONFINITE,
     BatchNormTensors,
     NonFiniteBatchError,
@@ -40,7 +40,6 @@ from ..functional import (
     report_nonfinite,
     training_groups,
     update_running_stats,
-    warn_once,
 )
 from ..options import NormOptions
 from .emulate import PRESETS, EmulationResult, Events, Precision, emulate_normalization, get_precision
@@ -125,7 +124,7 @@ def emulated_lp_batch_norm(
     *,
     precision: str | Precision = "fp16",
     num_batches_tracked: Tensor | None = None,
-    nonfinite: str = "raise",
+    nonfinite: str = "skip",
     where: str = "emulated_lp_batch_norm",
     options: NormOptions | None = None,
 ) -> Tensor:
@@ -145,9 +144,10 @@ def emulated_lp_batch_norm(
 
 
 def emulated_batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormOptions, training: bool,
-                        momentum: float | Tensor, where: str) -> Tensor:
+                        momentum: float | Tensor, where: str, skipped: Tensor | None = None) -> Tensor:
     """:func:`emulated_lp_batch_norm` on one :class:`~normmatters.functional.BatchNormTensors` and validated
-    ``options`` (``options.precision`` the format; eval: the reference path); ``momentum`` this step's."""
+    ``options`` (``options.precision`` the format; eval: the reference path); ``momentum`` this step's;
+    ``skipped`` the layer's counter of skipped batches (``report_nonfinite``)."""
     p = get_precision(options.precision, where)
     if not training:
         return reference_batch_norm(input, tensors, options, False, momentum, where)
@@ -174,14 +174,11 @@ def emulated_batch_norm(input: Tensor, tensors: BatchNormTensors, options: NormO
     with torch.no_grad():
         ok = update_running_stats(res.mean.reshape(groups, C), sigma, running_mean, running_var,
                                   num_batches_tracked, momentum, n)
-    if nonfinite != "ignore":
-        code = int(ok)
-        if code != NONFINITE:  # stored, or finite but too large for running_var (that warns once per layer)
-            report_nonfinite(code, nonfinite, where, stacklevel=3)
-        else:
-            msg = (f"{where}: emulated {p.name or 'low-precision'} statistics are non-finite "
-                   f"({res.events}); running statistics left unchanged")
-            if nonfinite == "raise":
-                raise NonFiniteBatchError(msg + " (pass nonfinite='skip' to warn instead)")
-            warn_once(where, "nonfinite", msg, stacklevel=3)
+    if nonfinite == "raise" and not torch.compiler.is_compiling() and int(ok) == NONFINITE:  # (syncs: "raise")
+        if skipped is not None:
+            skipped.add_(1)
+        raise NonFiniteBatchError(f"{where}: emulated {p.name or 'low-precision'} statistics are non-finite "
+                                  f"({res.events}); running statistics left unchanged (nonfinite='skip', the "
+                                  "default, skips such batches on the device)")
+    report_nonfinite(ok, nonfinite, where, stacklevel=3, skipped=skipped)
     return out

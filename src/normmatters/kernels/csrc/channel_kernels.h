@@ -18,12 +18,26 @@
 #pragma once
 #include "common.h"
 
-/* forward: the per-channel multiplier w / sqrt(σ̂² + eps), σ̂ = cn · raw (mean-only: w) */
+/* forward: the per-channel multiplier w / sqrt(σ̂² + eps), σ̂ = cn · raw (mean-only: w), as w / hypot(σ̂, √eps):
+   no square is formed, so it is right for every finite σ̂ (σ̂² overflows double above ~1.3e154) */
 template <typename T>
 static inline T nm_scale(int norm, double cn, double eps, T w, T raw) {
     if (norm == NM_MEAN) return w;
     const double sigma = cn * (double)raw;
-    return (T)((double)w / sqrt(sigma * sigma + eps));
+    return (T)((double)w / hypot(sigma, sqrt(eps)));
+}
+/* l2's raw statistic sqrt(Σd²/n) of one channel whose Σd² overflowed double (finite |d| > ~1e154): the sum
+   again with every d scaled by 2^-600 (elements at stride `step` from x, count of them `cnt`) */
+template <typename TS, typename E>
+static double nm_l2_rescaled(const TS *x, int64_t cnt, int64_t step, int64_t run, int64_t run_step, double m,
+                             double n) {
+    const double s = 0x1p-600;
+    double acc = 0.0;
+    for (int64_t i = 0; i < cnt; ++i) for (int64_t j = 0; j < run; ++j) {
+        const double d = ((double)E::ld(x[i * step + j * run_step]) - m) * s;
+        acc += d * d;
+    }
+    return sqrt(acc / n) / s;
 }
 /* backward: from one channel's sums (Σg, Σg·d, Σsign d; linf: Σ sign over |d| > τ and = τ, and their
    counts; range: counts of x = max and x = min) the gradients of w and b and the coefficients of
@@ -37,9 +51,9 @@ static inline void nm_coefs(int norm, int k, double n, double cn, double eps, do
         A = wc; sum_gx = sgd;
     } else {
         sigma = cn * rawc;
-        const double r = 1.0 / sqrt(sigma * sigma + eps);
+        const double r = 1.0 / hypot(sigma, sqrt(eps));  /* no σ̂² formed: finite for every finite σ̂ */
         A = wc * r; sum_gx = sgd * r;
-        const double coef = -sigma * r * r * wc * sum_gx;
+        const double coef = -(sigma * r) * r * wc * sum_gx;
         if (norm == NM_L2) { K = -r * r * wc * sum_gx / n; } /* coef/(nσ) without 0/0 at σ = 0 */
         else if (norm == NM_L1) { K = coef * cn / n; ebar = ssign * cn / n / n; }
         else if (norm == NM_LINF || norm == NM_TOPK) { /* linf is top-1 */
@@ -209,6 +223,8 @@ int nm_forward(const TS *x, TS *y, const T *__restrict__ w, const T *__restrict_
                 raw = acc[q] / n;
             } else if (norm == NM_L2) {
                 raw = sqrt(acc[q] / n);
+                if (!isfinite(raw) && isfinite((double)m)) /* Σd² overflowed (finite |d| > ~1e154) */
+                    raw = nm_l2_rescaled<TS, E>(x + c * S, N, C * S, S, 1, (double)m, n);
             } else if (norm == NM_TOPK) {
                 double s = 0.0;
                 const T thr = nm_topk<TS, T>(x, N, C, S, c, 0, 1, m, topk, &s);

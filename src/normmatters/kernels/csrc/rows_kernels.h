@@ -267,6 +267,8 @@ int nm_forward_rows(const TS *x, TS *y, const T *__restrict__ w, const T *__rest
                     acc = norm == NM_LINF ? (v > acc ? v : acc) : acc + v;
                 }
                 raw_out[c] = (T)(norm == NM_L1 ? acc / n : norm == NM_L2 ? sqrt(acc / n) : acc);
+                if (norm == NM_L2 && !isfinite(raw_out[c]) && isfinite(mean_out[c])) /* Σd² overflowed */
+                    raw_out[c] = (T)nm_l2_rescaled<TS, E>(x + c, R, C, 1, 1, (double)mean_out[c], n);
             }
         }
         if (norm == NM_TOPK) {

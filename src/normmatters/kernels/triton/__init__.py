@@ -30,8 +30,8 @@ import sys
 import torch
 from torch import Tensor
 
+from ..._batch_stats import check_channel_vectors, training_groups
 from ...estimators import get_estimator
-from ...functional import check_channel_vectors, training_groups
 from ...options import BatchNormTensors, NormOptions
 
 __all__ = ["TOPK_MAX", "available", "device_ok", "runs_on", "covers", "batch_norm_training", "rows"]
