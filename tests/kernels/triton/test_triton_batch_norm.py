@@ -48,13 +48,16 @@ def test_topk_beyond_the_bound_falls_back(device):
 
 
 def test_layer_skips_a_nonfinite_batch(device):
-    layer = nm.LpBatchNorm2d(3, norm="l1", impl="triton", nonfinite="skip").to(device)
+    layer = nm.LpBatchNorm2d(3, norm="l1", impl="triton").to(device)  # the default: skip on the device, counted
     x = torch.randn(4, 3, 2, 2, device=device)
     x[0, 1, 0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        layer(x)
-    assert layer.num_batches_tracked.item() == 0
+    layer(x)
+    assert layer.num_batches_tracked.item() == 0 and layer.skipped_batches == 1
     assert layer.running_mean.tolist() == [0.0] * 3 and layer.running_var.tolist() == [1.0] * 3
+    raising = nm.LpBatchNorm2d(3, norm="l1", impl="triton", nonfinite="raise").to(device)
+    with pytest.raises(nm.NonFiniteBatchError):
+        raising(x)
+    assert raising.num_batches_tracked.item() == 0
 
 
 @pytest.mark.parametrize("norm", ["l1", "range"])
