@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from normmatters.experiments.arrays import BYTES_PER_VALUE
 from normmatters.experiments.data import (
     IDX_FILES,
     DataError,
@@ -315,10 +316,10 @@ def test_idx_gzip_bomb_is_inflated_only_as_far_as_its_header_says(tmp_path, monk
 
 
 def test_idx_header_larger_than_memory_refused_before_inflating(tmp_path, monkeypatch):
-    import normmatters.experiments.data as D
+    import normmatters.experiments.arrays as A
 
     _write_idx(tmp_path, gz=True)
-    monkeypatch.setattr(D, "available_memory", lambda: 1000)  # 6×5×4 images × 13 bytes per value > 1000
+    monkeypatch.setattr(A, "available_memory", lambda: 1000)  # 6×5×4 images × 13 bytes per value > 1000
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: its header declares shape \(6, 5, 4\) "
                                         r"\(120 values.*would not fit in the 1000 bytes of memory available"):
         load_idx(tmp_path)
@@ -328,7 +329,7 @@ def test_image_folder_larger_than_memory_refused_naming_the_image(tmp_path, monk
     import normmatters.experiments.data as D
 
     _write_images(tmp_path, {"a": 2, "b": 2}, size=(10, 10))  # 300 values per image
-    per_image = 300 * D._BYTES_PER_VALUE
+    per_image = 300 * BYTES_PER_VALUE
     monkeypatch.setattr(D, "available_memory", lambda: 2 * per_image + 100)  # the third image does not fit
     decoded = []
     monkeypatch.setattr(D, "_read_images", lambda *a, **k: decoded.append(a))

@@ -6,17 +6,15 @@ import csv
 import pytest
 import torch
 
+from normmatters.experiments.swap_report import format_swap_table, read_swap_result, write_swap_report
 from normmatters.experiments.swap_study import (
     RESULT_COLUMNS,
     STAGES,
     STOCK,
     SwapStudy,
-    format_swap_table,
     kl_to_original,
-    read_swap_result,
     relative_drift,
     run_swap_study,
-    write_swap_report,
 )
 
 

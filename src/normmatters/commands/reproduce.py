@@ -278,7 +278,8 @@ def _swap(args: argparse.Namespace, out: Path, t0: float) -> tuple[Path, str]:
     import shlex
     import sys
 
-    from ..experiments.swap_study import format_swap_table, run_swap_study, write_swap_report
+    from ..experiments.swap_report import format_swap_table, write_swap_report
+    from ..experiments.swap_study import run_swap_study
 
     study = _swap_study(args)  # its settings were checked with the flags (check)
     result = run_swap_study(study)

@@ -35,11 +35,9 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import os
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .arrays import (
+    BYTES_PER_VALUE,
+    ArrayDataset,
+    DataError,
+    DataSplit,
+    available_memory,
+    check_fits,
+    fixed_split,
+    size_text,
+)
 from .cifar_pickle import RefusedGlobalError, load_cifar_pickle
 
 __all__ = [
@@ -74,117 +82,8 @@ IDX_FILES = {
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_SPLIT_SEED = 0
-_TEST_FRACTION = 0.2
 #: bytes read past an IDX file's declared data to tell whether it holds more (it must not)
 IDX_TRAILING_MARGIN = 1 << 16
-#: bytes of memory per stored byte (uint8) while a loader builds its float32 tensors: the uint8 array, the
-#: float32 copy, the tensor and a split's indexed copy
-_BYTES_PER_VALUE = 13
-
-
-def available_memory() -> int | None:
-    """Bytes of memory at hand (Linux ``MemAvailable``, else free physical pages), or None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return None
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} bytes"
-
-
-def _check_fits(path: Path, values: int, what: str) -> None:
-    """Raise DataError naming ``path`` when ``values`` stored bytes would not fit in the memory at hand."""
-    avail = available_memory()
-    if avail is not None and values * _BYTES_PER_VALUE > avail:
-        raise DataError(
-            f"{path}: {what} ({values} values, about {_size(values * _BYTES_PER_VALUE)} once loaded as float32) "
-            f"would not fit in the {_size(avail)} of memory available; refused"
-        )
-
-
-class DataError(ValueError):
-    """A dataset file or folder is missing or malformed; the message names it."""
-
-
-@dataclass
-class ArrayDataset:
-    """In-memory images (N, C, H, W) float32 in [0, 1] and labels (N,) int64."""
-
-    images: Tensor
-    labels: Tensor
-    classes: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.images.dim() != 4:
-            raise DataError(
-                f"ArrayDataset: expected images of shape (N, C, H, W), got {tuple(self.images.shape)}"
-            )
-        if self.labels.shape != (self.images.shape[0],):
-            raise DataError(
-                f"ArrayDataset: expected {self.images.shape[0]} labels, got shape {tuple(self.labels.shape)}"
-            )
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
-
-
-@dataclass
-class DataSplit:
-    """Train and test datasets plus what a model needs to adapt: channels, size, class count, mean/std."""
-
-    name: str
-    train: ArrayDataset
-    test: ArrayDataset
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.train.images.shape[1])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return int(self.train.images.shape[2]), int(self.train.images.shape[3])
-
-    @property
-    def num_classes(self) -> int:
-        n = len(self.train.classes)
-        return n if n else int(max(self.train.labels.max(), self.test.labels.max())) + 1
-
-    def channel_stats(self) -> tuple[Tensor, Tensor]:
-        """Per-channel mean and std (C,) of the training images, for standardization."""
-        x = self.train.images
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
-        return mean, std
-
-
-def _fixed_split(images: Tensor, labels: Tensor, classes: list[str], name: str) -> DataSplit:
-    g = torch.Generator().manual_seed(_SPLIT_SEED)
-    perm = torch.randperm(len(labels), generator=g)
-    n_test = max(1, int(round(len(labels) * _TEST_FRACTION)))
-    test, train = perm[:n_test], perm[n_test:]
-    return DataSplit(
-        name,
-        ArrayDataset(images[train], labels[train], classes),
-        ArrayDataset(images[test], labels[test], classes),
-    )
-
-
 def load_digits() -> DataSplit:
     """scikit-learn's embedded 8×8 digits: (1438 + 359) × 1 × 8 × 8, 10 classes, values scaled to [0, 1]."""
     try:
@@ -196,7 +95,7 @@ def load_digits() -> DataSplit:
     d = _sk_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(d.target.astype(np.int64))
-    return _fixed_split(images, labels, [str(i) for i in range(10)], "digits")
+    return fixed_split(images, labels, [str(i) for i in range(10)], "digits")
 
 
 # ---------------------------------------------------------------------------------------------------- IDX
@@ -249,7 +148,7 @@ def _read_idx_stream(path: Path, f: Any, expected_dims: int, file_size: int | No
             raise DataError(f"{path}: IDX file has {have - need} unexpected trailing bytes after shape {shape}")
     if shape[0] == 0 or need == 0:
         raise DataError(f"{path}: IDX file holds no data (shape {shape})")
-    _check_fits(path, need, f"its header declares shape {shape}")
+    check_fits(path, need, f"its header declares shape {shape}")
     data = f.read(need)  # a gzip stream inflates at most this much
     if len(data) < need:
         raise DataError(f"{path}: truncated IDX file: shape {shape} needs {need} data bytes, found {len(data)}")
@@ -401,11 +300,11 @@ def _measure_images(files: list[Path]) -> None:
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"{f}: cannot read image ({e})") from e
         total += w * h * 3  # RGB at most
-        if total * _BYTES_PER_VALUE > avail:
+        if total * BYTES_PER_VALUE > avail:
             raise DataError(
                 f"{f}: the images of the folder up to this one ({w}×{h}) hold {total} values, about "
-                f"{_size(total * _BYTES_PER_VALUE)} once loaded as float32: more than the "
-                f"{_size(avail)} of memory available; refused before decoding any"
+                f"{size_text(total * BYTES_PER_VALUE)} once loaded as float32: more than the "
+                f"{size_text(avail)} of memory available; refused before decoding any"
             )
 
 
@@ -465,7 +364,7 @@ def load_image_folder(root: str | Path) -> DataSplit:
     files, labels, classes = _read_class_folders(root)
     _measure_images(files)
     x, _ = _read_images(files)
-    return _fixed_split(x, torch.tensor(labels), classes, f"folder:{root.name}")
+    return fixed_split(x, torch.tensor(labels), classes, f"folder:{root.name}")
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
