@@ -1,26 +1,14 @@
-"""The conversion adapter registry and the verified conversion engine behind :func:`normmatters.convert_batchnorm`
-and :func:`normmatters.convert_norms`.
+"""Conversion adapters: the public names of the registry (:mod:`.adapter_registry`: :class:`Adapter`,
+:func:`register_adapter`, :func:`find_adapter`, the verified conversion engine — matching and verification are
+described there) and the built-in adapters, registered when this module is imported.
 
-An :class:`Adapter` says how to turn one norm class into an Lp layer (``to_lp``: reusing the module's ``Parameter``
-and buffer objects and keeping what it does besides normalizing), of which ``kind`` it is (which converter and
-``kinds=`` select it), the shape of a probe input, and how to go back (``to_torch``; default: rebuild the original
-class with its attributes and the current parameters, buffers and child modules).
-
-Matching (:func:`find_adapter`): a class registered by itself matches only that exact class (the stock classes
-``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
-``nn.InstanceNorm1d/2d/3d`` are registered so: a subclass of them is *not* the stock layer); a string is a
-:mod:`fnmatch` pattern on the class's ``module.qualname`` — the built-in adapters for timm, torchvision and
-transformers are matched that way, so none of those packages is imported unless the model already uses them.
-User registrations (:func:`register_adapter`) take precedence over the built-in ones, later over earlier.
-
-Verification (:func:`convert_modules`): before a module is replaced, its ``norm="l2"`` counterpart, built by the
-same adapter from a copy, runs on a random probe input of the module's shape, dtype and device — in training and in
-eval mode when the module keeps running statistics — next to a copy of the original; a counterpart whose output
-differs by more than the dtype's tolerance (max |Δ| ≤ tol·(1 + max |y|): float64 1e-9, float32 1e-5, float16 5e-3,
-bfloat16 3e-2; ``nn.SyncBatchNorm``: eval mode only, as its training step is a collective) leaves the module as it
-was, with a warning and an entry in the report. A subclass of a stock class
-without an adapter is left as it is with one warning per class (``strict=True``: ``TypeError``; a failed
-verification: ``ValueError``).
+Built in, by exact type: ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+``nn.GroupNorm``, ``nn.InstanceNorm1d/2d/3d``. By module and class name (so timm, torchvision and transformers are
+never imported here): channels-first ``LayerNorm2d`` (timm, torchvision's ConvNeXt) → :class:`~.nn.adapted.
+LpLayerNorm2d`; timm's norm + activation layers (``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct``,
+``LayerNormAct2d``) → the ``Lp*Act`` layers, keeping ``drop`` and ``act``; the transformers RMS norms (Llama,
+Mistral, Qwen2/3, Phi-3 and every ``*RMSNorm`` that verifies; Gemma/Gemma 2 with ``1 + weight``; T5) →
+:class:`~.nn.adapted.LpHFRMSNorm` with the family's numerics.
 """
 
 from __future__ import annotations
