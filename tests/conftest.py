@@ -1,3 +1,7 @@
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
 
@@ -12,6 +16,15 @@ def pytest_configure(config):
         config._normmatters_device = resolve()
     except (DeviceUnavailable, ValueError) as exc:
         raise pytest.UsageError(str(exc)) from None
+    # The Triton kernels' tests (tests/kernels/triton) run under Triton's interpreter on a CPU test device. Triton
+    # fixes interpreted vs compiled when it defines a kernel (its standard library's too), so the variable must be
+    # set before anything imports Triton — other test modules (the integrations', Inductor's) import it at
+    # collection. Inductor's CPU code does not use Triton, so nothing else changes.
+    if config._normmatters_device.type == "cpu" and importlib.util.find_spec("triton") is not None:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise pytest.UsageError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1; "
+                                    "run with TRITON_INTERPRET=1 set")
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
