@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The commands' parsers by name."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def _ignore_file_size_signal() -> None:
     """A write past the file-size limit (RLIMIT_FSIZE) then fails with EFBIG, which the atomic writer reports
     with the previous file intact, instead of SIGXFSZ killing the process mid-write."""
@@ -70,7 +75,9 @@ def _ignore_file_size_signal() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # leftovers of a command's flags: that command refuses them, naming itself
+            _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help (0) or a flag refused by its own check (2, one line already printed)
         return e.code if isinstance(e.code, int) else int(e.code is not None)
     prog = args.command  # "train: ...", as every command's messages begin

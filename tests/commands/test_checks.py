@@ -184,3 +184,11 @@ def test_random_flags_run_or_are_refused_in_one_line(no_work, capsys, argv):
         assert code == 2 and err.count("\n") == 1 and err.startswith(f"{argv[0]}: "), (argv, code, err)
     else:
         assert no_work and no_work.pop()[0] == argv[0], argv
+
+
+def test_leftover_arguments_are_refused_by_the_command_itself(capsys):
+    # found by the property test: an extra value after a flag was refused by the top-level parser
+    assert cli.main(["constants", "--n", "2", "-1e+16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("constants: unrecognized arguments: -1e+16") and err.count("\n") == 1
+
